@@ -1,0 +1,190 @@
+"""Token shards: the one implementation of the format, and the window loader of train_gpt2.py.
+
+Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest zero),
+then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids). build-nanogpt's
+`.npy` uint16 shards are read too. Shard names: {prefix}_{split}_{k:06d}.bin, splits train / val / test.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from utils import atomic_write, atomic_write_json
+
+MAGIC = 20240520
+HEADER_INTS = 256  # header size in int32
+TOKEN_DTYPES = {1: np.uint16, 2: np.uint32}
+SPLITS = ("train", "val", "test")
+
+
+class ShardError(ValueError):
+    """A shard file that is missing, corrupt or does not fit the model."""
+
+
+# -----------------------------------------------------------------------------
+# reading and writing one shard
+
+
+def write_shard(path, tokens, vocab_size=None):
+    """Write tokens as a .bin shard, atomically (temp file, fsync, rename). uint16 when ids fit."""
+    tokens = np.asarray(tokens)
+    largest = int(tokens.max()) if tokens.size else 0
+    if tokens.size and tokens.min() < 0:
+        raise ShardError(f"{path}: negative token id {int(tokens.min())}")
+    if vocab_size is not None and largest >= vocab_size:
+        raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size}")
+    version = 1 if max(largest + 1, vocab_size or 0) <= 2**16 else 2
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = (MAGIC, version, tokens.size)
+    body = tokens.astype(TOKEN_DTYPES[version], copy=False)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(body.tobytes())
+    atomic_write(path, write)
+
+
+def shard_length(path):
+    """Number of tokens in a shard, from its header (checked against the file size)."""
+    return len(read_shard(path))
+
+
+def read_shard(path, vocab_size=None):
+    """Memory-map a shard after checking its header against the file size.
+
+    With vocab_size, every token is also checked to be below it (a full pass over the file).
+    """
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: no such shard")
+    if path.endswith(".npy"):  # build-nanogpt's shards: plain uint16 arrays
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            raise ShardError(f"{path}: not a readable .npy shard ({e})") from None
+        if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
+            raise ShardError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+    else:
+        size = os.path.getsize(path)
+        if size < HEADER_INTS * 4:
+            raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header")
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+        magic, version, count = (int(v) for v in header[:3])
+        if magic != MAGIC:
+            raise ShardError(f"{path}: wrong magic number {magic} (expected {MAGIC}): not a token shard")
+        if version not in TOKEN_DTYPES:
+            raise ShardError(f"{path}: unknown shard version {version} (known: {sorted(TOKEN_DTYPES)})")
+        dtype = TOKEN_DTYPES[version]
+        expected = HEADER_INTS * 4 + count * np.dtype(dtype).itemsize
+        if count < 0 or size != expected:
+            raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) but the file has "
+                             f"{size} bytes: truncated or corrupt")
+        tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    if vocab_size is not None and len(tokens):
+        largest = int(tokens.max())
+        if largest >= vocab_size:
+            raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size}")
+    return tokens
+
+
+def list_shards(data_dir, split):
+    """The shards of one split in a folder, sorted by name; a clear error when there are none."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")) +
+                   glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    if not paths:
+        raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}: run prepare_fineweb.py "
+                         f"or prepare_wikitext.py first (see README), or set --data_dir")
+    return paths
+
+
+def shard_name(data_dir, prefix, split, index):
+    return os.path.join(data_dir, f"{prefix}_{split}_{index:06d}.bin")
+
+
+def write_meta(data_dir, meta):
+    """meta.json beside the shards: tokenizer, vocab_size, eot id and the id-to-string table."""
+    atomic_write_json(os.path.join(data_dir, "meta.json"), meta)
+
+
+def read_meta(data_dir):
+    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# the window loader of train_gpt2.py
+
+
+class WindowLoader:
+    """Batches of B windows of T+1 tokens, each rank its own disjoint windows, exactly resumable.
+
+    A window starts at a multiple of T inside one shard and needs T+1 tokens (targets are shifted by
+    one), so a shard of n tokens has (n - 1) // T windows. Each step the global batch is the next
+    B * world_size windows of the epoch's order; rank r takes the r-th slice of B. The order is either
+    the natural one (shard by shard) or a permutation of all windows of all shards drawn from
+    (seed, epoch), so every epoch is reshuffled and any rank can compute it alone. When fewer than
+    B * world_size windows are left, the next epoch starts. The state is just (epoch, cursor).
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
+                 vocab_size=None):
+        self.paths = list_shards(data_dir, split)
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
+        lengths = [shard_length(p) for p in self.paths]  # validates every header up front
+        windows = [max(0, (n - 1) // T) for n in lengths]
+        self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
+        self.n_windows = int(self.first_window[-1])
+        if self.n_windows < B * world_size:
+            raise ShardError(f"{split} split in {data_dir!r} has {sum(lengths)} tokens = {self.n_windows} "
+                             f"windows of {T}+1 tokens, fewer than one batch needs "
+                             f"(micro_batch_size {B} x world_size {world_size})")
+        self.epoch, self.cursor, self.order = 0, 0, None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.epoch, self.cursor, self.order = int(state["epoch"]), int(state["cursor"]), None
+
+    def reset(self):
+        self.epoch, self.cursor, self.order = 0, 0, None
+
+    def _epoch_order(self):
+        if self.order is None:
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                self.order = rng.permutation(self.n_windows)
+            else:
+                self.order = np.arange(self.n_windows)
+        return self.order
+
+    def next_batch(self):
+        """(x, y) int64 tensors of shape (B, T) on the CPU."""
+        global_batch = self.B * self.world_size
+        if self.cursor + global_batch > self.n_windows:  # drop the remainder, start the next epoch
+            self.epoch, self.cursor, self.order = self.epoch + 1, 0, None
+        start = self.cursor + self.rank * self.B
+        window_ids = self._epoch_order()[start:start + self.B]
+        self.cursor += global_batch
+        shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
+        buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
+        shards = {}  # fresh memmaps per batch keep resident memory flat over a long run
+        for row, (w, s) in enumerate(zip(window_ids, shard_ids)):
+            tokens = shards.get(s)
+            if tokens is None:
+                tokens = shards[s] = read_shard(self.paths[s])
+            pos = (int(w) - int(self.first_window[s])) * self.T
+            buf[row] = tokens[pos:pos + self.T + 1]
+        if self.vocab_size is not None and buf.max() >= self.vocab_size:
+            raise ShardError(f"token id {int(buf.max())} is not below vocab_size {self.vocab_size} in "
+                             f"{self.paths[shard_ids[int(buf.max(axis=1).argmax())]]}")
+        batch = torch.from_numpy(buf)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
