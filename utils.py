@@ -23,9 +23,9 @@ def settings_of(namespace):
 
 def parse_value(name, text, current):
     """Parse `text` to the type of the current value of setting `name` (no eval, no exec)."""
-    lowered = text.strip().lower()
-    if lowered == "none":
+    if text == "None":  # Python's spelling only: --norm=none is the string "none"
         return None
+    lowered = text.strip().lower()
     kind = type(current)
     if kind is bool:
         if lowered in ("1", "true", "yes", "on"):
@@ -310,3 +310,10 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return png_path
+
+
+def truncate_log(path, before_step):
+    """Keep only the events of steps before `before_step` (on resume, the rest is logged again)."""
+    if os.path.exists(path):
+        kept = [e for e in read_log(path) if e.get("step", -1) < before_step]
+        atomic_write(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in kept), mode="w")

@@ -1,0 +1,202 @@
+"""train_gpt2.py end to end on CPU: tiny models on Tiny Shakespeare, run as a user runs them."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch_size=4",
+        "--total_batch_size=256", "--warmup_steps=2", "--max_lr=1e-2", "--min_lr=1e-3", "--eval_interval=0",
+        "--hellaswag_interval=0", "--sample_tokens=0", "--log_interval=1", "--checkpoint_interval=0",
+        "--compile=False"]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    """Char-level Tiny Shakespeare shards: the first 90% train, the last 10% val (as nanoGPT)."""
+    path = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/tinyshakespeare.txt is not there")
+    text = open(path).read()
+    itos = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(itos)}
+    tokens = np.array([stoi[c] for c in text], dtype=np.uint16)
+    split = int(0.9 * len(tokens))
+    folder = tmp_path_factory.mktemp("shakespeare_char")
+    data.write_shard(data.shard_name(folder, "shakespeare", "train", 0), tokens[:split], len(itos))
+    data.write_shard(data.shard_name(folder, "shakespeare", "val", 0), tokens[split:], len(itos))
+    data.write_meta(folder, {"tokenizer": "char", "vocab_size": len(itos), "itos": itos, "unk": None, "eot": None})
+    return str(folder)
+
+
+def train(data_dir, out_dir, *args, torchrun=0, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    cmd = launcher + [os.path.join(REPO, "train_gpt2.py"), f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                      *TINY, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out_dir):
+    return {e["step"]: e["train_loss"] for e in utils.read_log(os.path.join(out_dir, "log.jsonl"))
+            if "train_loss" in e}
+
+
+def weights(out_dir, step):
+    return torch.load(os.path.join(out_dir, f"ckpt_{step:06d}.pt"), weights_only=True)["model"]
+
+
+def test_loss_falls_and_log_and_plot(shakespeare, tmp_path):
+    out = tmp_path / "run"
+    result = train(shakespeare, out, "--max_steps=40", "--eval_interval=20", "--val_steps=4",
+                   "--sample_tokens=16", "--sample_prompt=ROMEO:")
+    curve = losses(out)
+    assert curve[0] > math.log(39), curve[0]          # starts near uniform over the 65 characters
+    assert curve[39] < curve[0] - 1.2, (curve[0], curve[39])
+    events = utils.read_log(out / "log.jsonl")
+    start = events[0]
+    assert start["event"] == "start" and start["settings"]["n_layer"] == 2 and start["torch"] == torch.__version__
+    val = [e["val_loss"] for e in events if "val_loss" in e]
+    assert len(val) == 3 and val[-1] < val[0]          # steps 0, 20 and the last step
+    samples = [e["sample"] for e in events if "sample" in e]
+    assert samples and all(s.startswith("ROMEO:") for s in samples)
+    for e in events:
+        if "train_loss" in e:
+            assert {"lr", "grad_norm", "ms_per_step", "tokens_per_sec", "mfu"} <= set(e)
+    assert "val loss" in result.stdout and "tok/s" in result.stdout
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(out / "ckpt_000040.pt", weights_only=True)  # the last step always checkpoints
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    assert ckpt["step"] == 40 and ckpt["model_config"]["n_embd"] == 32
+
+
+def test_exact_resume(shakespeare, tmp_path):
+    """2N steps in one go == N steps, stop, resume for N more: same losses, identical weights."""
+    args = ["--max_steps=8", "--dropout=0.1", "--shuffle=True", "--checkpoint_interval=3"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(shakespeare, full, *args)
+    train(shakespeare, split, *args, "--stop_step=4")
+    assert max(losses(split)) == 3
+    result = train(shakespeare, split, *args, "--resume=True")
+    assert "resumed from" in result.stdout and "step 4" in result.stdout
+    assert losses(full) == losses(split)               # bit-identical floats, every step 0..7
+    for name, tensor in weights(full, 8).items():
+        assert torch.equal(tensor, weights(split, 8)[name]), name
+    kept = sorted(os.listdir(split))
+    assert [k for k in kept if k.startswith("ckpt_")] == ["ckpt_000004.pt", "ckpt_000006.pt", "ckpt_000008.pt"]
+
+
+def test_gradient_accumulation_equivalence(shakespeare, tmp_path):
+    """4 micro-steps of B=2 make the same step as 1 micro-step of B=8: same loss, same weights."""
+    a, b = tmp_path / "accum", tmp_path / "whole"
+    train(shakespeare, a, "--max_steps=2", "--micro_batch_size=2", "--shuffle=False")
+    train(shakespeare, b, "--max_steps=2", "--micro_batch_size=8", "--shuffle=False")
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys() and all(abs(la[k] - lb[k]) < 1e-5 for k in la)
+    for name, tensor in weights(a, 2).items():
+        torch.testing.assert_close(tensor, weights(b, 2)[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_processes_match_one(shakespeare, tmp_path):
+    """2 gloo processes x B=4 == 1 process x B=4 x 2 accumulation steps (the same global batch)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(shakespeare, one, "--max_steps=3", "--shuffle=True")
+    result = train(shakespeare, two, "--max_steps=3", "--shuffle=True", torchrun=2)
+    assert "world 2" in result.stdout
+    l1, l2 = losses(one), losses(two)
+    assert l1.keys() == l2.keys() and all(abs(l1[k] - l2[k]) < 1e-5 for k in l1), (l1, l2)
+    for name, tensor in weights(one, 3).items():
+        torch.testing.assert_close(tensor, weights(two, 3)[name], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shakespeare, tmp_path):
+    out = tmp_path / "nan"
+    train(shakespeare, out, "--max_steps=4", "--checkpoint_interval=2", "--stop_step=2", "--norm=none")
+    good = out / "ckpt_000002.pt"
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    # without norms, an absurd learning rate overflows the activations within a step (EXPERIMENTS.md §2)
+    result = train(shakespeare, out, "--max_steps=4", "--checkpoint_interval=2", "--resume=True",
+                   "--norm=none", "--max_lr=1e30", "--min_lr=1e30", check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "NaN or inf at step" in result.stderr and "ckpt_000002.pt" in result.stderr
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == digest
+    assert sorted(p for p in os.listdir(out) if p.startswith("ckpt_")) == ["ckpt_000002.pt"]
+    assert any(e.get("event") == "diverged" for e in utils.read_log(out / "log.jsonl"))
+
+
+def test_bad_batch_and_bad_settings_fail_before_any_work(shakespeare, tmp_path):
+    result = train(shakespeare, tmp_path / "b", "--total_batch_size=1000", check=False)
+    assert result.returncode != 0 and "1000" in result.stderr and "4 x block_size 32 x world_size 1 = 128" \
+        in result.stderr
+    result = train(shakespeare, tmp_path / "b", "--learning_rate=1", check=False)
+    assert result.returncode == 2 and "max_lr" in result.stderr
+    result = train(shakespeare, tmp_path / "b", "--max_steps=ten", check=False)
+    assert result.returncode == 2 and "max_steps" in result.stderr
+    result = train(shakespeare, tmp_path / "b", "--mlp=swish", check=False)
+    assert result.returncode != 0 and "mlp" in result.stderr
+    result = train(str(tmp_path / "nothing"), tmp_path / "b", check=False)
+    assert result.returncode != 0 and "prepare_fineweb.py" in result.stderr
+    assert not os.path.exists(tmp_path / "b" / "log.jsonl")
+
+
+def test_resume_with_another_model_config_is_a_clear_error(shakespeare, tmp_path):
+    out = tmp_path / "cfg"
+    train(shakespeare, out, "--max_steps=1")
+    result = train(shakespeare, out, "--max_steps=2", "--n_embd=64", "--resume=True", check=False)
+    assert result.returncode != 0 and "different model config" in result.stderr and "n_embd" in result.stderr
+
+
+@pytest.mark.parametrize("ablation", ["--norm=none", "--norm_pos=post", "--pos_emb=none", "--mlp=silu",
+                                      "--optimizer=muon"])
+def test_ablations_run_as_overrides(shakespeare, tmp_path, ablation):
+    out = tmp_path / "ablation"
+    train(shakespeare, out, "--max_steps=6", ablation)
+    curve = losses(out)
+    assert all(math.isfinite(v) for v in curve.values()) and curve[5] < curve[0]
+    assert utils.read_log(out / "log.jsonl")[0]["settings"][ablation[2:].split("=")[0]] == \
+        utils.parse_value("x", ablation.split("=")[1], "")
+
+
+def test_flop_budget_sets_max_steps(shakespeare, tmp_path):
+    out = tmp_path / "flops"
+    from model import GPT, GPTConfig
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=128)
+    per_step = GPT(cfg).flops_per_token() * 256
+    train(shakespeare, out, f"--flop_budget={per_step * 5.5}", "--max_steps=1000")
+    start = utils.read_log(out / "log.jsonl")[0]
+    assert start["settings"]["max_steps"] == 5 and max(losses(out)) == 4
+
+
+def test_lr_schedule_corners():
+    lr = lambda s, **k: utils.lr_at(s, 1.0, 0.1, 10, 101, **k)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)      # linear warmup
+    assert lr(10) == pytest.approx(1.0) and lr(100) == pytest.approx(0.1)   # cosine from max to min
+    assert lr(55) == pytest.approx(0.55)                                     # halfway: the mean
+    assert lr(500) == pytest.approx(0.1)                                     # past the end: min_lr
+    assert lr(79, schedule="wsd", decay_steps=20) == pytest.approx(1.0)
+    assert lr(90, schedule="wsd", decay_steps=20) == pytest.approx(0.55)
+    assert lr(100, schedule="wsd", decay_steps=20) == pytest.approx(0.1)
+
+
+def test_overrides_parse_to_the_constants_type():
+    ns = {"lr": 1e-3, "steps": 10, "flag": False, "name": "x", "budget": None}
+    settings = utils.apply_overrides(ns, ["--lr=1", "--steps=1e3", "--flag=true", "--name=None", "--budget=2e18"])
+    assert settings == {"lr": 1.0, "steps": 1000, "flag": True, "name": None, "budget": 2e18}
+    assert type(settings["lr"]) is float and type(settings["steps"]) is int
+    for bad in (["--steps=2.5"], ["--flag=maybe"], ["--nope=1"], ["lr=1"]):
+        with pytest.raises(SystemExit) as e:
+            utils.apply_overrides(dict(ns), bad)
+        assert e.value.code == 2
