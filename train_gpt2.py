@@ -228,14 +228,26 @@ def main(settings):
            f"processes x {grad_accum_steps} accumulation steps; {max_steps} steps")
 
     # ---- HellaSwag and samples (on raw_model, so compile stays on for training) -----------------
-    hellaswag_examples = None
-    if hellaswag_interval:
+    hellaswag_examples, hellaswag_enc = None, None
+    if hellaswag_interval and (meta or {}).get("tokenizer", "gpt2") != "gpt2":
+        print0(f"HellaSwag: skipped, it needs GPT-2 BPE tokens and {data_path} holds {meta['tokenizer']} tokens")
+    elif hellaswag_interval:
         import hellaswag
-        path = resolve(hellaswag_file) if hellaswag_file else hellaswag.default_data_file()
-        if os.path.exists(path):
+        import tiktoken
+        path = resolve(hellaswag_file) if hellaswag_file else hellaswag.default_path()
+        if master and not hellaswag_file:
+            try:
+                hellaswag.ensure_data()  # downloads and verifies it once, if it is not there yet
+            except SystemExit as e:
+                print(f"HellaSwag: skipped: {e}")
+        # every rank must agree, or the all-reduce inside hellaswag.evaluate would hang
+        have = utils.all_reduce_sum(torch.tensor(float(os.path.exists(path)), device=dev)).item()
+        if have < world_size:
+            print0(f"HellaSwag: skipped, {path} is not there on every rank (python hellaswag.py downloads it)")
+            path = None
+        if path:
             hellaswag_examples = hellaswag.load_examples(path, limit=hellaswag_limit)
-        else:
-            print0(f"HellaSwag: {path} is not there, skipping it (python hellaswag.py downloads it)")
+            hellaswag_enc = tiktoken.get_encoding("gpt2")
     encode, decode = text_codec(meta)
 
     def evaluate(step):
@@ -292,8 +304,7 @@ def main(settings):
             evaluate(step)
             sample(step)
         if hellaswag_examples and (step % hellaswag_interval == 0 or last_step):
-            enc = hellaswag.encoder()
-            res = hellaswag.evaluate(raw_model, hellaswag_examples, enc, dev, autocast_ctx=autocast,
+            res = hellaswag.evaluate(raw_model, hellaswag_examples, hellaswag_enc, dev, autocast_ctx=autocast,
                                      rank=rank, world_size=world_size)
             print0(f"step {step:6d} | hellaswag acc_norm {res['acc_norm']:.4f} ({res['correct_norm']}/{res['total']}, "
                    f"{res['style']} style)")

@@ -1,0 +1,344 @@
+"""HellaSwag (validation, 10,042 examples x 4 endings): download, render, score a GPT, standalone or in training.
+
+    python hellaswag.py --checkpoint=out/ckpt_005000.pt        # a train_gpt2.py checkpoint
+    python hellaswag.py --model=gpt2 --limit=500               # Hugging Face weights via model.py
+
+Two conventions (say which one a figure uses; the CLI prints it):
+  completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending; acc = lowest summed token
+      loss, acc_norm = lowest mean token loss. GPT-2 124M: acc 0.2859, acc_norm 0.2955.
+  harness (lm-eval-harness): context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
+      ending = " " + preprocess(ending); acc = highest summed log-prob, acc_norm = highest summed log-prob
+      divided by len(preprocessed ending) in characters. GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+Ties: every prediction is torch.argmin over the 4 scores, so on an exact tie the lowest ending index wins
+(lm-eval-harness's np.argmax does the same). Token losses are summed in float64, so endings whose token
+losses are equal tie exactly (k*x/k == x holds in float64 for float32 x).
+
+In training (train_gpt2.py), on every rank, with the raw model (not the DDP or compiled wrapper):
+    examples = load_examples(ensure_data())   # once, at start-up
+    evaluate(raw_model, examples, enc, device, autocast_ctx=ctx, rank=rank, world_size=world_size)
+each rank scores examples[rank::world_size] and the counts are summed over ranks (gloo or nccl), so
+every rank returns the same figures.
+"""
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import utils
+from utils import apply_overrides, atomic_write, atomic_write_json
+
+# -----------------------------------------------------------------------------
+# settings (override with --name=value)
+data_file = None  # local HellaSwag validation JSONL; None = download into cache_dir once
+cache_dir = "data/hellaswag"  # download folder, relative to this script's folder (not the cwd)
+checkpoint = None  # a train_gpt2.py checkpoint (.pt) to evaluate
+model = None  # or Hugging Face GPT-2 weights via GPT.from_pretrained: "gpt2", "gpt2-medium", ...
+device = ""  # "" = auto (cuda, mps, cpu)
+dtype = ""  # autocast dtype: "" = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
+limit = 0  # score only the first N examples (0 = all 10,042)
+style = "completion"  # "completion" (build-nanogpt/llm.c) or "harness" (lm-eval-harness); see above
+skip_bad = False  # skip malformed lines (with a count) instead of stopping at the first one
+batch_size = 16  # examples per forward pass (4 rows each)
+json_out = None  # also write the figures to this JSON file (atomically)
+
+# fixed facts about the data set, not settings (the leading underscore keeps them out of --name=value)
+_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+_N_LINES = 10042  # non-empty lines of the official validation file
+_RETRIES = 3  # download attempts, waiting 1 s, 2 s, 4 s between them
+_STYLES = ("completion", "harness")
+
+# -----------------------------------------------------------------------------
+# data: download once, verify, validate every line
+
+
+def download(folder):
+    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified, renamed."""
+    import requests  # imported here: only the download needs it
+    path = os.path.join(folder, os.path.basename(_URL))
+    os.makedirs(folder, exist_ok=True)
+    error = None
+    for attempt in range(_RETRIES):
+        if attempt:
+            time.sleep(2 ** (attempt - 1))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_hellaswag_")
+        try:
+            with os.fdopen(fd, "wb") as f, requests.get(_URL, stream=True, timeout=30) as response:
+                response.raise_for_status()
+                for chunk in response.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+            verify(tmp, source=_URL)
+            os.replace(tmp, path)
+            record_sha256(path)  # after the rename: an interruption here leaves a file ensure_data re-verifies
+            return path
+        except requests.RequestException as e:
+            error = e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise SystemExit(f"could not download HellaSwag from {_URL} ({error}). On an offline machine, "
+                     f"fetch that file elsewhere and pass --data_file=path/to/hellaswag_val.jsonl")
+
+
+def verify(path, source):
+    """The upstream file publishes no checksum, so check what we can: 10,042 lines, all in HellaSwag's schema."""
+    try:
+        n = len(load_examples(path, style="harness"))  # harness needs every field
+    except SystemExit as e:
+        raise SystemExit(f"{source} is malformed: {e}") from None
+    if n != _N_LINES:
+        raise SystemExit(f"{source} has {n} examples, expected {_N_LINES}")
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_sha256(path):
+    digest = sha256_of(path)
+    atomic_write(path + ".sha256", lambda f: f.write(digest + "\n"), mode="w")
+
+
+def default_path(cache_dir=cache_dir):
+    """Where the download is cached: cache_dir relative to this script's folder (an absolute one stays)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), cache_dir, os.path.basename(_URL))
+
+
+def ensure_data(data_file=None, cache_dir=cache_dir):
+    """Path of the validation JSONL: `data_file` as given, else the cached download (fetched on first use).
+
+    Trust on first use: the sha256 of the verified download is recorded beside it and checked on every
+    later load, so a cache that was changed or truncated since is caught. A file placed in the cache by
+    hand (no sidecar) is verified once and then recorded the same way.
+    """
+    if data_file is not None:
+        if not os.path.isfile(data_file):
+            raise SystemExit(f"--data_file={data_file}: no such file")
+        return data_file
+    path = default_path(cache_dir)
+    if not os.path.exists(path):
+        return download(os.path.dirname(path))
+    if not os.path.exists(path + ".sha256"):
+        verify(path, source=path)
+        record_sha256(path)
+    elif open(path + ".sha256").read().strip() != sha256_of(path):
+        raise SystemExit(f"{path} changed since it was downloaded (sha256 differs from {path}.sha256); "
+                         f"delete both files to download again")
+    return path
+
+
+def check_example(ex, style):
+    """None if `ex` has HellaSwag's schema (for `style`), else what is wrong with it."""
+    if not isinstance(ex, dict):
+        return "not a JSON object"
+    keys = ("ctx", "endings", "label") + (("activity_label", "ctx_a", "ctx_b") if style == "harness" else ())
+    missing = [k for k in keys if k not in ex]
+    if missing:
+        return f"missing field(s) {missing}"
+    if not all(isinstance(ex[k], str) for k in keys if k not in ("endings", "label")):
+        return "text fields must be strings"
+    endings = ex["endings"]
+    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+        return f"endings must be a list of 4 strings, got {endings!r:.80}"
+    if type(ex["label"]) is not int or not 0 <= ex["label"] <= 3:
+        return f"label must be an integer 0..3, got {ex['label']!r}"
+    return None
+
+
+def load_examples(path, skip_bad=False, limit=0, style="completion"):
+    """The examples of a HellaSwag JSONL file, each line validated. Blank lines are ignored.
+
+    A malformed line stops with `path:line: problem`, or is skipped (and counted on stderr) with skip_bad.
+    limit > 0 keeps the first `limit` valid examples.
+    """
+    examples, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+                problem = check_example(ex, style)
+            except json.JSONDecodeError as e:
+                problem = f"bad JSON ({e})"
+            if problem is None:
+                examples.append(ex)
+            elif skip_bad:
+                bad += 1
+            else:
+                raise SystemExit(f"{path}:{lineno}: {problem} (--skip_bad=True skips malformed lines)")
+            if limit and len(examples) == limit:
+                break
+    if bad:
+        print(f"hellaswag: skipped {bad} malformed line(s) of {path}", file=sys.stderr)
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# rendering and scoring
+
+
+def preprocess(text):
+    """lm-eval-harness's HellaSwag cleanup: WikiHow bracket markup out, " [title]" becomes a sentence end."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def render_example(example, enc, style="completion"):
+    """(context tokens, 4 ending token lists, 4 ending lengths in characters) in GPT-2 tokens."""
+    if style == "completion":
+        context, endings = example["ctx"], example["endings"]
+    elif style == "harness":
+        context = preprocess(example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize())
+        endings = [preprocess(e) for e in example["endings"]]
+    else:
+        raise SystemExit(f"--style={style}: expected one of {_STYLES}")
+    ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]  # the space belongs to the ending
+    return enc.encode_ordinary(context), ending_tokens, [len(e) for e in endings]
+
+
+def ending_losses(model, rendered, device, autocast_ctx=nullcontext()):
+    """Summed loss and token count of every ending of `rendered` examples: two (n, 4) tensors on the CPU.
+
+    One forward pass for all 4n rows, right-padded; a mask selects the ending tokens' targets.
+    Rows longer than the model's block_size lose tokens from the left (the context's start).
+    """
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    rows, n_ending = [], []
+    for context, endings, _ in rendered:
+        for ending in endings:
+            row = context + ending
+            if block_size is not None:
+                row = row[-(block_size + 1):]  # inputs row[:-1] must fit the block
+            rows.append(row)
+            n_ending.append(min(len(ending), len(row) - 1))
+    R, L = len(rows), max(max(len(r) for r in rows) - 1, 1)
+    idx = torch.zeros((R, L), dtype=torch.long)  # pad token 0: never a target, and causal attention keeps it out
+    targets = torch.full((R, L), -1, dtype=torch.long)  # -1 = ignored (context and padding)
+    for i, (row, n) in enumerate(zip(rows, n_ending)):
+        idx[i, :len(row) - 1] = torch.tensor(row[:-1])
+        if n:  # 0 only for a one-token row (empty context): nothing to score
+            targets[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[-n:])
+    idx, targets = idx.to(device), targets.to(device)
+    mask = targets >= 0  # (R, L) ending tokens
+    with autocast_ctx:
+        logits, _ = model(idx, targets)  # (R, L, V)
+    token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (N,) float32
+    losses = torch.zeros((R, L), dtype=torch.float64)
+    losses[mask.cpu()] = token_loss.cpu().double()  # float64 sums: equal token losses tie exactly
+    counts = mask.sum(dim=1).cpu()
+    return losses.sum(dim=1).view(-1, 4), counts.view(-1, 4)
+
+
+def predict(sum_loss, n_tokens, n_chars, style):
+    """(pred, pred_norm) index tensors; argmin returns the lowest index on ties."""
+    norm = n_tokens if style == "completion" else n_chars  # harness: log-prob per character
+    return sum_loss.argmin(dim=1), (sum_loss / norm.clamp(min=1)).argmin(dim=1)
+
+
+@torch.no_grad()
+def score_examples(model, examples, enc, device, style="completion", autocast_ctx=nullcontext(), batch_size=16):
+    """List of (pred_sum, pred_norm) ending indices, one per example, batch_size examples per forward."""
+    was_training = model.training
+    model.eval()
+    try:
+        preds = []
+        for start in range(0, len(examples), batch_size):
+            rendered = [render_example(ex, enc, style) for ex in examples[start:start + batch_size]]
+            sum_loss, n_tokens = ending_losses(model, rendered, device, autocast_ctx)
+            n_chars = torch.tensor([r[2] for r in rendered], dtype=torch.float64)
+            pred, pred_norm = predict(sum_loss, n_tokens, n_chars, style)
+            preds.extend(zip(pred.tolist(), pred_norm.tolist()))
+        return preds
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model, examples, enc, device, style="completion", autocast_ctx=nullcontext(),
+             rank=0, world_size=1, batch_size=16):
+    """dict(acc, acc_norm, correct, correct_norm, total, style) over all ranks' shares of `examples`."""
+    shard = examples[rank::world_size]
+    preds = score_examples(model, shard, enc, device, style, autocast_ctx, batch_size)
+    correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard))
+    correct_norm = sum(p == ex["label"] for (_, p), ex in zip(preds, shard))
+    counts = torch.tensor([correct, correct_norm, len(shard)], dtype=torch.long, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # SUM: ReduceOp.AVG does not exist on gloo
+    correct, correct_norm, total = counts.tolist()
+    return dict(acc=correct / max(total, 1), acc_norm=correct_norm / max(total, 1),
+                correct=correct, correct_norm=correct_norm, total=total, style=style)
+
+
+# -----------------------------------------------------------------------------
+# standalone CLI
+
+
+def load_checkpoint(path, device):
+    """A GPT from a train_gpt2.py checkpoint (common.md format), on `device`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"--checkpoint={path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, truncated files
+        raise SystemExit(f"--checkpoint={path}: cannot read it as a torch checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+        raise SystemExit(f"--checkpoint={path}: not a train_gpt2.py checkpoint (needs 'model' and 'model_config')")
+    from model import GPT, GPTConfig
+    try:
+        net = GPT(GPTConfig(**ckpt["model_config"]))
+        net.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown/invalid config fields, shape mismatches
+        raise SystemExit(f"--checkpoint={path}: model_config and weights do not fit model.py ({e})") from None
+    return net.to(device)
+
+
+def main():
+    import tiktoken
+    if style not in _STYLES:
+        raise SystemExit(f"--style={style}: expected one of {_STYLES}")
+    if (checkpoint is None) == (model is None):
+        raise SystemExit("give exactly one of --checkpoint=path/to/ckpt.pt or --model=gpt2")
+    dev = utils.pick_device(device)
+    dt = utils.pick_dtype(dtype, dev.split(":")[0])
+    autocast_ctx = utils.autocast_context(dev.split(":")[0], dt)  # autocast wants "cuda", not "cuda:3"
+
+    examples = load_examples(ensure_data(data_file, cache_dir), skip_bad, limit, style)
+    if checkpoint is not None:
+        net, source = load_checkpoint(checkpoint, dev), checkpoint
+    else:
+        from model import GPT
+        if not hasattr(GPT, "from_pretrained"):
+            raise SystemExit("--model needs GPT.from_pretrained in model.py")
+        try:
+            net, source = GPT.from_pretrained(model).to(dev), model
+        except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
+            raise SystemExit(f"--model={model}: {e}") from None
+    enc = tiktoken.get_encoding("gpt2")
+
+    t0 = time.time()
+    result = evaluate(net, examples, enc, dev, style, autocast_ctx, batch_size=batch_size)
+    seconds = time.time() - t0
+    print(f"hellaswag ({style} style) acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
+          f"({result['correct_norm']}/{result['total']})")
+    print(f"{result['total']} examples in {seconds:.1f} s ({result['total'] / seconds:.1f} examples/s) "
+          f"on {dev}, {dt}, {source}")
+    if json_out is not None:
+        atomic_write_json(json_out, dict(result, source=source, device=dev, dtype=dt, seconds=seconds,
+                                         examples_per_s=result["total"] / seconds, limit=limit))
+
+
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    main()

@@ -1,0 +1,364 @@
+"""hellaswag.py: batched scoring agrees with a naive one-ending-at-a-time reference, data validation,
+download path, DDP sharding over gloo, and the CLI on a tiny checkpoint. All offline, CPU, small."""
+import dataclasses
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+import requests
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import hellaswag as hs
+from model import GPT, GPTConfig
+
+ENC = tiktoken.get_encoding("gpt2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = dict(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=50304)
+WORDS = ("the man woman dog ball kitchen slowly then cuts paints rides a bike quickly towel water "
+         "grill knife onion guitar smiles jumps over fence camera talks to rope lake").split()
+
+
+def make_example(ind, label, ctx_a, ctx_b, endings, activity="Cooking", source="activitynet~v_abc"):
+    """One line in the exact schema of the official hellaswag_val.jsonl."""
+    return dict(ind=ind, activity_label=activity, ctx_a=ctx_a, ctx_b=ctx_b,
+                ctx=ctx_a + " " + ctx_b if ctx_b else ctx_a, split="val", split_type="indomain",
+                label=label, endings=endings, source_id=source)
+
+
+def random_examples(n, seed=0):
+    rng = random.Random(seed)
+    sentence = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+    examples = [make_example(0, 2, "[header] How to clean a grill [title] Heat the grill. [step] Let it",
+                             "burn", ["off. [substeps] Wait.", "away the grease.", "cool [title] down.", "x"],
+                             activity="Home and Garden", source="wikihow~123")]
+    for i in range(1, n):
+        examples.append(make_example(i, rng.randrange(4), sentence(rng.randint(3, 12)).capitalize() + ".",
+                                     sentence(rng.randint(0, 2)),
+                                     [sentence(rng.randint(1, 9)) + "." for _ in range(4)]))
+    return examples
+
+
+def write_jsonl(path, lines):
+    with open(path, "w") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**dict(CONFIG, **overrides)))
+    with torch.no_grad():  # a random model with strong opinions: no near-ties between endings
+        model.transformer.wte.weight.normal_(0.0, 1.0)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# naive reference: one ending at a time, no batching, no padding, a loop over the ending's tokens
+
+
+def naive_clean(text):  # lm-eval-harness's HellaSwag preprocess, written out again
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def naive_scores(model, ex, style):
+    """Per ending: (summed loss, token count, char count); loss = -log softmax in float64."""
+    if style == "completion":
+        context, endings = ex["ctx"], ex["endings"]
+    else:
+        context = naive_clean(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
+        endings = [naive_clean(e) for e in ex["endings"]]
+    ctx_tokens, scores = ENC.encode_ordinary(context), []
+    for ending in endings:
+        end_tokens = ENC.encode_ordinary(" " + ending)
+        row = torch.tensor([ctx_tokens + end_tokens])
+        with torch.no_grad():
+            logits, _ = model(row[:, :-1], row[:, 1:])
+        logp = torch.log_softmax(logits[0].double(), dim=-1)
+        loss = sum(-logp[len(ctx_tokens) - 1 + j, t].item() for j, t in enumerate(end_tokens))
+        scores.append((loss, len(end_tokens), len(ending)))
+    return scores
+
+
+def first_argmin(values):
+    return min(range(len(values)), key=lambda i: values[i])  # min() keeps the first of equal values
+
+
+def naive_predictions(model, examples, style):
+    preds = []
+    for ex in examples:
+        s = naive_scores(model, ex, style)
+        norm = [loss / (n if style == "completion" else chars) for loss, n, chars in s]
+        preds.append((first_argmin([loss for loss, _, _ in s]), first_argmin(norm)))
+    return preds
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+@pytest.mark.parametrize("style", ["completion", "harness"])
+def test_batched_scoring_matches_naive_reference(style):
+    model, examples = tiny_gpt(), random_examples(12)
+    got = hs.score_examples(model, examples, ENC, "cpu", style, batch_size=3)
+    want = naive_predictions(model, examples, style)
+    assert got == want
+    assert len({p for p, _ in got}) > 1 and len({p for _, p in got}) > 1  # not a constant answer
+
+
+def test_padding_and_batching_keep_every_ending_loss():
+    model, examples = tiny_gpt(), random_examples(5)
+    rendered = [hs.render_example(ex, ENC, "completion") for ex in examples]
+    sum_loss, n_tokens = hs.ending_losses(model, rendered, "cpu")  # 20 rows of different lengths
+    naive = [naive_scores(model, ex, "completion") for ex in examples]
+    torch.testing.assert_close(sum_loss, torch.tensor([[s[0] for s in row] for row in naive], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+    assert n_tokens.tolist() == [[s[1] for s in row] for row in naive]
+
+
+def test_long_rows_are_truncated_from_the_left():
+    model = tiny_gpt(block_size=16)
+    ex = make_example(0, 0, " ".join(WORDS), "", ["a b c.", "the dog.", "jumps over.", "water"])
+    (sum_loss, _), context = hs.ending_losses(model, [hs.render_example(ex, ENC)], "cpu"), ENC.encode_ordinary(ex["ctx"])
+    for k, ending in enumerate(ex["endings"]):
+        end_tokens = ENC.encode_ordinary(" " + ending)
+        row = torch.tensor([(context + end_tokens)[-17:]])  # the last block_size + 1 tokens
+        with torch.no_grad():
+            logits, _ = model(row[:, :-1], row[:, 1:])
+        loss = torch.nn.functional.cross_entropy(logits[0, -len(end_tokens):].double(), row[0, -len(end_tokens):],
+                                                 reduction="sum")
+        assert abs(sum_loss[0, k].item() - loss.item()) < 1e-4
+
+
+def test_harness_rendering_strips_wikihow_markup():
+    ex = make_example(0, 0, "[header] How to make tea [title] Boil water. [step] Pour it", "into",
+                      ["a cup. [substeps] Wait.", "b", "c", "d"], activity="Food")
+    context, endings, chars = hs.render_example(ex, ENC, "harness")
+    assert ENC.decode(context) == "Food: How to make tea. Boil water. Pour it Into"
+    assert ENC.decode(endings[0]) == " a cup. Wait." and chars[0] == len("a cup. Wait.")
+    context, endings, _ = hs.render_example(ex, ENC, "completion")
+    assert ENC.decode(context) == ex["ctx"] and ENC.decode(endings[1]) == " b"
+
+
+class OracleModel(torch.nn.Module):
+    """Knows the answers: logit +30 on the next token of the correct (context + ending) rows."""
+
+    def __init__(self, examples, style, vocab_size=50304):
+        super().__init__()
+        self.vocab_size, self.next_token = vocab_size, {}
+        for ex in examples:
+            context, endings, _ = hs.render_example(ex, ENC, style)
+            row = context + endings[ex["label"]]
+            for t in range(1, len(row)):
+                self.next_token[tuple(row[:t])] = row[t]
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, self.vocab_size)  # (B, T, V)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                if tuple(row[:t + 1]) in self.next_token:
+                    logits[b, t, self.next_token[tuple(row[:t + 1])]] = 30.0
+        return logits, None
+
+
+class UniformModel(torch.nn.Module):
+    """Every token has probability 1/V: each ending's loss is (its token count) * ln V."""
+
+    def forward(self, idx, targets=None):
+        return torch.zeros(1, 1, 1).expand(*idx.shape, 50304), None  # (B, T, V) without the memory
+
+
+@pytest.mark.parametrize("style", ["completion", "harness"])
+def test_model_that_knows_the_answers_scores_100_percent(style):
+    examples = random_examples(8, seed=1)
+    result = hs.evaluate(OracleModel(examples, style), examples, ENC, "cpu", style, batch_size=2)
+    assert result == dict(acc=1.0, acc_norm=1.0, correct=8, correct_norm=8, total=8, style=style)
+
+
+@pytest.mark.parametrize("style", ["completion", "harness"])
+def test_uniform_model_follows_the_tie_rule(style):
+    # token counts 3,1,1,2: acc picks the fewest tokens, the tie between 1 and 2 goes to the lower index.
+    examples = [make_example(0, 1, "A man walks.", "he", ["a b c", "x", "y", "p q"]),
+                make_example(1, 2, "A man walks.", "he", ["a b c", "x", "y", "p q"])] + random_examples(6, seed=2)[1:]
+    preds = hs.score_examples(UniformModel(), examples, ENC, "cpu", style)
+    for ex, (pred, pred_norm) in zip(examples, preds):
+        _, endings, chars = hs.render_example(ex, ENC, style)
+        n = [len(e) for e in endings]
+        assert pred == first_argmin(n)
+        # completion: every mean loss is ln V, a 4-way tie -> ending 0; harness: fewest tokens per character
+        assert pred_norm == (0 if style == "completion" else first_argmin([Fraction(k, c) for k, c in zip(n, chars)]))
+    assert preds[0][0] == preds[1][0] == 1
+    result = hs.evaluate(UniformModel(), examples, ENC, "cpu", style)
+    assert result["correct"] == sum(p == ex["label"] for (p, _), ex in zip(preds, examples))
+
+
+def test_evaluate_restores_train_mode_and_shards_by_rank():
+    model, examples = tiny_gpt().train(), random_examples(7)
+    full = hs.evaluate(model, examples, ENC, "cpu")
+    assert model.training
+    parts = [hs.evaluate(model, examples, ENC, "cpu", rank=r, world_size=2) for r in range(2)]  # no dist: partial
+    assert [p["total"] for p in parts] == [4, 3]
+    assert sum(p["correct_norm"] for p in parts) == full["correct_norm"]
+
+
+# -----------------------------------------------------------------------------
+# data files
+
+
+def test_real_schema_loads_and_limit_keeps_the_first(tmp_path):
+    examples = random_examples(5)
+    path = write_jsonl(tmp_path / "val.jsonl", examples[:2] + [""] + examples[2:])  # blank lines are ignored
+    assert hs.load_examples(path) == examples
+    assert hs.load_examples(path, limit=3) == examples[:3]
+
+
+def _drop(ex, key):
+    return {k: v for k, v in ex.items() if k != key}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (lambda ex: json.dumps(_drop(ex, "endings")), "missing field"),
+    (lambda ex: json.dumps(dict(ex, label=7)), "label"),
+    (lambda ex: json.dumps(dict(ex, endings=ex["endings"][:3])), "4 strings"),
+    (lambda ex: json.dumps(ex)[:-5], "bad JSON"),
+])
+def test_malformed_line_is_named_or_skipped(tmp_path, capsys, bad, problem):
+    examples = random_examples(4)
+    path = write_jsonl(tmp_path / "val.jsonl", examples[:2] + [bad(examples[2])] + examples[3:])
+    with pytest.raises(SystemExit, match=rf"val\.jsonl:3: .*{problem}"):
+        hs.load_examples(path)
+    assert hs.load_examples(path, skip_bad=True) == examples[:2] + examples[3:]
+    assert "skipped 1 malformed line" in capsys.readouterr().err
+
+
+def test_harness_needs_its_fields(tmp_path):
+    path = write_jsonl(tmp_path / "val.jsonl", [_drop(random_examples(1)[0], "activity_label")])
+    assert len(hs.load_examples(path)) == 1
+    with pytest.raises(SystemExit, match=r":1: .*activity_label"):
+        hs.load_examples(path, style="harness")
+
+
+def test_offline_download_names_the_url_and_data_file(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append(args)
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "get", offline)
+    monkeypatch.setattr(hs.time, "sleep", lambda s: None)
+    with pytest.raises(SystemExit) as e:
+        hs.ensure_data(None, cache_dir=str(tmp_path))
+    assert hs._URL in str(e.value) and "--data_file=" in str(e.value)
+    assert len(calls) == 3 and os.listdir(tmp_path) == []  # retried, nothing half-written left
+
+
+class FakeResponse:
+    def __init__(self, body):
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def raise_for_status(self):
+        pass
+
+    def iter_content(self, chunk_size):
+        return (self.body[i:i + 7] for i in range(0, len(self.body), 7))
+
+
+def test_download_verifies_then_records_sha256(tmp_path, monkeypatch):
+    body = "".join(json.dumps(ex) + "\n" for ex in random_examples(6)).encode()
+    monkeypatch.setattr(hs, "_N_LINES", 6)
+    monkeypatch.setattr(hs.time, "sleep", lambda s: None)
+    replies = [requests.ConnectionError("flaky"), FakeResponse(body[:-30])]  # then a truncated file
+
+    def get(url, **kwargs):
+        reply = replies.pop(0) if replies else FakeResponse(body)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(requests, "get", get)
+    with pytest.raises(SystemExit, match="malformed"):  # the truncated last line is caught, not saved
+        hs.ensure_data(None, cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    path = hs.ensure_data(None, cache_dir=str(tmp_path))  # good download
+    assert open(path, "rb").read() == body and len(hs.load_examples(path)) == 6
+    monkeypatch.setattr(requests, "get", lambda *a, **k: pytest.fail("downloaded twice"))
+    assert hs.ensure_data(None, cache_dir=str(tmp_path)) == path  # cached, sha256 checked
+    with open(path, "ab") as f:
+        f.write(b"\n")
+    with pytest.raises(SystemExit, match="sha256"):
+        hs.ensure_data(None, cache_dir=str(tmp_path))
+    monkeypatch.setattr(hs, "_N_LINES", 7)
+    with pytest.raises(SystemExit, match="expected 7"):  # a wrong line count is refused as well
+        hs.verify(path, source="x")
+
+
+# -----------------------------------------------------------------------------
+# distributed (2 gloo processes) and the CLI
+
+
+def _dist_worker(rank, tmp):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    try:
+        model = GPT(GPTConfig(**CONFIG))
+        model.load_state_dict(torch.load(f"{tmp}/model.pt", weights_only=True))
+        examples = hs.load_examples(f"{tmp}/val.jsonl")
+        enc = tiktoken.get_encoding("gpt2")
+        result = hs.evaluate(model, examples, enc, "cpu", rank=rank, world_size=2, batch_size=2)
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_same_counts_as_one(tmp_path):
+    model, examples = tiny_gpt(), random_examples(9)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    write_jsonl(tmp_path / "val.jsonl", examples)
+    mp.spawn(_dist_worker, args=(str(tmp_path),), nprocs=2)
+    single = hs.evaluate(model, examples, ENC, "cpu", batch_size=2)
+    for rank in range(2):
+        assert json.load(open(tmp_path / f"rank{rank}.json")) == single
+
+
+def test_cli_on_a_checkpoint_prints_and_writes_json(tmp_path):
+    model, examples = tiny_gpt(), random_examples(6)
+    ckpt = dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=0)
+    torch.save(ckpt, tmp_path / "ckpt_000000.pt")
+    data = write_jsonl(tmp_path / "val.jsonl", examples)
+    out = subprocess.run([sys.executable, os.path.join(REPO, "hellaswag.py"), f"--checkpoint={tmp_path}/ckpt_000000.pt",
+                          f"--data_file={data}", f"--json_out={tmp_path}/hs.json", "--device=cpu", "--limit=5",
+                          "--batch_size=2"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    want = hs.evaluate(model, examples[:5], ENC, "cpu")
+    line = (f"hellaswag (completion style) acc {want['acc']:.4f} acc_norm {want['acc_norm']:.4f} "
+            f"({want['correct_norm']}/5)")
+    assert line in out.stdout and "examples/s" in out.stdout
+    got = json.load(open(tmp_path / "hs.json"))
+    assert {k: got[k] for k in want} == want
+
+
+def test_bad_checkpoints_give_clear_messages(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        hs.load_checkpoint(str(tmp_path / "missing.pt"), "cpu")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a train_gpt2.py checkpoint"):
+        hs.load_checkpoint(str(tmp_path / "other.pt"), "cpu")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read"):
+        hs.load_checkpoint(str(tmp_path / "junk.pt"), "cpu")
