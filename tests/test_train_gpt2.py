@@ -200,3 +200,33 @@ def test_overrides_parse_to_the_constants_type():
         with pytest.raises(SystemExit) as e:
             utils.apply_overrides(dict(ns), bad)
         assert e.value.code == 2
+
+
+def test_hellaswag_and_gpt2_samples_inside_training(tmp_path):
+    """GPT-2 BPE shards (WikiText-2 valid) and a HellaSwag file in the real schema: both evaluated in the loop."""
+    import tiktoken
+    wiki = os.path.join(REPO, "..", "shared", "data", "wikitext-2", "valid.txt")
+    if not os.path.exists(wiki):
+        pytest.skip("../shared/data/wikitext-2 is not there")
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = np.array(enc.encode_ordinary(open(wiki).read()[:200_000]), dtype=np.uint16)
+    folder = tmp_path / "wiki"
+    data.write_shard(data.shard_name(folder, "wiki", "val", 0), tokens[:5000])
+    data.write_shard(data.shard_name(folder, "wiki", "train", 1), tokens[5000:])
+    data.write_meta(folder, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256})
+    rows = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man stands in a kitchen.", "ctx_b": "he",
+             "ctx": "A man stands in a kitchen. he", "split": "val", "split_type": "indomain", "label": i % 4,
+             "endings": ["cuts an onion.", "sings a song.", "opens the door.", "falls asleep."],
+             "source_id": f"test~{i}"} for i in range(6)]
+    hs_file = tmp_path / "hellaswag.jsonl"
+    hs_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = train(folder, out, "--max_steps=2", "--eval_interval=1", "--val_steps=2", "--hellaswag_interval=1",
+                   f"--hellaswag_file={hs_file}", "--sample_tokens=5", "--sample_prompt=The")
+    events = utils.read_log(out / "log.jsonl")
+    scores = [e for e in events if "hellaswag_acc_norm" in e]
+    assert [e["step"] for e in scores] == [0, 1] and all(0 <= e["hellaswag_acc_norm"] <= 1 for e in scores)
+    assert "hellaswag acc_norm" in result.stdout and "/6, completion style" in result.stdout
+    samples = [e["sample"] for e in events if "sample" in e]
+    assert samples and all(s.startswith("The") for s in samples)
+    assert utils.read_log(out / "log.jsonl")[0]["settings"]["vocab_size"] == 50304  # 50257 padded to 64
