@@ -1,0 +1,454 @@
+"""
+Every model of the repo in one file.
+
+GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
+(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default:
+RoPE + SwiGLU + RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly
+GPT-2 and loads its weights (GPT.from_pretrained / GPT.from_hf_state_dict).
+Module names follow nanoGPT / Hugging Face (wte, wpe, h, attn.c_attn, mlp.c_fc, ln_f, lm_head).
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- config ----
+
+POS_EMBS = ("rope", "learned", "none")  # how positions enter: rotary on q/k, a learned table, or not at all
+MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
+NORMS = ("rmsnorm", "layernorm", "none")
+NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
+NORM_EPS = 1e-5  # epsilon of every norm; 1e-5 is GPT-2's LayerNorm epsilon (needed for weight parity)
+
+# model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
+SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+# architectures
+STYLES = {
+    "modern": dict(pos_emb="rope", mlp="swiglu", norm="rmsnorm", norm_pos="pre", tie_embeddings=True, bias=False),
+    "classic": dict(pos_emb="learned", mlp="gelu", norm="layernorm", norm_pos="pre", tie_embeddings=True, bias=True),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max context length (tokens)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    pos_emb: str = "rope"  # one of POS_EMBS
+    mlp: str = "swiglu"  # one of MLPS
+    norm: str = "rmsnorm"  # one of NORMS
+    norm_pos: str = "pre"  # one of NORM_POSS
+    qk_norm: bool = False  # RMSNorm on each head's q and k (before RoPE)
+    tie_embeddings: bool = True  # lm_head.weight is wte.weight
+    bias: bool = False  # biases in Linear layers and LayerNorm
+    dropout: float = 0.0  # on embeddings, attention probabilities and residual branches
+    rope_base: float = 10000.0  # RoPE frequency base (theta)
+    mlp_hidden: int = 0  # MLP hidden width; 0 = derive (see mlp_hidden_size)
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS), ("norm_pos", NORM_POSS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: pos_emb='rope' needs an even head size (n_embd/n_head), "
+                             f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
+
+    @property
+    def mlp_hidden_size(self):
+        # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3 gives
+        # the same 8*C^2; rounded up to a multiple of 64 for matmul efficiency (768 -> exactly 2048). For tiny
+        # widths the rounding overshoots (32 -> 128, not 85): set mlp_hidden to match exactly.
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        return 4 * self.n_embd
+
+    @classmethod
+    def preset(cls, name, style="modern", **overrides):
+        """GPTConfig.preset("gpt2", style="classic", block_size=512): a size from SIZES, a style from STYLES."""
+        if name not in SIZES:
+            raise ValueError(f"GPTConfig.preset: unknown size {name!r}; allowed: {', '.join(SIZES)}")
+        if style not in STYLES:
+            raise ValueError(f"GPTConfig.preset: unknown style {style!r}; allowed: {', '.join(STYLES)}")
+        return cls(**{**STYLES[style], **SIZES[name], **overrides})
+
+
+# ---- GPT building blocks ----
+
+def make_norm(config, dim):
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=NORM_EPS)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
+    return nn.Identity()
+
+
+def rope_tables(T, head_size, base):
+    """cos, sin of shape (T, head_size/2): angle pos * base^(-2i/head_size) for position pos, pair i."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by position-dependent angles. Pairs are (x[i], x[i + hs/2]) (GPT-NeoX/Llama
+    layout). A rotation by angle(m) on q and angle(n) on k leaves q.k depending only on m - n."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B and nh
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, preallocated for max_len positions.
+    Allocated at the first update so it takes the dtype/device of the keys (e.g. bf16 under autocast)."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len, self.pos = max_len, 0  # pos: positions already stored (GPT.forward advances it)
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def update(self, layer, k, v):
+        # k, v: (B, nh, T, hs) for the new positions; returns keys/values of all positions so far
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head, self.layer_idx, self.dropout = config.n_head, layer_idx, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        head_size = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(head_size, eps=NORM_EPS) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_size, eps=NORM_EPS) if config.qk_norm else nn.Identity()
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # CUDA autocast runs norms in float32; SDPA needs q, k, v in one dtype, so cast back
+        q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if past == 0:  # training path: no mask tensor, so SDPA can pick Flash Attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        elif T == 1:  # one new token attends to everything cached
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:  # several new tokens after a cached prefix: is_causal would align the mask top-left, so be explicit
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.kind, hidden = config.mlp, config.mlp_hidden_size
+        n_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
+        self.c_fc = nn.Linear(config.n_embd, n_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation; exact GELU breaks weight parity
+        elif self.kind == "silu":
+            h = F.silu(h)
+        else:  # relu2: squared ReLU (Primer, modded-nanogpt)
+            h = F.relu(h).square()
+        return self.drop(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.post_norm = config.norm_pos == "post"
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        if self.post_norm:
+            x = self.ln_1(x + self.attn(x, rope, kv_cache))
+            return self.ln_2(x + self.mlp(x))
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ---- GPT ----
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # for post-norm the last block already ends in a norm; ln_f is then redundant but harmless and keeps
+        # the state-dict keys the same for both placements
+        modules["ln_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+            # load_state_dict(assign=True) replaces Parameters and would silently untie them: re-tie afterwards
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
+        if config.pos_emb == "rope":
+            # non-persistent: derived from the config, so kept out of checkpoints
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual outputs: keep the residual stream's variance O(1) in depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _tie(self):
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module):
+        if module is self.lm_head and self.config.tie_embeddings:
+            return  # same tensor as wte: initialised once, as an embedding
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count; parameters() yields a tied tensor once. non_embedding drops wte and wpe
+        (but counts a tied lm_head, which does real matmul work)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(p.numel() for name, p in self.transformer.named_parameters() if name.startswith(("wte.", "wpe.")))
+            if self.config.tie_embeddings:
+                n += self.lm_head.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None):
+        B, T = idx.size()
+        pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
+        if pos0 + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
+        rope = None
+        if self.config.pos_emb == "rope":
+            rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:  # inference: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        # float32 loss: a bf16 log-softmax over 50k classes loses precision
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None, generator=None):
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
+        temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling reproducible.
+        With eos_token, stops once every row has produced it; finished rows are padded with eos_token.
+        Uses a KV cache, so each new token costs one position's work. Once the sequence is longer than
+        block_size every position would shift, so from then on each step recomputes the last block_size
+        tokens without a cache (exactly what a no-cache loop that crops the context does).
+        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        cache = KVCache(self.config.n_layer, self.config.block_size)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if idx.size(1) > self.config.block_size:
+                logits, _ = self(idx[:, -self.config.block_size:])
+            else:  # feed only the tokens not yet in the cache (the whole prompt on the first step)
+                logits, _ = self(idx[:, cache.pos:], kv_cache=cache)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0 or top_k == 1:
+                next_tok = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_tok = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            if eos_token is not None:
+                next_tok = next_tok.masked_fill(done[:, None], eos_token)
+                done |= next_tok[:, 0] == eos_token
+            idx = torch.cat([idx, next_tok], dim=1)
+            if eos_token is not None and bool(done.all()):
+                break
+        return idx
+
+    def configure_optimizers(self, optimizer="adamw", weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
+                             eps=1e-8, device_type="cpu"):
+        """List of optimizers covering every parameter once (a tied weight is one parameter).
+        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and norm gains.
+        muon: torch.optim.Muon for the 2-D matrices inside the blocks (it orthogonalises whole matrices, so
+        embeddings/head and 1-D tensors go to AdamW); adjust_lr_fn="match_rms_adamw" scales its update to
+        AdamW's RMS so one learning_rate serves both. Every group's lr is learning_rate."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        muon_params = []
+        if optimizer == "muon":
+            muon_params = [p for name, p in params.items() if name.startswith("transformer.h.") and p.dim() == 2]
+        in_muon = {id(p) for p in muon_params}
+        decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        groups = [g for g in groups if g["params"]]
+        # fused AdamW requires every parameter on CUDA; device_type alone is not enough (e.g. a CPU-offloaded model)
+        fused = device_type == "cuda" and all(p.is_cuda for p in params.values())
+        optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
+        if muon_params:
+            optimizers.insert(0, torch.optim.Muon(muon_params, lr=learning_rate, weight_decay=weight_decay,
+                                                  adjust_lr_fn="match_rms_adamw"))
+        return optimizers
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
+        6*N + 12*n_layer*n_embd*block_size. N = parameters of the blocks and ln_f plus the lm_head matrix
+        (its V x C matmul runs even when tied); wte/wpe are table lookups and cost no FLOPs.
+        The attention term counts the full T x T score matrix (causal masking is not discounted)."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.transformer.h.parameters())
+        n += sum(p.numel() for p in self.transformer.ln_f.parameters()) + self.lm_head.weight.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_sec, device):
+        """Model FLOPs utilisation against the GPU's peak dense bf16 rate; None off CUDA or for unknown GPUs."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
+
+    # ---- GPT-2 weights (Hugging Face layout) ----
+
+    # HF's GPT-2 uses Conv1D, which stores these weights as (in, out): transpose them to/from nn.Linear
+    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_hf_state_dict(cls, sd, config):
+        """GPT(config) holding a Hugging Face GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys)."""
+        _check_gpt2_compatible(config)
+        model = cls(config)
+        ours = {}
+        for key, tensor in sd.items():
+            if re.search(r"\.h\.\d+\.attn\.(bias|masked_bias)$", key):
+                continue  # HF's causal-mask buffers, not weights
+            if not key.startswith(("transformer.", "lm_head.")):
+                key = "transformer." + key  # GPT2Model has no "transformer." prefix
+            if key.endswith(cls.HF_TRANSPOSED):
+                tensor = tensor.t()
+            ours[key] = tensor
+        if "lm_head.weight" not in ours and config.tie_embeddings:
+            ours["lm_head.weight"] = ours["transformer.wte.weight"]
+        model.load_state_dict(ours)  # strict: any missing or unexpected key is an error
+        return model
+
+    def to_hf_state_dict(self):
+        """State dict in Hugging Face GPT2LMHeadModel layout (Conv1D weights transposed back to (in, out))."""
+        _check_gpt2_compatible(self.config)
+        return {k: (v.t().contiguous() if k.endswith(self.HF_TRANSPOSED) else v) for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_pretrained(cls, name, dropout=0.0):
+        """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl").
+        Needs `transformers` and network access (or its local cache); vocab stays 50257 (not padded)."""
+        if name not in SIZES:
+            raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: {', '.join(SIZES)}")
+        try:
+            from transformers import GPT2LMHeadModel  # imported here: training never needs transformers
+        except ImportError as e:
+            raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: pip install transformers") from e
+        try:
+            sd = GPT2LMHeadModel.from_pretrained(name).state_dict()
+        except OSError as e:
+            raise RuntimeError(f"could not load {name!r} from the Hugging Face hub or its cache (offline?): {e}") from e
+        config = GPTConfig.preset(name, style="classic", vocab_size=50257, block_size=1024, dropout=dropout)
+        return cls.from_hf_state_dict(sd, config)
+
+
+def _check_gpt2_compatible(config):
+    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF allows untied heads
+    wanted["qk_norm"] = False
+    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})" for k, v in wanted.items() if getattr(config, k) != v]
+    if config.mlp_hidden_size != 4 * config.n_embd:
+        wrong.append(f"mlp_hidden={config.mlp_hidden} (GPT-2: 0 or {4 * config.n_embd})")
+    if wrong:
+        raise ValueError("the GPT-2 weight layout needs the classic style; config has " + ", ".join(wrong))
+
+
+# peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole words in
+# torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100", and "L4" never hits "L40S")
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("RTX 5090", 209e12),
+    ("RTX 4090", 165e12),
+    ("L4", 121e12),
+    ("V100", 125e12),  # no bf16 on Volta: its fp16 tensor-core peak
+)
+
+
+def peak_flops(device_name):
+    """Peak dense bf16 FLOP/s for a GPU name like "NVIDIA H100 80GB HBM3", or None if unknown."""
+    for key, flops in PEAK_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE):
+            return flops
+    return None
+
+
+# ---- recurrent models ----
