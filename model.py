@@ -1,5 +1,5 @@
 """
-Every model of the repo in one file.
+Every model of the repo in one file: the GPT, then the recurrent models (at the end).
 
 GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
 (positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default:
@@ -452,3 +452,235 @@ def peak_flops(device_name):
 
 
 # ---- recurrent models ----
+# Recurrent language models trained by train_lstm.py (EXPERIMENTS.md §4 and §5).
+#
+# lstm           embedding -> multi-layer LSTM -> head: the baseline.
+# nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN blocks on the
+#                LSTM output whose parameters step only every C_k optimizer steps (the trainer accumulates their
+#                gradients over the chunk and scales their LR by 1/C_k), each with a "surprise" head.
+# context_vector §5: a stack of layers that each carry a context vector c from token to token and pass it up.
+#
+# Every model: forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux)
+#   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
+#   state / new_state = tuple of (n_layer, B, width) tensors (None = zeros); the caller detaches new_state;
+#   reset_token: an id (EOT) before which a row's state is zeroed, exactly per token (document boundaries);
+#   aux = dict of extra scalars: those named in model.aux_weights are added to the loss with that weight
+#   by the trainer, all of them are logged.
+# init_state(batch_size, device), level_params() -> one list of parameters per update level, num_params().
+
+
+@dataclass
+class LSTMConfig:
+    model: str = "nested_lstm"         # lstm | nested_lstm | context_vector
+    vocab_size: int = 283              # §4: char-level WikiText has 283 symbols
+    n_embd: int = 128                  # token embedding width
+    n_hidden: int = 256                # LSTM width; context_vector: width of each layer's hidden h
+    n_layer: int = 2                   # stacked LSTM layers; context_vector: stacked context layers
+    dropout: float = 0.0               # on the embedding, between LSTM layers and before the head
+    tie_embeddings: bool = False       # share wte and lm_head (needs n_embd == width fed to the head)
+    chunk_sizes: tuple = (1, 16, 256)  # nested_lstm: optimizer steps between updates, one per level
+    ffn_hidden: int = 192              # nested_lstm: hidden width of each slow level's FFN
+    surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
+    context_dim: int = 256             # context_vector: width of the carried context vector
+    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector", vocab_size=1000,
+    # n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True (3.41M params; the §5 log
+    # says 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
+
+
+def cross_entropy(logits, targets, reduction="mean"):
+    """CE in float32 whatever the autocast dtype; targets of -1 are ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+                           reduction=reduction)
+
+
+def run_lstm(lstm, x, state, idx, reset_token):
+    """nn.LSTM over x (B, T, C) from state (h, c), zeroing a row's state before each position where
+    idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every column
+    holding a reset token (rare: document boundaries) and run piece by piece: exact per-token resets."""
+    if reset_token is None:
+        return lstm(x, state)
+    is_reset = idx == reset_token  # (B, T)
+    cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
+    bounds = sorted(set([0, x.size(1)] + cuts))
+    h, c = state
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        keep = (~is_reset[:, a]).to(h.dtype).view(1, -1, 1)  # (1, B, 1)
+        out, (h, c) = lstm(x[:, a:b], (h * keep, c * keep))
+        outs.append(out)
+    return torch.cat(outs, 1), (h, c)
+
+
+class RecurrentLM(nn.Module):
+    """What the three models share: embedding, head, init, state, parameter levels."""
+
+    def _init_common(self, cfg, head_width):
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lm_head = nn.Linear(head_width, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.wte.weight, std=0.02)
+        if cfg.tie_embeddings:
+            if cfg.n_embd != head_width:
+                raise ValueError(f"tie_embeddings needs n_embd ({cfg.n_embd}) == the head's input width "
+                                 f"({head_width})")
+            self.lm_head.weight = self.wte.weight
+        self.aux_weights = {}  # aux name -> weight in the training loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def level_params(self):
+        """Parameters grouped by update level; level 1 steps every step. One level unless nested."""
+        return [list(self.parameters())]
+
+    def init_state(self, batch_size, device):
+        return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device) for w in self.state_widths)
+
+
+class LSTMLM(RecurrentLM):
+    def __init__(self, cfg):
+        super().__init__()
+        self._init_common(cfg, cfg.n_hidden)
+        self.lstm = nn.LSTM(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True,
+                            dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
+
+    def lstm_out(self, idx, state, reset_token):
+        if state is None:
+            state = self.init_state(idx.size(0), idx.device)
+        x = self.drop(self.wte(idx))  # (B, T, n_embd)
+        y, (h, c) = run_lstm(self.lstm, x, tuple(state), idx, reset_token)  # y (B, T, n_hidden)
+        return y, (h.float(), c.float())  # carried states stay float32 under autocast
+
+    def forward(self, idx, targets=None, state=None, reset_token=None):
+        y, new_state = self.lstm_out(idx, state, reset_token)
+        logits = self.lm_head(self.drop(y))  # (B, T, V)
+        loss = cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss, new_state, {}
+
+
+class SlowLevel(nn.Module):
+    """A residual FFN block on the LSTM output, plus its surprise head.
+
+    Surprise (our definition): the per-token cross-entropy of level 1 alone (the LSTM output through the
+    head, computed without gradient), i.e. how surprised the fast path is by the next token. Each slow
+    level predicts it from its own FFN hidden activation with a linear head; the auxiliary loss is the
+    MSE against the detached target, so the gradient trains the head, the level's first FFN layer and
+    (through its input) the LSTM to represent how predictable the next token is.
+    """
+
+    def __init__(self, width, ffn_hidden, vocab_size):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.c_fc = nn.Linear(width, ffn_hidden)
+        self.c_proj = nn.Linear(ffn_hidden, width)
+        self.surprise = nn.Linear(ffn_hidden, 1)
+        nn.init.zeros_(self.c_proj.weight)  # a new level starts as the identity: it can only add to level 1
+        nn.init.zeros_(self.c_proj.bias)
+        nn.init.constant_(self.surprise.bias, math.log(vocab_size))  # a uniform guess's surprise, in nats
+
+    def forward(self, y):
+        a = F.gelu(self.c_fc(self.ln(y)))  # (B, T, ffn_hidden)
+        return y + self.c_proj(a), self.surprise(a).squeeze(-1).float()  # (B, T, C), (B, T)
+
+
+class NestedLSTM(LSTMLM):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        chunks, weights = tuple(cfg.chunk_sizes), tuple(cfg.surprise_weights)
+        if len(chunks) < 1 or chunks[0] != 1 or any(int(c) < 1 for c in chunks):
+            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), got {chunks}")
+        if len(weights) != len(chunks) - 1:
+            raise ValueError(f"surprise_weights needs one weight per slow level ({len(chunks) - 1}), "
+                             f"got {weights}")
+        self.levels = nn.ModuleList(SlowLevel(cfg.n_hidden, cfg.ffn_hidden, cfg.vocab_size) for _ in chunks[1:])
+        self.aux_weights = {f"surprise{k + 2}": float(w) for k, w in enumerate(weights)}
+
+    def level_params(self):
+        slow = {id(p) for level in self.levels for p in level.parameters()}
+        fast = [p for p in self.parameters() if id(p) not in slow]
+        return [fast] + [list(level.parameters()) for level in self.levels]
+
+    def forward(self, idx, targets=None, state=None, reset_token=None):
+        y, new_state = self.lstm_out(idx, state, reset_token)
+        aux = {}
+        if targets is not None and len(self.levels):
+            with torch.no_grad():  # the fast path's per-token surprise, a detached target
+                fast = cross_entropy(self.lm_head(y), targets, reduction="none").view_as(targets)
+            mask = targets != -1
+            aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
+        for k, level in enumerate(self.levels):
+            y, predicted = level(y)
+            if targets is not None:
+                aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
+        logits = self.lm_head(self.drop(y))  # (B, T, V)
+        loss = cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss, new_state, aux
+
+
+class ContextLayer(nn.Module):
+    """One context layer: for each token t, with u_t the input from the layer below and c_{t-1} this
+    layer's context vector from the previous token,
+        h_t = tanh(W_u u_t + W_c c_{t-1} + b)                        (n_hidden)
+        z_t = sigmoid(W_z h_t + b_z),  g_t = tanh(W_g h_t + b_g)      (context_dim each)
+        c_t = (1 - z_t) * c_{t-1} + z_t * g_t                        (context_dim)
+    c_t goes to the next token (recurrence) and up to the next layer. The gate z lets a layer keep or
+    overwrite its context: without it, a tanh recurrence trained on persistent states locks into one
+    attractor and a fresh state (evaluation) is far worse. W_u u runs for the whole window in one
+    matmul; only W_c c and W_z, W_g h run per token."""
+
+    def __init__(self, n_in, n_hidden, context_dim):
+        super().__init__()
+        self.c_in = nn.Linear(n_in, n_hidden)
+        self.c_ctx = nn.Linear(context_dim, n_hidden, bias=False)
+        self.c_out = nn.Linear(n_hidden, 2 * context_dim)  # gate and candidate
+
+    def forward(self, u, c, keep=None):  # u (B, T, n_in), c (B, context_dim), keep (B, T) or None
+        pre = self.c_in(u)  # (B, T, n_hidden)
+        outs = []
+        for t in range(u.size(1)):
+            if keep is not None:
+                c = c * keep[:, t:t + 1]
+            z, g = self.c_out(torch.tanh(pre[:, t] + self.c_ctx(c))).chunk(2, dim=-1)
+            z = torch.sigmoid(z)
+            c = (1 - z) * c + z * torch.tanh(g)
+            outs.append(c)
+        return torch.stack(outs, 1), c  # (B, T, context_dim), (B, context_dim)
+
+
+class ContextVectorLM(RecurrentLM):
+    """Layers stacked with residual connections: u_{l+1} = u_l + c_l (from the first layer whose input
+    already has width context_dim), so the head and every layer see the embedding directly; without
+    them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self._init_common(cfg, cfg.context_dim)
+        widths = [cfg.n_embd] + [cfg.context_dim] * (cfg.n_layer - 1)
+        self.h = nn.ModuleList(ContextLayer(w, cfg.n_hidden, cfg.context_dim) for w in widths)
+        self.state_widths = (cfg.context_dim,)
+
+    def forward(self, idx, targets=None, state=None, reset_token=None):
+        (ctx,) = state if state is not None else self.init_state(idx.size(0), idx.device)
+        keep = None if reset_token is None else (idx != reset_token).float()  # (B, T)
+        u = self.drop(self.wte(idx))  # (B, T, n_embd)
+        new_ctx = []
+        for layer, c in zip(self.h, ctx):
+            out, c = layer(u, c, keep)  # (B, T, context_dim)
+            u = u + out if u.size(-1) == out.size(-1) else out
+            new_ctx.append(c.float())
+        logits = self.lm_head(self.drop(u))  # (B, T, V)
+        loss = cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss, (torch.stack(new_ctx),), {}
+
+
+RECURRENT_MODELS = {"lstm": LSTMLM, "nested_lstm": NestedLSTM, "context_vector": ContextVectorLM}
+
+
+def build_recurrent(cfg):
+    if cfg.model not in RECURRENT_MODELS:
+        raise ValueError(f"model must be one of {', '.join(RECURRENT_MODELS)}, got {cfg.model!r}")
+    if cfg.n_layer < 1:
+        raise ValueError(f"n_layer must be >= 1, got {cfg.n_layer}")
+    return RECURRENT_MODELS[cfg.model](cfg)

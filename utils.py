@@ -16,9 +16,11 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def settings_of(namespace):
-    """The settings of a script: its public module-level constants of a plain type, in order."""
+    """The settings of a script: its lowercase module-level constants of a plain type, in order.
+
+    UPPERCASE constants (paths, exit codes) and _private names are fixed facts, not settings."""
     return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and type(v) in SETTING_TYPES}
+            if not k.startswith("_") and k == k.lower() and type(v) in SETTING_TYPES}
 
 
 def parse_value(name, text, current):
