@@ -3,13 +3,15 @@
 Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest zero),
 then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids). build-nanogpt's
 `.npy` uint16 shards are read too. Shard names: {prefix}_{split}_{k:06d}.bin, splits train / val / test.
+meta.json beside the shards: tokenizer ("gpt2" or another tiktoken name, "char", "word"), vocab_size,
+eot (document separator id or null), itos (id -> string, null for tiktoken), unk (unknown id or null),
+eos (word level: the end-of-line id); decode(tokens, meta) turns ids back into text.
 """
 import glob
 import json
 import os
 
 import numpy as np
-import torch
 
 from utils import atomic_write, atomic_write_json
 
@@ -42,7 +44,7 @@ def write_shard(path, tokens, vocab_size=None):
 
     def write(f):
         f.write(header.tobytes())
-        f.write(body.tobytes())
+        f.write(np.ascontiguousarray(body).data)  # no second copy of a 100M-token shard
     atomic_write(path, write)
 
 
@@ -118,6 +120,75 @@ def read_meta(data_dir):
         return json.load(f)
 
 
+class ShardWriter:
+    """Cuts a stream of token arrays into shards of exactly shard_size tokens (the last one may be short).
+
+    Shard k is named {prefix}_{split}_{k:06d}.bin with split = splits[min(k, len(splits) - 1)]: the default
+    ("val", "train") makes the first shard val and every later one train, numbered on from 1 as llm.c and
+    build-nanogpt do. A document that crosses a boundary is split, nothing is dropped. first_index lets a
+    restarted job continue after its last complete shard; on_shard(path, used), if given, is called after
+    each shard is written, with `used` = how many tokens of the current add() call that shard completed at.
+    """
+
+    def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"), first_index=0,
+                 on_shard=None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.data_dir, self.prefix, self.shard_size = data_dir, prefix, shard_size
+        self.vocab_size, self.splits, self.index = vocab_size, tuple(splits), first_index
+        self.on_shard = on_shard
+        self.pending, self.fill, self.paths = [], 0, []  # arrays of the shard being filled, their total
+
+    def add(self, tokens):
+        """Append a 1-D token array; write every shard it completes. Returns the paths written now."""
+        tokens, written, used = np.asarray(tokens), [], 0
+        while self.fill + len(tokens) - used >= self.shard_size:
+            take = self.shard_size - self.fill
+            self.pending.append(tokens[used:used + take])
+            used += take
+            written.append(self._write())
+            if self.on_shard:
+                self.on_shard(written[-1], used)
+        if used < len(tokens):
+            self.pending.append(tokens[used:])
+            self.fill += len(tokens) - used
+        return written
+
+    def close(self):
+        """Write the final partial shard, if any. Returns all paths written by this writer."""
+        if self.fill:
+            self._write()
+        return self.paths
+
+    def _write(self):
+        split = self.splits[min(self.index, len(self.splits) - 1)]
+        path = shard_name(self.data_dir, self.prefix, split, self.index)
+        write_shard(path, np.concatenate(self.pending), self.vocab_size)
+        self.pending, self.fill, self.index = [], 0, self.index + 1
+        self.paths.append(path)
+        return path
+
+
+def decode(tokens, meta):
+    """Token ids back to text with the tokenizer a meta.json describes (tiktoken name, char or word)."""
+    ids = [int(t) for t in tokens]
+    if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
+        import tiktoken
+        return tiktoken.get_encoding(meta["tokenizer"]).decode(ids)
+    itos = meta["itos"]
+    if meta["tokenizer"] == "char":
+        return "".join(itos[i] for i in ids)
+    # word: words joined by spaces, the end-of-line token back to a newline
+    eos, text, line = meta.get("eos"), [], []
+    for i in ids:
+        if i == eos:
+            text.append(" ".join(line) + "\n")
+            line = []
+        else:
+            line.append(itos[i])
+    return "".join(text) + " ".join(line)
+
+
 # -----------------------------------------------------------------------------
 # the window loader of train_gpt2.py
 
@@ -186,5 +257,6 @@ class WindowLoader:
         if self.vocab_size is not None and buf.max() >= self.vocab_size:
             raise ShardError(f"token id {int(buf.max())} is not below vocab_size {self.vocab_size} in "
                              f"{self.paths[shard_ids[int(buf.max(axis=1).argmax())]]}")
+        import torch  # here, so the prepare scripts (which only write shards) do not pay for importing torch
         batch = torch.from_numpy(buf)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
