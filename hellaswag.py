@@ -30,7 +30,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import utils
 from utils import apply_overrides, atomic_write, atomic_write_json
@@ -232,13 +231,10 @@ def ending_losses(model, rendered, device, autocast_ctx=nullcontext()):
         if n:  # 0 only for a one-token row (empty context): nothing to score
             targets[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[-n:])
     idx, targets = idx.to(device), targets.to(device)
-    mask = targets >= 0  # (R, L) ending tokens
     with autocast_ctx:
-        logits, _ = model(idx, targets)  # (R, L, V)
-    token_loss = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")  # (N,) float32
-    losses = torch.zeros((R, L), dtype=torch.float64)
-    losses[mask.cpu()] = token_loss.cpu().double()  # float64 sums: equal token losses tie exactly
-    counts = mask.sum(dim=1).cpu()
+        _, token_loss = model(idx, targets, reduction="none")  # (R, L) float32, 0 where ignored
+    losses = token_loss.double().cpu()  # float64 sums: equal token losses tie exactly
+    counts = (targets >= 0).sum(dim=1).cpu()
     return losses.sum(dim=1).view(-1, 4), counts.view(-1, 4)
 
 

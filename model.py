@@ -269,7 +269,10 @@ class GPT(nn.Module):
                 n += self.lm_head.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None):
+    def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
+        """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored targets,
+        or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag scores with those).
+        Without targets: the last position's logits (B, 1, V) and None."""
         B, T = idx.size()
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
@@ -290,8 +293,9 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V)
         # float32 loss: a bf16 log-softmax over 50k classes loses precision
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
-        return logits, loss
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=ignore_index, reduction=reduction)
+        return logits, (loss.view(B, T) if reduction == "none" else loss)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None, generator=None):
@@ -344,8 +348,10 @@ class GPT(nn.Module):
         no_decay = [p for p in params.values() if p.dim() < 2]
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
         groups = [g for g in groups if g["params"]]
-        # fused AdamW requires every parameter on CUDA; device_type alone is not enough (e.g. a CPU-offloaded model)
-        fused = device_type == "cuda" and all(p.is_cuda for p in params.values())
+        # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU (~5% faster
+        # steps here); it needs every parameter on that one device type, so a partly offloaded model is unfused
+        kinds = {p.device.type for p in params.values()}
+        fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and device_type in kinds
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
         if muon_params:
             optimizers.insert(0, torch.optim.Muon(muon_params, lr=learning_rate, weight_decay=weight_decay,

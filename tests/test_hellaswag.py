@@ -15,6 +15,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import hellaswag as hs
 from model import GPT, GPTConfig
@@ -161,20 +162,27 @@ class OracleModel(torch.nn.Module):
             for t in range(1, len(row)):
                 self.next_token[tuple(row[:t])] = row[t]
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, reduction="mean"):
         logits = torch.zeros(*idx.shape, self.vocab_size)  # (B, T, V)
         for b, row in enumerate(idx.tolist()):
             for t in range(len(row)):
                 if tuple(row[:t + 1]) in self.next_token:
                     logits[b, t, self.next_token[tuple(row[:t + 1])]] = 30.0
-        return logits, None
+        return logits, token_losses(logits, targets)
 
 
 class UniformModel(torch.nn.Module):
     """Every token has probability 1/V: each ending's loss is (its token count) * ln V."""
 
-    def forward(self, idx, targets=None):
-        return torch.zeros(1, 1, 1).expand(*idx.shape, 50304), None  # (B, T, V) without the memory
+    def forward(self, idx, targets=None, reduction="mean"):
+        logits = torch.zeros(1, 1, 1).expand(*idx.shape, 50304)  # (B, T, V) without the memory
+        return logits, token_losses(logits, targets)
+
+
+def token_losses(logits, targets):
+    """What GPT.forward(..., reduction="none") returns: per-token CE (B, T), 0 where the target is -1."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                           reduction="none").view(targets.shape)
 
 
 @pytest.mark.parametrize("style", ["completion", "harness"])
