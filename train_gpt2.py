@@ -14,7 +14,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -310,36 +309,9 @@ def main(settings):
                    f"{res['style']} style)")
             log_event(step=step, hellaswag_acc=res["acc"], hellaswag_acc_norm=res["acc_norm"])
 
-        # one optimizer step: grad_accum_steps micro-steps, gradients synced only on the last one
-        step_loss = torch.zeros((), device=dev)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            if device_type == "cuda":
-                x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-            else:
-                x, y = x.to(dev), y.to(dev)
-            # no_sync around forward *and* backward: DDP decides in the forward whether to reduce
-            sync = world_size == 1 or micro_step == grad_accum_steps - 1
-            with (nullcontext() if sync else model.no_sync()):
-                with autocast:
-                    _, loss = model(x, y)
-                loss = loss / grad_accum_steps  # a constant scale, so the sum is the mean over micro-steps
-                step_loss += loss.detach()
-                scaler.scale(loss).backward()
-        if grad_clip > 0:
-            for opt in optimizers:
-                scaler.unscale_(opt)  # a no-op unless float16
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-        else:
-            grad_norm = torch.zeros((), device=dev)
         lr = utils.lr_at(step, max_lr, min_lr, warmup_steps, max_steps, lr_schedule, decay_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            scaler.step(opt)
-        scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        step_loss, grad_norm = train_step(model, raw_model, optimizers, scaler, train_loader.next_batch,
+                                          grad_accum_steps, lr, autocast, dev, grad_clip)
         # no host sync here: the NaN check and the loss stay on the device until a log line needs them
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(step_loss),
                                      torch.full_like(first_bad_step, step), first_bad_step)
@@ -353,8 +325,7 @@ def main(settings):
                 print(f"error: loss is NaN or inf at step {bad_step} (rank {rank}); stopping. The last good "
                       f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}, left intact.",
                       file=sys.stderr)
-                if world_size > 1:
-                    dist.destroy_process_group()
+                utils.finish_distributed()
                 sys.exit(EXIT_DIVERGED)
             loss_mean = utils.all_reduce_sum(step_loss).item() / world_size  # this step's mean over micro-steps and ranks
             if device_type == "cuda":
@@ -377,8 +348,44 @@ def main(settings):
         print0(f"log: {log_path}" + (f", plot: {png}" if png else ""))
     if wandb_run is not None:
         wandb_run.finish()
-    if world_size > 1:
-        dist.destroy_process_group()
+    utils.finish_distributed()
+
+
+def train_step(model, raw_model, optimizers, scaler, next_batch, grad_accum_steps, lr, autocast, dev, clip):
+    """One optimizer step of grad_accum_steps micro-steps (bench.py times this same function).
+
+    Gradients are synced across processes only on the last micro-step. Returns (loss, grad_norm) as
+    device tensors, the loss being the mean over micro-steps: no host sync here, the caller decides when
+    a figure is worth one.
+    """
+    step_loss = torch.zeros((), device=dev)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        if dev.startswith("cuda"):
+            x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+        else:
+            x, y = x.to(dev), y.to(dev)
+        # no_sync around forward *and* backward: DDP decides in the forward whether to reduce
+        sync = not isinstance(model, DDP) or micro_step == grad_accum_steps - 1
+        with (nullcontext() if sync else model.no_sync()):
+            with autocast:
+                _, loss = model(x, y)
+            loss = loss / grad_accum_steps  # a constant scale, so the sum is the mean over micro-steps
+            step_loss += loss.detach()
+            scaler.scale(loss).backward()
+    grad_norm = torch.zeros((), device=dev)
+    if clip > 0:
+        for opt in optimizers:
+            scaler.unscale_(opt)  # a no-op unless float16
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return step_loss, grad_norm
 
 
 if __name__ == "__main__":

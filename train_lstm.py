@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardError, list_shards, read_meta, read_shard
 from model import LSTMConfig, build_recurrent
-from utils import (JsonlLog, all_reduce_sum, apply_overrides, autocast_context, latest_checkpoint, load_checkpoint,
-                   lr_at, pick_device, pick_dtype, plot_log, run_header, save_checkpoint, setup_distributed,
-                   truncate_log)
+from utils import (JsonlLog, all_reduce_sum, apply_overrides, autocast_context, finish_distributed,
+                   latest_checkpoint, load_checkpoint, lr_at, pick_device, pick_dtype, plot_log, run_header,
+                   save_checkpoint, setup_distributed, truncate_log)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 
@@ -407,8 +407,7 @@ def main():
             log.write(event="diverged", step=step)
             print(f"error: train loss is {stats[0]} at step {step} (rank {rank}); stopping. The last good "
                   f"checkpoint is {last or 'none (no checkpoint was written yet)'}, left intact.", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
+            finish_distributed()
             sys.exit(_EXIT_DIVERGED)
         if step % log_interval == 0 or step == max_steps - 1:
             dt = (time.perf_counter() - t_last) / steps_since_log
@@ -428,8 +427,7 @@ def main():
     if master and finished:
         png = plot_log(log.path, os.path.join(out, "loss.png"), keys=("train_loss", "val_loss"))
         print0(f"log: {log.path}" + (f", plot: {png}" if png else ""))
-    if ddp:
-        dist.destroy_process_group()
+    finish_distributed()
 
 
 if __name__ == "__main__":

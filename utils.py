@@ -181,6 +181,15 @@ def setup_distributed(device):
     return rank, local_rank, world_size, device
 
 
+def finish_distributed():
+    """Wait for every rank (rank 0 may still be writing a checkpoint), then tear the group down.
+    Without the barrier a rank that leaves early can abort gloo's teardown on the others."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor):
     """Sum over ranks in place (a no-op in one process). ReduceOp.AVG does not exist on gloo."""
     import torch.distributed as dist
