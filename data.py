@@ -169,15 +169,32 @@ class ShardWriter:
         return path
 
 
+def encode(text, meta):
+    """Text to token ids with the tokenizer a meta.json describes; unknown symbols map to meta["unk"]."""
+    if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
+        import tiktoken
+        return tiktoken.get_encoding(meta["tokenizer"]).encode_ordinary(text)
+    stoi, unk = {s: i for i, s in enumerate(meta["itos"])}, meta.get("unk")
+    if meta["tokenizer"] == "char":
+        pieces = list(text)
+    else:  # word: whitespace-separated words, each line ended by the end-of-line token
+        lines = text.split("\n")
+        pieces = [w for k, line in enumerate(lines) for w in line.split() + ([None] if k < len(lines) - 1 else [])]
+    ids = [meta.get("eos") if p is None else stoi.get(p, unk) for p in pieces]
+    return [i for i in ids if i is not None]
+
+
 def decode(tokens, meta):
-    """Token ids back to text with the tokenizer a meta.json describes (tiktoken name, char or word)."""
+    """Token ids back to text with the tokenizer a meta.json describes (tiktoken name, char or word).
+    Ids past the table (a model's vocabulary is padded to a multiple of 64) decode as U+FFFD."""
     ids = [int(t) for t in tokens]
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
         import tiktoken
         return tiktoken.get_encoding(meta["tokenizer"]).decode(ids)
     itos = meta["itos"]
+    symbol = lambda i: itos[i] if 0 <= i < len(itos) else "\ufffd"
     if meta["tokenizer"] == "char":
-        return "".join(itos[i] for i in ids)
+        return "".join(symbol(i) for i in ids)
     # word: words joined by spaces, the end-of-line token back to a newline
     eos, text, line = meta.get("eos"), [], []
     for i in ids:
@@ -185,7 +202,7 @@ def decode(tokens, meta):
             text.append(" ".join(line) + "\n")
             line = []
         else:
-            line.append(itos[i])
+            line.append(symbol(i))
     return "".join(text) + " ".join(line)
 
 

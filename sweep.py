@@ -276,6 +276,8 @@ def launch(run, gpu, trainer_path, exit_diverged):
     command = [sys.executable, trainer_path, f"--out_dir={run_dir}"]
     command += [f"--{k}={v}" for k, v in run["overrides"].items()] + (["--resume=True"] if resume else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
+    if "OMP_NUM_THREADS" not in os.environ:  # parallel runs share the cores instead of each taking all of them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
     record = dict(name=run["name"], overrides=run["overrides"], info=run["info"], command=command, state="running",
                   exit_code=None, runtime_s=None, gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)

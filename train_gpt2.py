@@ -88,25 +88,14 @@ def resolve(path):
 
 
 def text_codec(meta):
-    """(encode, decode) for samples: GPT-2 BPE, or the char/word table of meta.json; (None, None) if unknown."""
-    tokenizer = meta["tokenizer"] if meta else "gpt2"  # llm.c's shards come without meta.json: GPT-2
-    if tokenizer == "gpt2":
-        try:
-            import tiktoken
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # offline without a tiktoken cache: train on, just without samples
-            print(f"warning: no GPT-2 tokenizer for samples ({type(e).__name__}: {e})")
-            return None, None
-        return enc.encode_ordinary, enc.decode
-    if tokenizer in ("char", "word"):
-        itos, unk = meta["itos"], meta.get("unk")
-        stoi = {s: i for i, s in enumerate(itos)}
-        sep = "" if tokenizer == "char" else " "
-        pieces = (lambda text: text) if tokenizer == "char" else str.split
-        encode = lambda text: [stoi.get(p, unk) for p in pieces(text) if p in stoi or unk is not None]
-        decode = lambda ids: sep.join(itos[i] if i < len(itos) else "?" for i in ids)
-        return encode, decode
-    return None, None
+    """(encode, decode) for samples, from data.py and the shards' meta.json; (None, None) when unavailable."""
+    meta = meta or {"tokenizer": "gpt2"}  # llm.c's shards come without meta.json: GPT-2 BPE
+    try:
+        data.decode(data.encode("a", meta), meta)  # offline without a tiktoken cache: train on, without samples
+    except Exception as e:
+        print(f"warning: no tokenizer for samples ({type(e).__name__}: {e})")
+        return None, None
+    return (lambda text: data.encode(text, meta)), (lambda ids: data.decode(ids, meta))
 
 
 def main(settings):

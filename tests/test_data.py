@@ -252,3 +252,16 @@ def test_loader_errors(tmp_path):
         data.WindowLoader(str(tmp_path), "train", B=1, T=4, vocab_size=3).next_batch()
     with pytest.raises(data.ShardError, match="no val shards"):
         data.WindowLoader(str(tmp_path), "val", B=1, T=4)
+
+
+def test_encode_inverts_decode_for_every_tokenizer():
+    char = {"tokenizer": "char", "itos": list("\nabc "), "unk": 5, "vocab_size": 6}
+    assert data.encode("ab c\nz", char) == [1, 2, 4, 3, 0, 5]
+    assert data.decode(data.encode("ab c\nca", char), char) == "ab c\nca"
+    assert data.decode([1, 70], char) == "a\ufffd"  # ids of the padded vocabulary past the table
+    word = {"tokenizer": "word", "itos": ["the", "cat", "<unk>", "<eos>"], "unk": 2, "eos": 3, "vocab_size": 4}
+    assert data.encode("the cat\nthe dog", word) == [0, 1, 3, 0, 2]
+    assert data.decode(data.encode("the cat\ncat the", word), word) == "the cat\ncat the"
+    gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
+    text = "Hello <|endoftext|> world"  # the literal stays text: encode_ordinary, never a special token
+    assert 50256 not in data.encode(text, gpt2) and data.decode(data.encode(text, gpt2), gpt2) == text
