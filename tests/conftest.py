@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared")
@@ -21,3 +22,12 @@ def shared_dir():
     if not os.path.isdir(SHARED):
         pytest.skip("../shared (test corpora) is not beside the repo")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in-process: thread start-up and oversubscription of 2 busy cores cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

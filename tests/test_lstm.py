@@ -25,13 +25,7 @@ TINY = ["--device=cpu", "--dtype=float32", "--n_embd=16", "--n_hidden=32", "--n_
         "--log_interval=1", "--checkpoint_interval=0", "--warmup_steps=2", "--max_lr=1e-2", "--min_lr=1e-3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny LSTMs run far faster on one thread than on threads competing for 2 busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(folder, train, val, vocab_size, tokenizer="synthetic"):

@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, KVCache, MLPS, NORM_POSS, NORMS, POS_EMBS, SIZES, STYLES, apply_rope, peak_flops, rope_tables
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: thread start-up and oversubscription on a shared CPU cost far more than they save
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

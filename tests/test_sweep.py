@@ -49,14 +49,14 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
+def one_thread_runs():
     with pytest.MonkeyPatch.context() as mp:  # the runs share 2 busy cores: one thread each
         mp.setenv("OMP_NUM_THREADS", "1")
         yield
 
 
 @pytest.fixture(scope="module")
-def lr_sweep(shards, one_thread, tmp_path_factory):
+def lr_sweep(shards, one_thread_runs, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("lr_sweep"))
     run_sweep(f"--sweep_dir={folder}", "--parallel=2", f"--data_dir={shards}", *TINY, *LR_GRID)
     return folder
@@ -127,7 +127,7 @@ def test_report_only_redraws_the_table(lr_sweep):
     assert len(open(os.path.join(lr_sweep, "results.md")).read().splitlines()) == 5
 
 
-def test_flop_budget_random_search(shards, one_thread, tmp_path):
+def test_flop_budget_random_search(shards, one_thread_runs, tmp_path):
     budget = 3e8
     run_sweep("--mode=random", f"--sweep_dir={tmp_path}", f"--flop_budget={budget:g}", "--n_samples=2",
               "--random_seed=3", "--n_layer_lo=1", "--n_layer_hi=2", "--n_head_lo=2", "--n_head_hi=3",
