@@ -283,12 +283,7 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=null
 
 def load_checkpoint(path, device):
     """A GPT from a train_gpt2.py checkpoint (common.md format), on `device`."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"--checkpoint={path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, non-tensor objects refused by weights_only, truncated files
-        raise SystemExit(f"--checkpoint={path}: cannot read it as a torch checkpoint ({e})") from None
+    ckpt = utils.load_checkpoint(path)  # weights_only=True; a clear exit for a missing or unreadable file
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"--checkpoint={path}: not a train_gpt2.py checkpoint (needs 'model' and 'model_config')")
     from model import GPT, GPTConfig

@@ -169,7 +169,7 @@ def main(settings):
     if resume and checkpoint is None:
         print0(f"resume: no checkpoint in {out}, starting from scratch")
     if checkpoint:
-        state = utils.load_checkpoint(checkpoint, map_location=dev)
+        state = utils.load_checkpoint(checkpoint, map_location="cpu")  # rng states must stay CPU tensors; load_state_dict moves the rest
         saved = state.get("model_config", {})
         diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model_config).items() if saved.get(k) != v}
         if diff:

@@ -256,11 +256,11 @@ def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True: tensors and plain containers only, no pickled code runs."""
     import torch
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
+        raise SystemExit(f"error: checkpoint {path}: no such file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
-        raise SystemExit(f"error: cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
