@@ -169,11 +169,21 @@ class ShardWriter:
         return path
 
 
+def tiktoken_encoding(name="gpt2"):
+    """tiktoken's encoding, or a clear exit when its BPE files can be neither found nor downloaded."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken
+        raise SystemExit(f"error: cannot load tiktoken's {name!r} BPE files ({type(e).__name__}). Offline, copy "
+                         f"them from a machine where tiktoken has run (its cache folder) and point "
+                         f"TIKTOKEN_CACHE_DIR at them") from None
+
+
 def encode(text, meta):
     """Text to token ids with the tokenizer a meta.json describes; unknown symbols map to meta["unk"]."""
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
-        import tiktoken
-        return tiktoken.get_encoding(meta["tokenizer"]).encode_ordinary(text)
+        return tiktoken_encoding(meta["tokenizer"]).encode_ordinary(text)
     stoi, unk = {s: i for i, s in enumerate(meta["itos"])}, meta.get("unk")
     if meta["tokenizer"] == "char":
         pieces = list(text)
@@ -189,8 +199,7 @@ def decode(tokens, meta):
     Ids past the table (a model's vocabulary is padded to a multiple of 64) decode as U+FFFD."""
     ids = [int(t) for t in tokens]
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
-        import tiktoken
-        return tiktoken.get_encoding(meta["tokenizer"]).decode(ids)
+        return tiktoken_encoding(meta["tokenizer"]).decode(ids)
     itos = meta["itos"]
     symbol = lambda i: itos[i] if 0 <= i < len(itos) else "\ufffd"
     if meta["tokenizer"] == "char":

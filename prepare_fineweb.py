@@ -85,7 +85,11 @@ def documents(skip=0):
         extra = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **extra)
     else:
-        ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming or max_tokens > 0)
+        try:
+            ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming or max_tokens > 0)
+        except (ConnectionError, OSError, ValueError) as e:  # offline, a wrong name or subset
+            raise SystemExit(f"cannot load {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
+                             f"  offline, pass local files instead: --data_files='corpus/*.parquet'") from None
     batches = ds.skip(skip).iter(batch_size=batch_size)
     try:
         first = next(batches, None)  # checked here, in the main thread, not inside the pool's feeder thread
@@ -195,9 +199,8 @@ def main(argv):
         print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} tokens): "
               f"nothing to do. Delete {progress_path} to prepare again.")
         return progress
-    import tiktoken
     from tqdm import tqdm
-    enc = tiktoken.get_encoding(tokenizer)
+    enc = data.tiktoken_encoding(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
     tokens_done = progress["shards"] * shard_size  # every complete shard holds exactly shard_size tokens
     if progress["shards"]:

@@ -127,7 +127,12 @@ def load_splits():
     if source not in hub_sources:
         raise SystemExit(f"--source must be one of {hub_sources}, got {source!r}")
     import datasets
-    ds = datasets.load_dataset(hub_dataset, source)
+    try:
+        ds = datasets.load_dataset(hub_dataset, source)
+    except (ConnectionError, OSError, ValueError) as e:  # offline
+        raise SystemExit(f"cannot load {hub_dataset} ({source}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
+                         f"  offline, use local files: --data_dir_in=folder/with/wiki.train.tokens or "
+                         f"--text_file=path") from None
     # each row is one line with its newline, except the file's blank lines (" \n"), which the hub stores
     # as "": restoring them gives back the original wiki.*.tokens / .raw file, as a local copy reads
     return {s: "".join(line or " \n" for line in ds[hub]["text"])
@@ -154,8 +159,7 @@ def gpt2_pieces(text, size=1 << 20):
 
 
 def gpt2_tokenizer(train):
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
+    enc = data.tiktoken_encoding("gpt2")
 
     def encode(text):  # pieces encoded on all cores (tiktoken releases the GIL), as arrays, not lists
         with ThreadPoolExecutor(os.cpu_count()) as threads:  # no special tokens = encode_ordinary
