@@ -341,6 +341,7 @@ def main():
         return patience > 0 and bad_evals >= patience
 
     t_last, steps_since_log = time.perf_counter(), 0
+    first_bad_step = torch.full((), -1, device=dev)  # first step whose loss was not finite, kept on the device
     finished = True
     for step in range(step0, max_steps):
         if step == stop_step:
@@ -398,18 +399,24 @@ def main():
         scaler.update()
         steps_since_log += 1
 
-        # the loss averaged over ranks, checked every step so a NaN stops the run where it happened
-        names = sorted(aux)
-        stats = torch.stack([loss.detach().float()] + [aux[k].detach().float() for k in names])
-        stats = (all_reduce_sum(stats) / world_size).tolist()
-        if not math.isfinite(stats[0]):
+        # no host sync on ordinary steps: the NaN check stays on the device until a log line or a
+        # checkpoint needs it, so a checkpoint is never written from weights that already diverged
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
+                                     torch.full_like(first_bad_step, step), first_bad_step)
+        save_now = step == max_steps - 1 or (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0)
+        log_now = step % log_interval == 0 or step == max_steps - 1
+        if (log_now or save_now) and all_reduce_sum((first_bad_step >= 0).float()).item() > 0:
+            bad_step = int(first_bad_step.item()) if first_bad_step.item() >= 0 else step  # this rank's, else now
             last = latest_checkpoint(out)
-            log.write(event="diverged", step=step)
-            print(f"error: train loss is {stats[0]} at step {step} (rank {rank}); stopping. The last good "
+            log.write(event="diverged", step=bad_step)
+            print(f"error: train loss is NaN or inf at step {bad_step} (rank {rank}); stopping. The last good "
                   f"checkpoint is {last or 'none (no checkpoint was written yet)'}, left intact.", file=sys.stderr)
             finish_distributed()
             sys.exit(_EXIT_DIVERGED)
-        if step % log_interval == 0 or step == max_steps - 1:
+        if log_now:  # the loss and aux losses averaged over ranks
+            names = sorted(aux)
+            stats = torch.stack([loss.detach().float()] + [aux[k].detach().float() for k in names])
+            stats = (all_reduce_sum(stats) / world_size).tolist()
             dt = (time.perf_counter() - t_last) / steps_since_log
             record = {"step": step, "train_loss": stats[0], "lr": lr, "grad_norm": float(grad_norm),
                       "ms_per_step": dt * 1000, "tokens_per_sec": B * T * world_size / dt,
@@ -419,7 +426,7 @@ def main():
             print0(f"step {step:6d} | loss {stats[0]:.4f} | lr {lr:.2e} | norm {float(grad_norm):.3f} | "
                    f"{dt * 1000:.1f} ms/step | {record['tokens_per_sec']:,.0f} tok/s{extra}")
             t_last, steps_since_log = time.perf_counter(), 0
-        if step == max_steps - 1 or (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0):
+        if save_now:
             if step == max_steps - 1:
                 run_eval(max_steps)  # the final model's metrics (before the final checkpoint: best_val in it)
             checkpoint(step + 1)
