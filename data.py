@@ -199,7 +199,13 @@ def decode(tokens, meta):
     Ids past the table (a model's vocabulary is padded to a multiple of 64) decode as U+FFFD."""
     ids = [int(t) for t in tokens]
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
-        return tiktoken_encoding(meta["tokenizer"]).decode(ids)
+        enc, pieces, run = tiktoken_encoding(meta["tokenizer"]), [], []
+        for i in ids:  # runs of real ids decode together (a character can span several tokens)
+            if 0 <= i < enc.n_vocab:
+                run.append(i)
+            else:
+                pieces, run = pieces + [enc.decode(run), "\ufffd"], []
+        return "".join(pieces) + enc.decode(run)
     itos = meta["itos"]
     symbol = lambda i: itos[i] if 0 <= i < len(itos) else "\ufffd"
     if meta["tokenizer"] == "char":

@@ -31,6 +31,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+import data
 import utils
 from utils import apply_overrides, atomic_write, atomic_write_json
 
@@ -287,6 +288,9 @@ def load_checkpoint(path, device):
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"--checkpoint={path}: not a train_gpt2.py checkpoint (needs 'model' and 'model_config')")
     from model import GPT, GPTConfig
+    if ckpt["model_config"].get("vocab_size", 0) < 50257:
+        raise SystemExit(f"--checkpoint={path}: its vocabulary has {ckpt['model_config'].get('vocab_size')} ids; "
+                         f"HellaSwag is scored in GPT-2 BPE tokens, so it needs a model trained on GPT-2 BPE data")
     try:
         net = GPT(GPTConfig(**ckpt["model_config"]))
         net.load_state_dict(ckpt["model"])
@@ -296,7 +300,6 @@ def load_checkpoint(path, device):
 
 
 def main():
-    import tiktoken
     if style not in _STYLES:
         raise SystemExit(f"--style={style}: expected one of {_STYLES}")
     if (checkpoint is None) == (model is None):
@@ -305,18 +308,16 @@ def main():
     dt = utils.pick_dtype(dtype, dev.split(":")[0])
     autocast_ctx = utils.autocast_context(dev.split(":")[0], dt)  # autocast wants "cuda", not "cuda:3"
 
-    examples = load_examples(ensure_data(data_file, cache_dir), skip_bad, limit, style)
     if checkpoint is not None:
         net, source = load_checkpoint(checkpoint, dev), checkpoint
     else:
         from model import GPT
-        if not hasattr(GPT, "from_pretrained"):
-            raise SystemExit("--model needs GPT.from_pretrained in model.py")
         try:
             net, source = GPT.from_pretrained(model).to(dev), model
         except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
             raise SystemExit(f"--model={model}: {e}") from None
-    enc = tiktoken.get_encoding("gpt2")
+    enc = data.tiktoken_encoding("gpt2")
+    examples = load_examples(ensure_data(data_file, cache_dir), skip_bad, limit, style)
 
     t0 = time.time()
     result = evaluate(net, examples, enc, dev, style, autocast_ctx, batch_size=batch_size)

@@ -73,7 +73,11 @@ def fetch(url):
     if not os.path.exists(path):
         import requests
         print(f"downloading {url} -> {path}")
-        response = requests.get(url, timeout=60)
+        try:
+            response = requests.get(url, timeout=60)
+        except requests.RequestException as e:  # offline, DNS, timeout
+            raise SystemExit(f"cannot download {url} ({type(e).__name__}); offline, pass a local copy: "
+                             f"--text_file=path/to/file.txt") from None
         if response.status_code != 200 or not response.content:
             raise SystemExit(f"download of {url} failed: HTTP {response.status_code}, "
                              f"{len(response.content)} bytes")

@@ -417,7 +417,9 @@ def plot(folder, rows):
 
 
 def main(argv):
-    own = [k for k in utils.settings_of(globals()) if not k.isupper()]
+    own = list(utils.settings_of(globals()))
+    if "--help" in argv or "-h" in argv:
+        utils.apply_overrides(globals(), ["--help"])  # prints the docstring and the settings, exits 0
     bad = [a for a in argv if not a.startswith("--") or "=" not in a]
     if bad:
         bad_setting(f"{bad} are not --name=value")

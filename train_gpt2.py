@@ -103,6 +103,8 @@ def main(settings):
     out = resolve(out_dir)
     log_path = os.path.join(out, "log.jsonl")
     if plot_only:
+        if not os.path.exists(log_path):
+            raise SystemExit(f"error: --plot_only needs {log_path}: point --out_dir at a run's folder")
         print(utils.plot_log(log_path, os.path.join(out, "loss.png")) or "matplotlib is not installed")
         return
 
@@ -118,6 +120,13 @@ def main(settings):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
 
     # ---- derived settings and their checks, before any work ----------------------------------
+    for name in ("micro_batch_size", "block_size", "total_batch_size", "max_steps"):
+        if settings[name] < 1:
+            raise SystemExit(f"error: --{name} must be at least 1, got {settings[name]}")
+    if lr_schedule not in utils.LR_SCHEDULES:
+        raise SystemExit(f"error: --lr_schedule must be one of {', '.join(utils.LR_SCHEDULES)}, got {lr_schedule!r}")
+    if optimizer not in ("adamw", "muon"):
+        raise SystemExit(f"error: --optimizer must be adamw or muon, got {optimizer!r}")
     tokens_per_micro_step = micro_batch_size * block_size * world_size
     if total_batch_size % tokens_per_micro_step:
         raise SystemExit(f"error: total_batch_size {total_batch_size} is not a multiple of micro_batch_size "
@@ -190,6 +199,8 @@ def main(settings):
         if master:  # events logged after the checkpoint was taken will be logged again
             utils.truncate_log(log_path, start_step)
         print0(f"resumed from {checkpoint} at step {start_step}")
+        if start_step >= max_steps:
+            print0(f"nothing to do: the run already reached max_steps {max_steps} (raise --max_steps to go on)")
 
     # ---- logging -----------------------------------------------------------------------------
     log = utils.JsonlLog(log_path, enabled=master)
@@ -222,7 +233,7 @@ def main(settings):
     elif hellaswag_interval:
         import hellaswag
         import tiktoken
-        path = resolve(hellaswag_file) if hellaswag_file else hellaswag.default_path()
+        path = hellaswag_file or hellaswag.default_path()  # a file you name is read as given
         if master and not hellaswag_file:
             try:
                 hellaswag.ensure_data()  # downloads and verifies it once, if it is not there yet

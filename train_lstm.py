@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardError, list_shards, read_meta, read_shard
 from model import LSTMConfig, build_recurrent
-from utils import (JsonlLog, all_reduce_sum, apply_overrides, autocast_context, finish_distributed,
+from utils import (LR_SCHEDULES, JsonlLog, all_reduce_sum, apply_overrides, autocast_context, finish_distributed,
                    latest_checkpoint, load_checkpoint, lr_at, pick_device, pick_dtype, plot_log, run_header,
                    save_checkpoint, setup_distributed, truncate_log)
 
@@ -224,6 +224,10 @@ def main():
     for name in ("micro_batch_size", "block_size", "max_steps", "eval_interval", "log_interval"):
         if settings[name] < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {settings[name]}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise SystemExit(f"error: --lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if optimizer not in ("adamw", "adam"):
+        raise SystemExit(f"error: --optimizer must be adamw or adam, got {optimizer!r}")
     if not chunks or chunks[0] != 1 or min(chunks) < 1:
         raise SystemExit(f"error: --chunk_sizes must start with 1 and be positive, got {chunk_sizes!r}")
     if model == "nested_lstm" and len(weights) != len(chunks) - 1:

@@ -39,12 +39,18 @@ def parse_value(name, text, current):
         try:
             return int(text)
         except ValueError:
-            number = float(text)  # accept 1e6 and 5.0 for integer settings, but not 2.5
+            try:
+                number = float(text)  # accept 1e6 and 5.0 for integer settings, but not 2.5
+            except ValueError:
+                raise ValueError(f"--{name} wants an integer, got {text!r}") from None
             if not number.is_integer():
                 raise ValueError(f"--{name} wants an integer, got {text!r}") from None
             return int(number)
     if kind is float:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--{name} wants a number, got {text!r}") from None
     if kind is type(None):  # a setting that defaults to None takes an int, a float or a string
         for cast in (int, float):
             try:
@@ -61,6 +67,10 @@ def apply_overrides(namespace, argv):
     Returns the dict of all settings after overriding, for logging and checkpoints.
     """
     settings = settings_of(namespace)
+    if any(arg in ("--help", "-h") for arg in argv):  # the script's docstring, then every setting and its default
+        print((namespace.get("__doc__") or "").strip() + "\n\nsettings (--name=value):\n  "
+              + "\n  ".join(f"{k} = {v!r}" for k, v in settings.items()))
+        sys.exit(0)
     for arg in argv:
         name, sep, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or name not in settings:
@@ -80,6 +90,10 @@ def apply_overrides(namespace, argv):
 # atomic writes: an interrupted run never leaves a half-written file under the final name
 
 
+UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(UMASK)
+
+
 def atomic_write(path, write_fn, mode="wb"):
     """Call write_fn(file) on a temporary file in the same folder, fsync it, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -90,6 +104,7 @@ def atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files: give the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -131,6 +146,13 @@ def pick_device(device=""):
     """The requested device, or the best available one: cuda, then mps, then cpu."""
     import torch
     if device:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as e:
+            raise SystemExit(f"error: --device={device} is not a device torch knows ({e})") from None
+        available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+        if kind in available and not available[kind]():
+            raise SystemExit(f"error: --device={device}, but this torch ({torch.__version__}) sees no {kind} device")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -202,6 +224,9 @@ def all_reduce_sum(tensor):
 # learning rate: linear warmup, then cosine to min_lr (EXPERIMENTS.md §3) or warmup-stable-decay
 
 
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+
+
 def lr_at(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", decay_steps=0):
     """Learning rate at `step` (0-based). Warmup reaches max_lr at step warmup_steps - 1.
 
@@ -260,7 +285,9 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
-        raise SystemExit(f"error: cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line}); is it a "
+                         f"checkpoint of this repo, complete, and not from an untrusted source?") from None
 
 
 # -----------------------------------------------------------------------------

@@ -265,3 +265,14 @@ def test_encode_inverts_decode_for_every_tokenizer():
     gpt2 = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
     text = "Hello <|endoftext|> world"  # the literal stays text: encode_ordinary, never a special token
     assert 50256 not in data.encode(text, gpt2) and data.decode(data.encode(text, gpt2), gpt2) == text
+    hello = data.encode("Hello", gpt2)  # ids of the padded vocabulary (50257..50303) a model can sample
+    assert data.decode(hello + [50300] + hello, gpt2) == "Hello\ufffdHello"
+
+
+def test_shards_get_the_permissions_of_any_new_file(tmp_path):
+    """mkstemp creates 0600 files; a shared data folder needs shards others can read."""
+    path = data.shard_name(tmp_path, "p", "train", 0)
+    data.write_shard(path, np.arange(10))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -370,3 +370,10 @@ def test_bad_checkpoints_give_clear_messages(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read"):
         hs.load_checkpoint(str(tmp_path / "junk.pt"), "cpu")
+
+
+def test_checkpoint_of_a_non_gpt2_vocabulary_is_refused(tmp_path):
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=128)  # e.g. char-level
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)}, tmp_path / "char.pt")
+    with pytest.raises(SystemExit, match="GPT-2 BPE"):
+        hs.load_checkpoint(str(tmp_path / "char.pt"), "cpu")

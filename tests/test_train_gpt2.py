@@ -147,6 +147,10 @@ def test_bad_batch_and_bad_settings_fail_before_any_work(shakespeare, tmp_path):
     assert result.returncode == 2 and "max_steps" in result.stderr
     result = train(shakespeare, tmp_path / "b", "--mlp=swish", check=False)
     assert result.returncode != 0 and "mlp" in result.stderr
+    for bad, name in (("--lr_schedule=linear", "lr_schedule"), ("--optimizer=sgd", "optimizer"),
+                      ("--micro_batch_size=0", "micro_batch_size"), ("--device=tpu", "device")):
+        result = train(shakespeare, tmp_path / "b", bad, check=False)
+        assert result.returncode == 1 and f"--{name}" in result.stderr and "Traceback" not in result.stderr, bad
     result = train(str(tmp_path / "nothing"), tmp_path / "b", check=False)
     assert result.returncode != 0 and "prepare_fineweb.py" in result.stderr
     assert not os.path.exists(tmp_path / "b" / "log.jsonl")
@@ -230,3 +234,9 @@ def test_hellaswag_and_gpt2_samples_inside_training(tmp_path):
     samples = [e["sample"] for e in events if "sample" in e]
     assert samples and all(s.startswith("The") for s in samples)
     assert utils.read_log(out / "log.jsonl")[0]["settings"]["vocab_size"] == 50304  # 50257 padded to 64
+
+
+def test_help_prints_usage_and_settings():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train_gpt2.py"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and "torchrun" in result.stdout and "max_lr = 0.0018" in result.stdout
