@@ -292,13 +292,13 @@ def main(settings):
     last_checkpoint = checkpoint
     first_bad_step = torch.full((), -1, device=dev)  # first step whose loss was not finite, kept on the device
     t_last, steps_since_log = time.perf_counter(), 0
-    step = start_step
     for step in range(start_step, max_steps):
         last_step = step == max_steps - 1
         if step == stop_step:
             last_checkpoint = save(step) or last_checkpoint
             print0(f"stopped before step {step} (--stop_step); resume with --resume=True")
             break
+        t_eval = time.perf_counter()
         if eval_interval and (step % eval_interval == 0 or last_step):
             evaluate(step)
             sample(step)
@@ -308,6 +308,7 @@ def main(settings):
             print0(f"step {step:6d} | hellaswag acc_norm {res['acc_norm']:.4f} ({res['correct_norm']}/{res['total']}, "
                    f"{res['style']} style)")
             log_event(step=step, hellaswag_acc=res["acc"], hellaswag_acc_norm=res["acc_norm"])
+        t_last += time.perf_counter() - t_eval  # ms/step and tokens/s count training only (evals end in a sync)
 
         lr = utils.lr_at(step, max_lr, min_lr, warmup_steps, max_steps, lr_schedule, decay_steps)
         step_loss, grad_norm = train_step(model, raw_model, optimizers, scaler, train_loader.next_batch,
@@ -322,9 +323,9 @@ def main(settings):
             if utils.all_reduce_sum((first_bad_step >= 0).float()).item() > 0:  # some rank diverged
                 bad_step = int(first_bad_step.item()) if first_bad_step.item() >= 0 else step
                 log_event(event="diverged", step=bad_step)
-                print(f"error: loss is NaN or inf at step {bad_step} (rank {rank}); stopping. The last good "
-                      f"checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}, left intact.",
-                      file=sys.stderr)
+                if master:  # rank 0 writes the checkpoints, so it knows the last good one
+                    print(f"error: loss is NaN or inf at step {bad_step}; stopping. The last good checkpoint is "
+                          f"{last_checkpoint or 'none (no checkpoint was written yet)'}, left intact.", file=sys.stderr)
                 utils.finish_distributed()
                 sys.exit(EXIT_DIVERGED)
             loss_mean = utils.all_reduce_sum(step_loss).item() / world_size  # this step's mean over micro-steps and ranks
