@@ -314,14 +314,13 @@ def main(settings):
         step_loss, grad_norm = train_step(model, raw_model, optimizers, scaler, train_loader.next_batch,
                                           grad_accum_steps, lr, autocast, dev, grad_clip)
         # no host sync here: the NaN check and the loss stay on the device until a log line needs them
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(step_loss),
-                                     torch.full_like(first_bad_step, step), first_bad_step)
+        first_bad_step = utils.track_nonfinite(first_bad_step, step_loss, step)
         steps_since_log += 1
 
         checkpoint_now = last_step or (checkpoint_interval and (step + 1) % checkpoint_interval == 0)
         if last_step or checkpoint_now or (log_interval and step % log_interval == 0):
-            if utils.all_reduce_sum((first_bad_step >= 0).float()).item() > 0:  # some rank diverged
-                bad_step = int(first_bad_step.item()) if first_bad_step.item() >= 0 else step
+            bad_step = utils.diverged_at(first_bad_step, step)
+            if bad_step is not None:
                 log_event(event="diverged", step=bad_step)
                 if master:  # rank 0 writes the checkpoints, so it knows the last good one
                     print(f"error: loss is NaN or inf at step {bad_step}; stopping. The last good checkpoint is "

@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardError, list_shards, read_meta, read_shard
 from model import LSTMConfig, build_recurrent
-from utils import (LR_SCHEDULES, JsonlLog, all_reduce_sum, apply_overrides, autocast_context, finish_distributed,
-                   latest_checkpoint, load_checkpoint, lr_at, pick_device, pick_dtype, plot_log, run_header,
-                   save_checkpoint, setup_distributed, truncate_log)
+from utils import (LR_SCHEDULES, JsonlLog, all_reduce_sum, apply_overrides, autocast_context, diverged_at,
+                   finish_distributed, latest_checkpoint, load_checkpoint, lr_at, pick_device, pick_dtype,
+                   plot_log, run_header, save_checkpoint, setup_distributed, track_nonfinite, truncate_log)
 
 _here = os.path.dirname(os.path.abspath(__file__))
 
@@ -405,12 +405,11 @@ def main():
 
         # no host sync on ordinary steps: the NaN check stays on the device until a log line or a
         # checkpoint needs it, so a checkpoint is never written from weights that already diverged
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()),
-                                     torch.full_like(first_bad_step, step), first_bad_step)
+        first_bad_step = track_nonfinite(first_bad_step, loss, step)
         save_now = step == max_steps - 1 or (checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0)
         log_now = step % log_interval == 0 or step == max_steps - 1
-        if (log_now or save_now) and all_reduce_sum((first_bad_step >= 0).float()).item() > 0:
-            bad_step = int(first_bad_step.item()) if first_bad_step.item() >= 0 else step  # this rank's, else now
+        bad_step = diverged_at(first_bad_step, step) if log_now or save_now else None
+        if bad_step is not None:
             last = latest_checkpoint(out)
             log.write(event="diverged", step=bad_step)
             print(f"error: train loss is NaN or inf at step {bad_step} (rank {rank}); stopping. The last good "

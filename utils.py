@@ -220,6 +220,22 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def track_nonfinite(first_bad_step, loss, step):
+    """first_bad_step (a device tensor, -1 = none yet) set to `step` if `loss` is NaN/inf: no host sync."""
+    import torch
+    bad = (first_bad_step < 0) & ~torch.isfinite(loss.detach())
+    return torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
+
+
+def diverged_at(first_bad_step, step):
+    """This rank's first non-finite step (`step` if only another rank saw one), or None if no rank did.
+    A host sync and an all-reduce: call it only where a log line or a checkpoint needs one anyway."""
+    if all_reduce_sum((first_bad_step >= 0).float()).item() == 0:
+        return None
+    mine = int(first_bad_step.item())
+    return mine if mine >= 0 else step
+
+
 # -----------------------------------------------------------------------------
 # learning rate: linear warmup, then cosine to min_lr (EXPERIMENTS.md §3) or warmup-stable-decay
 
