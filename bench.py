@@ -430,4 +430,4 @@ def main(settings, argv):
 
 
 if __name__ == "__main__":
-    main(utils.apply_overrides(globals(), sys.argv[1:]), sys.argv[1:])
+    main(utils.apply_overrides(globals(), sys.argv[1:], {"dtype": utils.DTYPES}), sys.argv[1:])

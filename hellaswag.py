@@ -283,7 +283,7 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=null
 
 
 def load_checkpoint(path, device):
-    """A GPT from a train_gpt2.py checkpoint (common.md format), on `device`."""
+    """A GPT from a train_gpt2.py checkpoint, on `device`."""
     ckpt = utils.load_checkpoint(path)  # weights_only=True; a clear exit for a missing or unreadable file
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"--checkpoint={path}: not a train_gpt2.py checkpoint (needs 'model' and 'model_config')")
@@ -332,5 +332,5 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals(), sys.argv[1:])
+    apply_overrides(globals(), sys.argv[1:], {"dtype": utils.DTYPES, "style": _STYLES})
     main()

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import utils
-from model import GPT, GPTConfig
+from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,12 +79,37 @@ dtype = ""                    # "" = bfloat16 autocast on GPUs (float16 + GradSc
 compile = True                # torch.compile the training model (CUDA only)
 seed = 1337
 
-EXIT_DIVERGED = 3             # exit status of a run stopped by a NaN/inf loss (sweep.py reads it)
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+CHOICES = dict(pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS, optimizer=("adamw", "muon"),
+               lr_schedule=LR_SCHEDULES, dtype=utils.DTYPES)  # checked when the command line is read
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 
 
 def resolve(path):
     return path if os.path.isabs(path) else os.path.join(HERE, path)
+
+
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", decay_steps=0):
+    """Learning rate at `step` (0-based). Warmup reaches max_lr at step warmup_steps - 1.
+
+    cosine: lr_min + (cos(pi * (t - a) / (b - a)) + 1) * (lr_max - lr_min) / 2 for a <= t <= b,
+            with a = warmup_steps, b = max_steps - 1 (the last step trains at exactly min_lr).
+    wsd:    max_lr until the last decay_steps steps, then linear decay to min_lr at the last step.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    last = max_steps - 1
+    if schedule == "cosine":
+        if last <= warmup_steps:
+            return max_lr
+        progress = min(1.0, (step - warmup_steps) / (last - warmup_steps))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    if schedule == "wsd":
+        decay_start = last - decay_steps
+        if step <= decay_start or decay_steps <= 0:
+            return max_lr
+        return max_lr + (min_lr - max_lr) * min(1.0, (step - decay_start) / decay_steps)
+    return max_lr  # constant
 
 
 def text_codec(meta):
@@ -122,9 +147,9 @@ def main(settings):
     # ---- derived settings and their checks, before any work ----------------------------------
     for name in ("micro_batch_size", "block_size", "total_batch_size", "max_steps"):
         if settings[name] < 1:
-            raise SystemExit(f"error: --{name} must be at least 1, got {settings[name]}")
-    if lr_schedule not in utils.LR_SCHEDULES:
-        raise SystemExit(f"error: --lr_schedule must be one of {', '.join(utils.LR_SCHEDULES)}, got {lr_schedule!r}")
+            utils.bad_setting(f"--{name} must be at least 1, got {settings[name]}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise SystemExit(f"error: --lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
     if optimizer not in ("adamw", "muon"):
         raise SystemExit(f"error: --optimizer must be adamw or muon, got {optimizer!r}")
     tokens_per_micro_step = micro_batch_size * block_size * world_size
@@ -283,7 +308,8 @@ def main(settings):
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
         payload = dict(model=raw_model.state_dict(), model_config=dataclasses.asdict(model_config),
                        optimizers=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(), step=step,
-                       settings=settings, loader=train_loader.state_dict(), rng=rng)
+                       settings=settings, loader=train_loader.state_dict(), rng=rng,
+                       meta=meta or {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256})  # decodes samples
         path = utils.save_checkpoint(out, step, payload, keep=keep_checkpoints)
         print0(f"step {step:6d} | saved {path}")
         return path
@@ -310,7 +336,7 @@ def main(settings):
             log_event(step=step, hellaswag_acc=res["acc"], hellaswag_acc_norm=res["acc_norm"])
         t_last += time.perf_counter() - t_eval  # ms/step and tokens/s count training only (evals end in a sync)
 
-        lr = utils.lr_at(step, max_lr, min_lr, warmup_steps, max_steps, lr_schedule, decay_steps)
+        lr = get_lr(step, max_lr, min_lr, warmup_steps, max_steps, lr_schedule, decay_steps)
         step_loss, grad_norm = train_step(model, raw_model, optimizers, scaler, train_loader.next_batch,
                                           grad_accum_steps, lr, autocast, dev, grad_clip)
         # no host sync here: the NaN check and the loss stay on the device until a log line needs them
@@ -326,7 +352,7 @@ def main(settings):
                     print(f"error: loss is NaN or inf at step {bad_step}; stopping. The last good checkpoint is "
                           f"{last_checkpoint or 'none (no checkpoint was written yet)'}, left intact.", file=sys.stderr)
                 utils.finish_distributed()
-                sys.exit(EXIT_DIVERGED)
+                sys.exit(utils.EXIT_DIVERGED)
             loss_mean = utils.all_reduce_sum(step_loss).item() / world_size  # this step's mean over micro-steps and ranks
             if device_type == "cuda":
                 torch.cuda.synchronize()
@@ -389,4 +415,4 @@ def train_step(model, raw_model, optimizers, scaler, next_batch, grad_accum_step
 
 
 if __name__ == "__main__":
-    main(utils.apply_overrides(globals(), sys.argv[1:]))
+    main(utils.apply_overrides(globals(), sys.argv[1:], CHOICES))

@@ -35,8 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import ShardError, list_shards, read_meta, read_shard
 from model import LSTMConfig, build_recurrent
-from utils import (LR_SCHEDULES, JsonlLog, all_reduce_sum, apply_overrides, autocast_context, diverged_at,
-                   finish_distributed, latest_checkpoint, load_checkpoint, lr_at, pick_device, pick_dtype,
+from train_gpt2 import LR_SCHEDULES, get_lr as lr_at
+from utils import (DTYPES, JsonlLog, all_reduce_sum, apply_overrides, autocast_context, diverged_at,
+                   finish_distributed, latest_checkpoint, load_checkpoint, pick_device, pick_dtype,
                    plot_log, run_header, save_checkpoint, setup_distributed, track_nonfinite, truncate_log)
 
 _here = os.path.dirname(os.path.abspath(__file__))
@@ -218,7 +219,7 @@ def evaluate(raw_model, data_dir, B, T, rank, world_size, vocab_size, device, de
 
 
 def main():
-    settings = apply_overrides(globals(), sys.argv[1:])
+    settings = apply_overrides(globals(), sys.argv[1:], {"dtype": DTYPES})
     chunks = parse_tuple("chunk_sizes", chunk_sizes, int) if model == "nested_lstm" else (1,)
     weights = parse_tuple("surprise_weights", surprise_weights, float)
     for name in ("micro_batch_size", "block_size", "max_steps", "eval_interval", "log_interval"):

@@ -1,24 +1,46 @@
-"""Small pieces every script of the repo shares: settings overrides, atomic writes, run header.
+"""Plumbing every script shares: settings overrides, atomic writes, devices and processes, checkpoints, the log.
 
-Kept deliberately tiny; anything specific to one job lives in that job's script.
+What a researcher edits per job (the LR schedule, the training step, evaluation) lives in that job's script.
 """
+import contextlib
+import difflib
+import fcntl
+import glob
 import json
-import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+EXIT_BAD_SETTING = 2  # exit status of a run refused for a bad setting, before any work
+EXIT_DIVERGED = 3     # exit status of a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
+
 # -----------------------------------------------------------------------------
-# settings: plain constants at the top of a script, overridden by --name=value
+# settings: plain constants at the top of a script, overridden by --name=value (or --name value)
 
 SETTING_TYPES = (bool, int, float, str, type(None))
 
 
+def bad_setting(message):
+    """Exit with status 2 and `error: message` on stderr: a setting (or a combination) that cannot work."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_SETTING)
+
+
+def require(ok, message):
+    """bad_setting(message) unless ok: one line per check where a script validates its settings."""
+    if not ok:
+        bad_setting(message)
+
+
 def settings_of(namespace):
     """The settings of a script: its lowercase module-level constants of a plain type, in order.
-
-    UPPERCASE constants (paths, exit codes) and _private names are fixed facts, not settings."""
+    UPPERCASE constants (paths, exit codes, tables) are fixed facts, not settings."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and k == k.lower() and type(v) in SETTING_TYPES}
 
@@ -60,60 +82,177 @@ def parse_value(name, text, current):
     return text
 
 
-def apply_overrides(namespace, argv):
-    """Apply `--name=value` arguments to the settings in `namespace` (a script's globals()).
+def split_args(argv):
+    """[(name, text)] from --name=value and --name value arguments; exit 2 on anything else."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            bad_setting(f"unexpected argument {arg!r}: settings are given as --name=value")
+        name, sep, text = arg[2:].partition("=")
+        if not sep:  # --name value
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                bad_setting(f"--{name} has no value: use --{name}=value")
+            text, i = argv[i + 1], i + 1
+        pairs.append((name, text))
+        i += 1
+    return pairs
 
-    Unknown names and unparsable values exit with status 2 and list the valid names.
-    Returns the dict of all settings after overriding, for logging and checkpoints.
+
+def given_settings(argv):
+    """Names of the settings given on a command line (a resumed run takes the others from its checkpoint)."""
+    return {name for name, _ in split_args(argv)}
+
+
+def setting_comments(namespace):
+    """{name: the comment after its definition} from the script's source, for --help."""
+    path = namespace.get("__file__")
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        found = [re.match(r"^([a-z_][a-z0-9_]*)\s*=.*?#\s*(.*)$", line) for line in f]
+    return {m.group(1): m.group(2).strip() for m in found if m}
+
+
+def usage(namespace, settings, choices):
+    """The script's docstring, then every setting with its default, its comment and its allowed values."""
+    comments, lines = setting_comments(namespace), []
+    for name, value in settings.items():
+        note = comments.get(name, "")
+        if name in choices and not all(str(c) in note for c in choices[name]):
+            note = f"one of {' | '.join(map(str, choices[name]))}" + (f"; {note}" if note else "")
+        lines.append(f"  --{name}={value!r}" + (f"  # {note}" if note else ""))
+    doc = (namespace.get("__doc__") or "").strip()
+    return f"{doc}\n\nsettings (--name=value or --name value; defaults shown):\n" + "\n".join(lines)
+
+
+def apply_overrides(namespace, argv, choices=None):
+    """Apply --name=value (or --name value) arguments to the settings in `namespace` (a script's globals()).
+
+    Values are parsed to the type of the constant; a setting listed in `choices` ({name: allowed values})
+    must take one of them. An unknown name (with a "did you mean"), an unparsable value or one outside its
+    choices exits with status 2. --help prints the docstring and every setting with its default, comment
+    and allowed values. Returns the dict of all settings after overriding, for logs and checkpoints.
     """
-    settings = settings_of(namespace)
-    if any(arg in ("--help", "-h") for arg in argv):  # the script's docstring, then every setting and its default
-        print((namespace.get("__doc__") or "").strip() + "\n\nsettings (--name=value):\n  "
-              + "\n  ".join(f"{k} = {v!r}" for k, v in settings.items()))
+    settings, choices = settings_of(namespace), choices or {}
+    if any(arg in ("--help", "-h") for arg in argv):
+        print(usage(namespace, settings, choices))
         sys.exit(0)
-    for arg in argv:
-        name, sep, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or name not in settings:
-            print(f"error: unknown setting {arg!r}. Use --name=value with one of:\n  "
-                  + "\n  ".join(f"{k} = {v!r}" for k, v in settings.items()), file=sys.stderr)
-            sys.exit(2)
+    for name, text in split_args(argv):
+        if name not in settings:
+            close = difflib.get_close_matches(name, settings, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            bad_setting(f"unknown setting --{name}{hint}. Settings: {', '.join(settings)} (--help explains each)")
         try:
             value = parse_value(name, text, settings[name])
         except ValueError as e:
-            print(f"error: cannot parse {arg!r}: {e}. Valid settings: {', '.join(settings)}", file=sys.stderr)
-            sys.exit(2)
+            bad_setting(f"cannot parse --{name}={text}: {e}")
+        if name in choices and value not in choices[name]:
+            bad_setting(f"--{name}={text}: allowed values are {', '.join(map(str, choices[name]))}")
         namespace[name] = settings[name] = value
     return settings
 
 
-# -----------------------------------------------------------------------------
-# atomic writes: an interrupted run never leaves a half-written file under the final name
+def resume_settings(settings, saved, given, can_change):
+    """Settings of a resumed run: the checkpoint's (`saved`) for every name not given on the command line.
+    A given value that differs from the saved one is kept when its name is in `can_change`, refused (exit 2)
+    otherwise. Returns (settings, {name: (saved, now)} for the changes kept)."""
+    merged, changed, refused = dict(settings), {}, {}
+    for name, value in saved.items():
+        if name not in merged:
+            continue  # a setting this version of the script no longer has
+        if name not in given:
+            merged[name] = value
+        elif merged[name] != value:
+            (changed if name in can_change else refused)[name] = (value, merged[name])
+    if refused:
+        bad_setting(f"a resumed run keeps the settings its checkpoint was trained with; these differ (name: "
+                    f"checkpoint, now): {refused}. Drop them from the command line, or start a new run in "
+                    f"another --out_dir")
+    return merged, changed
 
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, one run per folder
 
 UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
 os.umask(UMASK)
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temporary file in the same folder, fsync it, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path) + ".")
+    """Call write_fn(file) on a temporary file in the same folder, fsync it, then rename over `path`.
+
+    A full disk or a folder that cannot be written ends the script with one line naming the path and the
+    cause (exit 1): the temporary file is removed and the file already at `path` is left as it was.
+    Temporary files of `path` left by a writer that was killed (kill -9) are removed first."""
+    folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files: give the usual permissions of a new file
         os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_quietly(tmp)
         raise
 
 
 def atomic_write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+def remove_quietly(path):
+    if path is not None and os.path.exists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def remove_stale_temporaries(path):
+    """Delete .tmp_<name>.<pid>.* files of `path` whose writing process is gone; a live writer's stay."""
+    prefix = f".tmp_{os.path.basename(path)}."
+    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))), glob.escape(prefix) + "*")):
+        pid = os.path.basename(tmp)[len(prefix):].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            remove_quietly(tmp)
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def lock_folder(folder, what="run"):
+    """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released by the OS
+    when the process ends, kill -9 included: never a stale lock). A second process gets exit 1 with a
+    message naming the holder's PID. Returns the open lock file: keep it referenced."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".lock")
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SystemExit(f"error: {folder} is in use by another {what} (PID {holder}): one {what} per folder. "
+                         f"Wait for it, stop it, or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 # -----------------------------------------------------------------------------
@@ -131,42 +270,38 @@ def git_commit():
 
 
 def run_header(device):
-    import numpy
-    import torch
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
             "device": name, "git_commit": git_commit(), "argv": sys.argv}
 
 
 # -----------------------------------------------------------------------------
 # devices, precision and processes: one code path for CPU/GPU and one/many processes
 
+DTYPES = ("", "float32", "bfloat16", "float16")
+
 
 def pick_device(device=""):
     """The requested device, or the best available one: cuda, then mps, then cpu."""
-    import torch
     if device:
         try:
             kind = torch.device(device).type
         except RuntimeError as e:
-            raise SystemExit(f"error: --device={device} is not a device torch knows ({e})") from None
+            bad_setting(f"--device={device} is not a device torch knows ({e})")
         available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
         if kind in available and not available[kind]():
-            raise SystemExit(f"error: --device={device}, but this torch ({torch.__version__}) sees no {kind} device")
+            bad_setting(f"--device={device}, but this torch ({torch.__version__}) sees no {kind} device")
         return device
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
 
 
 def pick_dtype(dtype, device_type):
     """'' = bfloat16 on GPUs that have it, float16 on GPUs that don't, float32 on CPU."""
-    import torch
     if dtype:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise SystemExit(f"error: --dtype must be float32, bfloat16 or float16, got {dtype!r}")
         return dtype
     if device_type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -175,8 +310,6 @@ def pick_dtype(dtype, device_type):
 
 def autocast_context(device_type, dtype):
     """Mixed precision for the forward pass; a no-op in float32. Takes a device *type* ('cuda')."""
-    import contextlib
-    import torch
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
@@ -188,8 +321,6 @@ def setup_distributed(device):
     Without torchrun this is rank 0 of 1 and nothing is initialised. With it: NCCL on CUDA (one GPU
     per local rank), gloo elsewhere.
     """
-    import torch
-    import torch.distributed as dist
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -206,7 +337,6 @@ def setup_distributed(device):
 def finish_distributed():
     """Wait for every rank (rank 0 may still be writing a checkpoint), then tear the group down.
     Without the barrier a rank that leaves early can abort gloo's teardown on the others."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -214,16 +344,14 @@ def finish_distributed():
 
 def all_reduce_sum(tensor):
     """Sum over ranks in place (a no-op in one process). ReduceOp.AVG does not exist on gloo."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def track_nonfinite(first_bad_step, loss, step):
-    """first_bad_step (a device tensor, -1 = none yet) set to `step` if `loss` is NaN/inf: no host sync."""
-    import torch
-    bad = (first_bad_step < 0) & ~torch.isfinite(loss.detach())
+def track_nonfinite(first_bad_step, value, step):
+    """first_bad_step (a device tensor, -1 = none yet) set to `step` if `value` is NaN/inf: no host sync."""
+    bad = (first_bad_step < 0) & ~torch.isfinite(value.detach())
     return torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
 
 
@@ -237,44 +365,11 @@ def diverged_at(first_bad_step, step):
 
 
 # -----------------------------------------------------------------------------
-# learning rate: linear warmup, then cosine to min_lr (EXPERIMENTS.md §3) or warmup-stable-decay
-
-
-LR_SCHEDULES = ("cosine", "wsd", "constant")
-
-
-def lr_at(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", decay_steps=0):
-    """Learning rate at `step` (0-based). Warmup reaches max_lr at step warmup_steps - 1.
-
-    cosine: lr_min + (cos(pi * (t - a) / (b - a)) + 1) * (lr_max - lr_min) / 2 for a <= t <= b,
-            with a = warmup_steps, b = max_steps - 1 (the last step trains at exactly min_lr).
-    wsd:    max_lr until the last decay_steps steps, then linear decay to min_lr at the last step.
-    """
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    last = max_steps - 1
-    if schedule == "cosine":
-        if last <= warmup_steps:
-            return max_lr
-        progress = min(1.0, (step - warmup_steps) / (last - warmup_steps))
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-    if schedule == "wsd":
-        decay_start = last - decay_steps
-        if step <= decay_start or decay_steps <= 0:
-            return max_lr
-        return max_lr + (min_lr - max_lr) * min(1.0, (step - decay_start) / decay_steps)
-    if schedule == "constant":
-        return max_lr
-    raise SystemExit(f"error: --lr_schedule must be cosine, wsd or constant, got {schedule!r}")
-
-
-# -----------------------------------------------------------------------------
 # checkpoints: ckpt_{step:06d}.pt in out_dir, written atomically, the newest `keep` kept
 
 
 def checkpoint_paths(out_dir):
-    import glob
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*.pt")))
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_[0-9]*.pt")))
 
 
 def latest_checkpoint(out_dir):
@@ -284,18 +379,16 @@ def latest_checkpoint(out_dir):
 
 def save_checkpoint(out_dir, step, payload, keep=3):
     """torch.save to a temporary file, fsync, rename; then delete all but the newest `keep`."""
-    import torch
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_write(path, lambda f: torch.save(payload, f))
     if keep > 0:
         for old in checkpoint_paths(out_dir)[:-keep]:
-            os.remove(old)
+            remove_quietly(old)
     return path
 
 
 def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True: tensors and plain containers only, no pickled code runs."""
-    import torch
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path}: no such file")
     try:
@@ -304,6 +397,23 @@ def load_checkpoint(path, map_location="cpu"):
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line}); is it a "
                          f"checkpoint of this repo, complete, and not from an untrusted source?") from None
+
+
+def load_latest_checkpoint(out_dir, print_fn=print):
+    """(path, checkpoint) of the newest checkpoint in out_dir that loads, or (None, None) if there is none.
+    A newer one that does not load (truncated by a full disk, say) is skipped with a message naming it."""
+    for path in reversed(checkpoint_paths(out_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except SystemExit as e:
+            print_fn(f"warning: skipping {path}, it does not load ({str(e).removeprefix('error: ')[:200]})")
+    return None, None
+
+
+def all_finite(tensors):
+    """Whether every tensor is free of NaN/inf: one reduction and one host sync for all of them."""
+    tensors = [t.detach() for t in tensors if t.is_floating_point()]
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 # -----------------------------------------------------------------------------
@@ -320,17 +430,33 @@ class JsonlLog:
 
     def write(self, **fields):
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(fields) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(fields) + "\n")
+            except OSError as e:
+                raise SystemExit(f"error: cannot write {self.path}: {e.strerror or e}") from None
 
 
 def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The events of a log.jsonl. A torn last line (the run died while writing it) is dropped with a warning;
+    a bad line elsewhere is an error naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    events = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise SystemExit(f"error: {path}:{number} is not a JSON line; the log is damaged") from None
+            print(f"warning: {path}: dropped a torn last line (the run stopped while writing it)", file=sys.stderr)
+    return events
 
 
-def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_norm")):
-    """Train/val loss (and HellaSwag, on a second axis) against step. Needs matplotlib; returns
+def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_norm"), title=None):
+    """Train/val loss (log scale) and HellaSwag (on a second axis) against step. Needs matplotlib; returns
     png_path, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -352,14 +478,17 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
             ax2.set_ylabel("HellaSwag acc_norm")
         else:
             ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
+    ax.set_yscale("log")  # the first steps' loss would squash the rest of the curve on a linear axis
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    ax.grid(alpha=0.3, which="both")
     handles = ax.get_legend_handles_labels()
     if ax2 is not None:
         extra = ax2.get_legend_handles_labels()
         handles = (handles[0] + extra[0], handles[1] + extra[1])
-    ax.legend(*handles)
+    if handles[0]:
+        ax.legend(*handles)
     fig.tight_layout()
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
