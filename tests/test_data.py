@@ -159,13 +159,15 @@ def test_shard_writer_first_index_and_single_split(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["w_test_000003.bin", "w_test_000004.bin", "w_test_000005.bin"]
 
 
-def test_decode_char_word_gpt2():
+def test_decode_char_and_word():
     assert data.decode([2, 0, 1, 3], {"tokenizer": "char", "itos": ["a", "b", "c", "\ufffd"]}) == "cab\ufffd"
     meta = {"tokenizer": "word", "itos": ["the", "cat", "<unk>", "<eos>"], "unk": 2, "eos": 3}
     assert data.decode([0, 1, 3, 2, 3, 0], meta) == "the cat\n<unk>\nthe"
-    import tiktoken
+
+
+def test_decode_gpt2(gpt2_enc):
     text = "Hello <|endoftext|> world\n"
-    ids = tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    ids = gpt2_enc.encode_ordinary(text)
     assert data.decode(np.array(ids, dtype=np.uint16), {"tokenizer": "gpt2", "itos": None}) == text
 
 
@@ -254,7 +256,7 @@ def test_loader_errors(tmp_path):
         data.WindowLoader(str(tmp_path), "val", B=1, T=4)
 
 
-def test_encode_inverts_decode_for_every_tokenizer():
+def test_encode_inverts_decode_for_every_tokenizer(gpt2_enc):
     char = {"tokenizer": "char", "itos": list("\nabc "), "unk": 5, "vocab_size": 6}
     assert data.encode("ab c\nz", char) == [1, 2, 4, 3, 0, 5]
     assert data.decode(data.encode("ab c\nca", char), char) == "ab c\nca"
