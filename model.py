@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -98,25 +99,66 @@ class GPTConfig:
 
 def make_norm(config, dim):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=NORM_EPS)
+        return RMSNorm(dim)
     if config.norm == "layernorm":
         return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
     return nn.Identity()
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict, with a backward
+    written out (RMSNormFunction). Autograd's own backward of rms_norm is a chain of ~15 small kernels, which
+    made RMSNorm 3x slower than LayerNorm's fused kernels in an eager CPU step; compiled, both fuse alike."""
+
+    def __init__(self, dim, eps=NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Computed in float32 (as CUDA autocast runs norms), returned in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        x_hat, grad = x.float() * rstd, grad.float()
+        grad_w = (grad * x_hat).flatten(0, -2).sum(0)
+        grad_x_hat = grad * weight
+        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g the gradient w.r.t. x_hat
+        dot = (grad_x_hat * x_hat).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_x_hat, x_hat, dot, value=-1.0).mul_(rstd)
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
 def rope_tables(T, head_size, base):
-    """cos, sin of shape (T, head_size/2): angle pos * base^(-2i/head_size) for position pos, pair i."""
+    """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2]) turns by the angle
+    pos * base^(-2i/hs); `cos` repeats each pair's cosine in both halves, `sin` holds (-sin, +sin), so the rotation
+    is one multiply-add: x * cos + swap_halves(x) * sin. The middle dimension broadcasts over the heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1).unsqueeze(1), torch.cat([-sin, sin], -1).unsqueeze(1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hs) by position-dependent angles. Pairs are (x[i], x[i + hs/2]) (GPT-NeoX/Llama
-    layout). A rotation by angle(m) on q and angle(n) on k leaves q.k depending only on m - n."""
+    """Rotate x (B, T, heads, hs) by the angles of its positions: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    for the halves x1, x2 (GPT-NeoX / Llama layout). A rotation by angle(m) on q and angle(n) on k leaves q.k
+    depending only on m - n. Runs in the (B, T, heads, hs) layout the qkv matmul produces: rotated before the
+    transpose for attention, so neither pass (nor its compiled backward) reads or writes with strides."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over B and nh
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    swapped = torch.cat([x2, x1], dim=-1)
+    return torch.addcmul(x * cos.to(x.dtype), swapped, sin.to(x.dtype))
 
 
 class KVCache:
@@ -146,20 +188,23 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         head_size = config.n_embd // config.n_head
-        self.q_norm = nn.RMSNorm(head_size, eps=NORM_EPS) if config.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_size, eps=NORM_EPS) if config.qk_norm else nn.Identity()
+        self.qk_norm = config.qk_norm
+        self.q_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_size) if config.qk_norm else nn.Identity()
         self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # CUDA autocast runs norms in float32; SDPA needs q, k, v in one dtype, so cast back
-        q, k = self.q_norm(q).type_as(v), self.k_norm(k).type_as(v)
+        nh = self.n_head
+        qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh)  # the heads of q, k and v side by side
+        qk, v = qkv.split([2 * nh, nh], dim=2)  # (B, T, 2nh, hs), (B, T, nh, hs)
+        if self.qk_norm:  # per-head RMSNorm, each of q and k with its own gain; SDPA needs one dtype
+            q, k = qk.split(nh, dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k in one pass
+        q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) views
+        v = v.transpose(1, 2)
         past = 0
         if kv_cache is not None:
             past = kv_cache.pos
@@ -282,7 +327,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
         rope = None
         if self.config.pos_emb == "rope":
-            rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])
+            rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])  # (T, 1, hs) each
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, kv_cache)
@@ -330,20 +375,25 @@ class GPT(nn.Module):
                 break
         return idx
 
-    def configure_optimizers(self, optimizer="adamw", weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
-                             eps=1e-8, device_type="cpu"):
+    def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
+                             eps=1e-8, device_type="cpu", muon_split_qkv=False):
         """List of optimizers covering every parameter once (a tied weight is one parameter).
         adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and norm gains.
-        muon: torch.optim.Muon for the 2-D matrices inside the blocks (it orthogonalises whole matrices, so
-        embeddings/head and 1-D tensors go to AdamW); adjust_lr_fn="match_rms_adamw" scales its update to
-        AdamW's RMS so one learning_rate serves both. Every group's lr is learning_rate."""
+        muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices, so the
+        embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one learning_rate
+        serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt)."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        muon_params = []
-        if optimizer == "muon":
-            muon_params = [p for name, p in params.items() if name.startswith("transformer.h.") and p.dim() == 2]
-        in_muon = {id(p) for p in muon_params}
+        hidden = {name: p for name, p in params.items() if name.startswith("transformer.h.") and p.dim() == 2}
+        muon_groups = []
+        if optimizer == "muon" and muon_split_qkv:
+            qkv = [p for name, p in hidden.items() if name.endswith("attn.c_attn.weight")]
+            rest = [p for name, p in hidden.items() if not name.endswith("attn.c_attn.weight")]
+            muon_groups = [dict(params=qkv, pieces=3), dict(params=rest)]
+        elif optimizer == "muon":
+            muon_groups = [dict(params=list(hidden.values()))]  # one group, as checkpoints of earlier runs hold
+        in_muon = {id(p) for g in muon_groups for p in g["params"]}
         decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
         no_decay = [p for p in params.values() if p.dim() < 2]
         groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
@@ -353,9 +403,8 @@ class GPT(nn.Module):
         kinds = {p.device.type for p in params.values()}
         fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and device_type in kinds
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
-        if muon_params:
-            optimizers.insert(0, torch.optim.Muon(muon_params, lr=learning_rate, weight_decay=weight_decay,
-                                                  adjust_lr_fn="match_rms_adamw"))
+        if muon_groups:
+            optimizers.insert(0, Muon(muon_groups, lr=learning_rate, weight_decay=weight_decay))
         return optimizers
 
     def flops_per_token(self):
@@ -455,6 +504,97 @@ def peak_flops(device_name):
         if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE):
             return flops
     return None
+
+
+# ---- Muon ----
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: momentum, then the update orthogonalised by a Newton-Schulz iteration. The update
+    of torch.optim.Muon (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one shape are
+    orthogonalised together in one batched call, and under DDP each rank orthogonalises only its share of them
+    and the results are all-gathered (as modded-nanogpt does), instead of every rank doing every matrix.
+
+    For a parameter p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
+        m <- momentum * m + (1 - momentum) * g;   u = g + momentum * (m - g)   (Nesterov; else u = m)
+        p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
+    0.2 * sqrt(max(A, B)) gives the orthogonalised update AdamW's RMS, so one LR serves Muon and AdamW.
+    A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices (q, k and v).
+    NS runs in bfloat16 on CUDA (as torch.optim.Muon and modded-nanogpt) and in float32 elsewhere: CPUs
+    without bf16 matrix units run bf16 matmuls ~10x slower than float32."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
+                 pieces=1):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, eps=eps, pieces=pieces)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2 or p.size(0) % group["pieces"]:
+                    raise ValueError(f"Muon takes 2-D parameters whose rows split into {group['pieces']} "
+                                     f"pieces, got shape {tuple(p.shape)}")
+
+    def __setstate__(self, state):  # a state dict saved by torch.optim.Muon lacks our group options
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    @torch.no_grad()
+    def step(self):
+        # 1. momentum for every parameter (every rank keeps the full state, so rank 0's checkpoint has it all)
+        blocks = {}  # (shape, device, ns_steps, eps) -> [(param, group, piece index, update block)]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            for p, u in zip(params, updates):
+                for i, block in enumerate(u.chunk(group["pieces"], dim=0)):
+                    key = (tuple(block.shape), p.device, group["ns_steps"], group["eps"])
+                    blocks.setdefault(key, []).append((p, group, i, block))
+        # 2. orthogonalise each shape's matrices in one batched call, split across ranks
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        done = {}  # id(param) -> list of its orthogonalised blocks
+        for (shape, device, ns_steps, eps), items in blocks.items():
+            stack = torch.stack([block for *_, block in items])  # (n, A, B)
+            per_rank = -(-len(items) // world)  # ceil(n / world); the last rank's share is padded with zeros
+            if per_rank * world > len(items):
+                stack = torch.cat([stack, stack.new_zeros(per_rank * world - len(items), *shape)])
+            ortho = zeropower_via_newtonschulz5(stack[rank * per_rank:(rank + 1) * per_rank], ns_steps, eps)
+            if world > 1:  # every rank gets every update (in bf16 on CUDA: half the bytes)
+                gathered = ortho.new_empty(per_rank * world, *shape)
+                dist.all_gather_into_tensor(gathered, ortho.contiguous())
+                ortho = gathered
+            for (p, group, i, _), matrix in zip(items, ortho):
+                done.setdefault(id(p), [None] * group["pieces"])[i] = matrix
+        # 3. decoupled weight decay, then the scaled update
+        for group in self.param_groups:
+            params = [p for p in group["params"] if id(p) in done]
+            if not params:
+                continue
+            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            for p in params:
+                A, B = done[id(p)][0].shape
+                update = torch.cat(done[id(p)]) if group["pieces"] > 1 else done[id(p)][0]
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(A, B)))
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
+    """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed into ~[0.7, 1.2])
+    by torch.optim.Muon's quintic Newton-Schulz iteration, batched. bfloat16 on CUDA, float32 elsewhere."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = G.size(-2) > G.size(-1)
+    if tall:  # iterate on the wide orientation: the A x A Gram matrix is the smaller one
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    return X.mT if tall else X
 
 
 # ---- recurrent models ----

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, MLPS, NORM_POSS, NORMS, POS_EMBS, SIZES, STYLES, apply_rope, peak_flops, rope_tables
+from model import (MLPS, NORM_POSS, NORMS, POS_EMBS, SIZES, STYLES, GPT, GPTConfig, KVCache, Muon, RMSNorm, apply_rope,
+                   peak_flops, rope_tables, zeropower_via_newtonschulz5)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,6 +160,44 @@ def test_rope_score_depends_only_on_offset():
     # a rotation: norms are unchanged
     qr = apply_rope(q.view(1, 1, 1, hs), cos[7:8], sin[7:8])
     assert qr.norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_rope_matches_the_pairwise_rotation():
+    """apply_rope on (B, T, heads, hs) == rotating each pair (x[i], x[i + hs/2]) at position t by t * base^(-2i/hs)."""
+    B, T, H, hs, base = 2, 7, 3, 8, 10000.0
+    x = torch.randn(B, T, H, hs, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cos, sin = rope_tables(T, hs, base)
+    out = apply_rope(x, cos.double(), sin.double())
+    ref = torch.empty_like(x)
+    for t in range(T):
+        for i in range(hs // 2):
+            angle = torch.tensor(t * base ** (-2 * i / hs), dtype=torch.float64)
+            a, b = x[:, t, :, i], x[:, t, :, i + hs // 2]
+            ref[:, t, :, i] = a * angle.cos() - b * angle.sin()
+            ref[:, t, :, i + hs // 2] = b * angle.cos() + a * angle.sin()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_torch_forward_and_backward(dtype):
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    grad = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ours, ref = RMSNorm(16), torch.nn.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(16) + 0.5)
+        ref.weight.copy_(ours.weight)
+    y = ours(x)
+    y.backward(grad)
+    gx, gw = x.grad.clone(), ours.weight.grad.clone()
+    x.grad = None
+    x32 = x.detach().float().requires_grad_()  # the reference in float32, as autocast would run it
+    y_ref = ref(x32)
+    y_ref.backward(grad.float())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert y.dtype == dtype and ours.state_dict().keys() == ref.state_dict().keys()
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(gx.float(), x32.grad, **tol)
+    torch.testing.assert_close(gw, ref.weight.grad, **tol)
 
 
 @pytest.mark.parametrize("norm_pos", NORM_POSS)
@@ -421,13 +460,12 @@ def test_adamw_groups(tie):
 def test_muon_groups():
     model = GPT(tiny(tie_embeddings=True))
     muon, adamw = model.configure_optimizers("muon", weight_decay=0.1, learning_rate=0.02)
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     assert muon_names == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     adam_names = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
     assert sorted(adam_names) == sorted(set(names.values()) - muon_names)  # the rest, each once (tied wte once)
-    assert muon.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     assert all(g["lr"] == 0.02 for o in (muon, adamw) for g in o.param_groups)
     idx = torch.randint(0, 64, (2, 8))
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
@@ -436,6 +474,92 @@ def test_muon_groups():
     assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
     with pytest.raises(ValueError, match="optimizer"):
         model.configure_optimizers("sgd")
+
+
+def naive_newton_schulz(G, steps=5, eps=1e-7):
+    """One matrix at a time in float32, written from the Muon post's quintic iteration (a, b, c) as given."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float().T if G.size(0) > G.size(1) else G.float()
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if G.size(0) > G.size(1) else X
+
+
+def test_batched_newton_schulz_matches_one_matrix_at_a_time_and_orthogonalises():
+    G = torch.randn(5, 48, 16, generator=torch.Generator().manual_seed(0))
+    batched = zeropower_via_newtonschulz5(G)
+    for g, out in zip(G, batched):
+        torch.testing.assert_close(out, naive_newton_schulz(g), atol=1e-5, rtol=1e-5)
+    singular = torch.linalg.svdvals(batched)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # near-orthogonal, as the iteration promises
+
+
+def muon_matrices(model):
+    return [p for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+
+
+def test_muon_matches_torch_optim_muon(monkeypatch):
+    """Our batched Muon takes torch.optim.Muon's steps (momentum, Nesterov, decoupled decay, RMS-matched LR).
+    torch's own Newton-Schulz runs in bfloat16; both get the float32 reference here so they can agree exactly."""
+    import torch.optim._muon as torch_muon
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, coefficients, steps, eps:
+                        naive_newton_schulz(g, steps, eps))
+    ours = GPT(tiny(n_layer=3))
+    ref = GPT(tiny(n_layer=3))
+    ref.load_state_dict(ours.state_dict())
+    muon = ours.configure_optimizers("muon", weight_decay=0.1, learning_rate=1e-2)[0]
+    torch_opt = torch.optim.Muon(muon_matrices(ref), lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for model, opt in ((ours, muon), (ref, torch_opt)):
+            model(idx[:, :-1], targets=idx[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(muon_matrices(ours), muon_matrices(ref)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    fresh = GPT(tiny(n_layer=3)).configure_optimizers("muon")[0]  # a state dict saved by torch.optim.Muon loads
+    fresh.load_state_dict(torch_opt.state_dict())
+    assert fresh.param_groups[0]["pieces"] == 1 and len(fresh.state) == len(muon_matrices(ref))
+
+
+def test_muon_split_qkv_orthogonalises_q_k_and_v_apart():
+    model = GPT(tiny(n_layer=1))
+    muon = model.configure_optimizers("muon", weight_decay=0.0, learning_rate=1e-2, muon_split_qkv=True)[0]
+    w = model.transformer.h[0].attn.c_attn.weight
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    grad = w.grad.clone()
+    muon.step()
+    # first step, Nesterov: the momentum buffer is 0.05 g and the update u = g + 0.95 (m - g) = 0.0975 g
+    expected = torch.cat([naive_newton_schulz(0.0975 * g) for g in grad.chunk(3)])
+    C = w.size(1)  # each block is C x C: scale 0.2 sqrt(C)
+    torch.testing.assert_close(before - w.detach(), 1e-2 * 0.2 * C ** 0.5 * expected, atol=1e-6, rtol=1e-4)
+
+
+def muon_rank(rank, world, init_file, out_file):
+    """One rank of test_muon_shards_matrices_across_ranks: 3 layers, so each shape's 3 matrices split 2 + 1."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=3))
+    muon = model.configure_optimizers("muon", weight_decay=0.1, learning_rate=1e-2)[0]
+    for step in range(2):
+        for p in muon_matrices(model):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 100 + p.numel()))
+        muon.step()
+    if rank == 0:
+        torch.save([p.detach() for p in muon_matrices(model)], out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_muon_shards_matrices_across_ranks(tmp_path):
+    """Under DDP each rank orthogonalises its share (padded when the count does not divide) and all-gathers:
+    the result is what one process computes alone."""
+    torch.multiprocessing.spawn(muon_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "two.pt")), nprocs=2)
+    muon_rank(0, 1, str(tmp_path / "init1"), str(tmp_path / "one.pt"))
+    for a, b in zip(torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 # ---- FLOPs / MFU ----
