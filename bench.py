@@ -1,24 +1,27 @@
-"""Time train_gpt2.py's training step, and the loader and HellaSwag scoring alone: one table, optional JSON.
+"""Time train_gpt2.py's training step, the data loader and HellaSwag scoring; profile where a step's time goes.
 
-    python bench.py                                          # CPU: the tiny config below; CUDA: GPT-2 124M, B=32, T=1024
-    python bench.py --variants=eager,muon --steps=50         # pick rows
-    python bench.py --variants=compile+bfloat16,compile+float32 --json_out=bench.json
+    python bench.py                                          # CPU: the tiny preset; CUDA: GPT-2 124M, B=32, T=1024
+    python bench.py --variants=base,classic,adamw --steps=50 # pick rows
+    python bench.py --variants=compile+float32 --json_out=bench.json
+    python bench.py --profile=True                           # ms per step by kernel group, and the top kernels
     python bench.py --data_dir=data/fineweb10B --hellaswag=True   # add a loader row and a HellaSwag row
 
-Each variant changes the device's base configuration (the one train_gpt2.py would use: CUDA = compiled, bf16
-autocast, SDPA's own choice of kernel, fused AdamW; CPU = eager, float32, fused AdamW) along one axis;
-join names with "+" to change several (e.g. compile+float32). Variants:
-  eager, compile                            torch.compile of the training model (train_gpt2.py: CUDA only)
+Each variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT, Muon,
+compiled with bf16 autocast on CUDA, eager float32 on CPU) along one axis; join names with "+" to change
+several (classic+adamw). Variants:
+  base                                      the base configuration itself
+  eager, compile                            torch.compile of the training model
   float32, bfloat16                         autocast dtype
   sdpa_flash, sdpa_efficient, sdpa_math     force one scaled_dot_product_attention kernel
-  adamw, adamw_fused, muon                  AdamW unfused (torch's default: foreach on CUDA), fused, Muon + AdamW
+  muon, adamw, adamw_unfused                Muon + fused AdamW (default), fused AdamW, torch's default AdamW
+  modern, classic                           the architecture: RoPE/SwiGLU/RMSNorm, or GPT-2's (model.STYLES)
 A variant the device cannot run is listed as n/a with the reason. Steps run on synthetic tokens (uniform
-over vocab_size): the loss is meaningless, the work is the real step's. Timing: warm-up steps first (they
-include compilation), then `steps` steps each timed alone (CUDA events around each step, no host sync in
-between; perf_counter on CPU); the table gives the median and the interquartile range. Peak memory: CUDA
-torch.cuda.max_memory_allocated; CPU the process's peak resident set (VmHWM, reset per variant through
-/proc/self/clear_refs), which includes Python and torch themselves.
+over vocab_size): the loss means nothing, the work is the real step's (train_gpt2.train_step). Timing: warm-up
+steps (compilation happens there), then each step timed alone (CUDA events, no host sync in between;
+perf_counter on CPU); the table gives the median and the interquartile range. Peak memory: CUDA's
+max_memory_allocated; on Linux CPUs the process's peak resident set (VmHWM, reset per variant).
 """
+import collections
 import dataclasses
 import os
 import statistics
@@ -27,21 +30,22 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import train_gpt2
 import utils
-from model import GPT, GPTConfig
+from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
 preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (the values below) | gpt2 (124M, B=32, T=1024)
-# model (model.py's GPTConfig, train_gpt2.py's names); tiny = nanoGPT's Tiny Shakespeare char CPU run
+# model (train_gpt2.py's names); tiny = nanoGPT's Tiny Shakespeare char-level CPU run
 n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 64               # T, tokens
-vocab_size = 128              # synthetic tokens are drawn uniformly below this (char Shakespeare: 66 -> 128)
+vocab_size = 128              # synthetic tokens are drawn uniformly below this (char Shakespeare: 65 -> 128)
 pos_emb = "rope"              # rope | learned | none
 mlp = "swiglu"                # swiglu | gelu | silu | relu2
 norm = "rmsnorm"              # rmsnorm | layernorm | none
@@ -59,152 +63,125 @@ grad_clip = 1.0               # 0 = no clipping (as train_gpt2.py)
 # run
 device = ""                   # "" = cuda, then mps, then cpu
 dtype = ""                    # base autocast dtype: "" = train_gpt2.py's choice (bf16 on CUDA, float32 on CPU)
-variants = ""                 # comma list (see above); "" = all of them
+variants = "base"             # comma list (see above)
 steps = 20                    # timed steps per variant
 warmup = 5                    # untimed steps first (compilation happens in the first one)
 seed = 1337
+profile = False               # also profile the first variant: ms per step by kernel group and the top kernels
+profile_steps = 5             # steps profiled (after the warm-up)
 data_dir = None               # shard folder: adds a row timing data.WindowLoader alone on the train split
 loader_batches = 200          # batches timed in the loader row
 hellaswag = False             # adds a row timing hellaswag.score_examples on synthetic examples (GPT-2 tokens)
 hellaswag_examples = 64       # synthetic examples scored (after one warm-up batch)
 hellaswag_batch_size = 16     # examples per forward pass (4 rows each), as hellaswag.py
-json_out = None               # also write the table here (atomically)
+json_out = None               # also write the table (and the profile) here, atomically
 
+CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS,
+               dtype=utils.DTYPES)
 PRESETS = {"tiny": {},
            "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, micro_batch_size=32)}
-ALL_VARIANTS = ("eager", "compile", "float32", "bfloat16", "sdpa_flash", "sdpa_efficient", "sdpa_math",
-                "adamw", "adamw_fused", "muon")
-AXES = {"eager": ("compile", False), "compile": ("compile", True),
-        "float32": ("dtype", "float32"), "bfloat16": ("dtype", "bfloat16"),
-        "sdpa_flash": ("sdpa", "flash"), "sdpa_efficient": ("sdpa", "efficient"), "sdpa_math": ("sdpa", "math"),
-        "adamw": ("optimizer", "adamw"), "adamw_fused": ("optimizer", "adamw_fused"), "muon": ("optimizer", "muon")}
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "mlp", "norm", "norm_pos",
-                "qk_norm", "tie_embeddings", "bias", "dropout")
+AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
+        "float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
+        "sdpa_flash": dict(sdpa="flash"), "sdpa_efficient": dict(sdpa="efficient"), "sdpa_math": dict(sdpa="math"),
+        "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),
+        "adamw_unfused": dict(optimizer="adamw_unfused"),
+        "modern": dict(arch="modern"), "classic": dict(arch="classic")}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH}
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in globals()]
+# kernel groups of the profile, matched on lower-cased kernel / op names in this order (first match wins)
+GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor")),
+          ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+          ("loss", ("nll", "log_softmax", "cross_entropy")),
+          ("norms", ("rsqrt", "layer_norm", "rms_norm", "rmsnorm")),
+          ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                      "aten::baddbmm")))
+
+
+# -----------------------------------------------------------------------------
+# variants
 
 
 def preset_values(name, device_type, argv):
     """(preset chosen, settings it sets): auto = gpt2 on CUDA, tiny elsewhere; names given in argv win."""
     chosen = ("gpt2" if device_type == "cuda" else "tiny") if name == "auto" else name
-    if chosen not in PRESETS:
-        raise SystemExit(f"error: --preset={name}: expected auto, {', '.join(PRESETS)}")
-    given = {a.removeprefix("--").partition("=")[0] for a in argv}
+    given = utils.given_settings(argv)
     return chosen, {k: v for k, v in PRESETS[chosen].items() if k not in given}
-
-
-# -----------------------------------------------------------------------------
-# variants: what each row runs, and whether this device can run it
 
 
 def base_setup(device_type, dtype):
     """The configuration train_gpt2.py would use on this device."""
     return dict(compile=device_type == "cuda", dtype=utils.pick_dtype(dtype, device_type), sdpa="auto",
-                optimizer="adamw_fused")  # model.configure_optimizers fuses AdamW on CUDA and CPU alike
+                optimizer=train_gpt2.optimizer, arch="modern")
 
 
 def parse_variant(name, base):
     setup = dict(base)
     for part in name.split("+"):
-        if part not in AXES:
-            raise SystemExit(f"error: --variants: unknown variant {part!r}; known: {', '.join(ALL_VARIANTS)} "
-                             f"(join with + to combine)")
-        axis, value = AXES[part]
-        setup[axis] = value
+        utils.require(part in AXES, f"--variants: unknown variant {part!r}; known: {', '.join(AXES)} "
+                                    f"(join with + to combine)")
+        setup.update(AXES[part])
     return setup
 
 
-def sdpa_context(kind):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "math": SDPBackend.MATH}
-    return nullcontext() if kind == "auto" else sdpa_kernel(backends[kind])
-
-
-def unavailable(setup, device_type, dev, head_size):
-    """None if this device can run `setup`, else the reason why not."""
+def unavailable(setup, device_type):
+    """None if this device can run `setup`, else the reason why not (SDPA's kernels are tried, not predicted)."""
     if setup["compile"] and device_type != "cuda":
         return "train_gpt2.py compiles on CUDA only"
-    if setup["dtype"] == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bfloat16"
     if setup["dtype"] == "float16" and device_type == "cpu":
         return "float16 autocast is for GPUs"
-    if setup["optimizer"] == "adamw_fused" and device_type not in ("cuda", "cpu"):
-        return f"fused AdamW does not run on {device_type}"
-    if setup["sdpa"] != "auto":  # ask SDPA itself: kernels depend on the GPU, dtype and head size
-        dt = torch.float32 if setup["dtype"] == "float32" else getattr(torch, setup["dtype"])
-        q = torch.randn(1, 1, 8, head_size, device=dev, dtype=dt)
-        try:
-            with sdpa_context(setup["sdpa"]):
-                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-        except RuntimeError as e:
-            return f"SDPA refuses the {setup['sdpa']} kernel here ({str(e).split('.')[0][:70]})"
     return None
 
 
 def make_optimizers(raw_model, kind, device_type):
-    """model.configure_optimizers, with AdamW's fused flag forced for the adamw / adamw_fused rows."""
+    """model.configure_optimizers, with AdamW unfused for the adamw_unfused row."""
     optimizers = raw_model.configure_optimizers("muon" if kind == "muon" else "adamw", weight_decay,
                                                 learning_rate, (0.9, 0.95), 1e-8, device_type)
-    if kind in ("adamw", "adamw_fused"):
+    if kind == "adamw_unfused":
         groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in optimizers[-1].param_groups]
-        optimizers[-1] = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                           fused=kind == "adamw_fused")
+        optimizers[-1] = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
     return optimizers
 
 
+def model_config_for(setup, model_config):
+    return dataclasses.replace(model_config, **STYLES[setup["arch"]]) if setup["arch"] == "classic" else model_config
+
+
 # -----------------------------------------------------------------------------
-# memory
+# the training step, timed
 
 
 def reset_peak_memory(device_type):
     if device_type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return
-    try:  # Linux: writing 5 resets VmHWM (the peak RSS) to the current RSS
+    elif os.path.exists("/proc/self/clear_refs"):  # Linux: writing 5 resets VmHWM to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        pass
 
 
 def peak_memory_mb(device_type):
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
+    if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    import resource  # elsewhere: the process's lifetime peak (ru_maxrss is bytes on macOS, kB on Linux)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def memory_kind(device_type):
-    if device_type == "cuda":
-        return "torch.cuda.max_memory_allocated"
-    return "peak RSS of the process (VmHWM)" if os.path.exists("/proc/self/clear_refs") else "ru_maxrss (lifetime)"
-
-
-# -----------------------------------------------------------------------------
-# the training step
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+    return None
 
 
 def make_step(model, raw_model, optimizers, scaler, autocast, batches, grad_accum_steps, dev):
-    """train_gpt2.py's own optimizer step (train_gpt2.train_step) over pre-made batches: the loader is
-    timed in its own row. Returns step(i) -> the step's loss on the device."""
+    """train_gpt2.py's own optimizer step (train_gpt2.train_step) over pre-made batches (the loader has its
+    own row). Returns step(i) -> the step's loss on the device."""
     def step(i):
         feed = iter(batches[(i * grad_accum_steps + k) % len(batches)] for k in range(grad_accum_steps))
-        loss, _ = train_gpt2.train_step(model, raw_model, optimizers, scaler, lambda: next(feed), grad_accum_steps,
-                                        learning_rate, autocast, dev, grad_clip)
+        loss, _ = train_gpt2.train_step(model, raw_model, optimizers, scaler, lambda: next(feed),
+                                        grad_accum_steps, learning_rate, autocast, dev, grad_clip)
         return loss
     return step
 
 
 def time_steps(step, n, device_type, first=0):
-    """Milliseconds of each of n calls step(first + k): CUDA events (no host sync between steps), or perf_counter."""
+    """Milliseconds of each of n calls step(first + k): CUDA events (no host sync in between), or perf_counter."""
     if device_type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for k, (start, end) in enumerate(events):
@@ -226,24 +203,30 @@ def summary(times_ms):
     return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms))
 
 
-def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
+def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
+    """(step function, raw model) for one variant, on a fresh model."""
     torch.manual_seed(seed)
     if setup["compile"]:
-        torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit (it would fall back to eager)
-    reset_peak_memory(device_type)
-    raw_model = GPT(model_config).to(dev)
+        torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
+    raw_model = GPT(model_config_for(setup, model_config)).to(dev)
     optimizers = make_optimizers(raw_model, setup["optimizer"], device_type)
     model = torch.compile(raw_model) if setup["compile"] else raw_model
     scaler = torch.amp.GradScaler(device_type, enabled=setup["dtype"] == "float16")
     autocast = utils.autocast_context(device_type, setup["dtype"])
-    B, T = micro_batch_size, block_size
     generator = torch.Generator().manual_seed(seed)
     batches = []  # a few distinct CPU batches, copied to the device each micro-step as train_gpt2.py does
     for _ in range(min(grad_accum_steps, 4)):
-        tokens = torch.randint(0, model_config.vocab_size, (B, T + 1), generator=generator)
+        tokens = torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1), generator=generator)
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     step = make_step(model, raw_model, optimizers, scaler, autocast, batches, grad_accum_steps, dev)
-    with sdpa_context(setup["sdpa"]):
+    return step, raw_model
+
+
+def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
+    reset_peak_memory(device_type)
+    step, raw_model = setup_step(setup, model_config, grad_accum_steps, dev, device_type)
+    sdpa = nullcontext() if setup["sdpa"] == "auto" else sdpa_kernel(SDPA_BACKENDS[setup["sdpa"]])
+    with sdpa:
         t0 = time.perf_counter()
         time_steps(step, warmup, device_type)
         if device_type == "cuda":
@@ -251,16 +234,67 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
         warmup_s = time.perf_counter() - t0
         times = time_steps(step, steps, device_type, first=warmup)
         final_loss = step(warmup + steps).item()  # one more step, to check the loss is finite
-    tokens_per_step = B * T * grad_accum_steps
     row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s,
                peak_mem_mb=peak_memory_mb(device_type), loss_finite=bool(torch.isfinite(torch.tensor(final_loss))))
-    row["tokens_per_s"] = tokens_per_step / (row["ms_median"] / 1000)
-    mfu = raw_model.estimate_mfu(row["tokens_per_s"], dev)
-    row["mfu"] = None if mfu is None else mfu
-    del model, raw_model, optimizers, step, batches
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
+    row["tokens_per_s"] = micro_batch_size * block_size * grad_accum_steps / (row["ms_median"] / 1000)
+    row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], dev)
     return row
+
+
+# -----------------------------------------------------------------------------
+# where the time goes: torch.profiler over a few steps, grouped
+
+
+def kernel_group(names, device_type):
+    """The group of a kernel (CUDA) or op (CPU) from its name and the names of the ops around it, innermost
+    first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside Optimizer.step is the
+    optimizer's."""
+    lowered = [n.lower() for n in names]
+    for group, keys in GROUPS:
+        scope = lowered if group == "optimizer" else lowered[:1]
+        if any(k in n for n in scope for k in keys):
+            return group
+    for group, keys in GROUPS[1:]:
+        if any(k in n for n in lowered[1:] for k in keys):
+            return group
+    return "elementwise" if device_type == "cuda" or lowered[0].startswith("aten::") else "other"
+
+
+def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
+    """ms per step by kernel group (CUDA: kernel time on the GPU; CPU: each op's own CPU time) and the top 8."""
+    step, _ = setup_step(setup, model_config, grad_accum_steps, dev, device_type)
+    time_steps(step, warmup, device_type)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        time_steps(step, profile_steps, device_type, first=warmup)
+    groups, kernels = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU or event.is_async:
+            continue
+        names, parent = [event.name], event.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        items = ([(k.name, k.duration) for k in event.kernels] if device_type == "cuda"
+                 else [(event.name, event.self_cpu_time_total)])
+        for kernel, us in items:
+            groups[kernel_group([kernel] + names, device_type)] += us / 1000 / profile_steps
+            kernels[kernel] += us / 1000 / profile_steps
+    return dict(variant=name, what="CUDA kernel time" if device_type == "cuda" else "CPU time of each op itself",
+                ms_per_step=dict(groups.most_common()), total_ms=sum(groups.values()),
+                top=kernels.most_common(8))
+
+
+def print_profile(result):
+    print(f"\nprofile of {result['variant']}: {result['what']}, ms per step over {profile_steps} steps")
+    for group, ms in result["ms_per_step"].items():
+        print(f"  {group:<12} {ms:8.2f}  {100 * ms / result['total_ms']:5.1f}%")
+    print(f"  {'total':<12} {result['total_ms']:8.2f}\n  top kernels:")
+    for kernel, ms in result["top"]:
+        print(f"  {ms:8.2f}  {kernel[:110]}")
 
 
 # -----------------------------------------------------------------------------
@@ -268,9 +302,9 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
 
 
 def bench_loader(dev, device_type):
-    path = os.path.abspath(data_dir)
     try:
-        loader = data.WindowLoader(path, "train", micro_batch_size, block_size, shuffle=True, seed=seed)
+        loader = data.WindowLoader(os.path.abspath(data_dir), "train", micro_batch_size, block_size, shuffle=True,
+                                   seed=seed)
     except data.ShardError as e:
         raise SystemExit(f"error: --data_dir={data_dir}: {e}") from None
     for _ in range(min(5, loader_batches)):
@@ -289,11 +323,13 @@ def bench_loader(dev, device_type):
 
 
 def synthetic_hellaswag(n, rng):
-    """n examples in HellaSwag's schema (ctx, ctx_a, ctx_b, activity_label, endings, label) with random words,
-    of HellaSwag-like lengths (context ~40 words, endings ~20)."""
+    """n examples in HellaSwag's schema with random words, of HellaSwag-like lengths (context ~40 words,
+    endings ~20)."""
     words = ("the a man woman is are then he she they it and to of with on in at person ball water car dog "
              "takes puts walks runs jumps shows talks holds begins continues camera screen kitchen").split()
-    pick = lambda k: " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=rng))
+
+    def pick(k):
+        return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=rng))
     examples = []
     for _ in range(n):
         ctx_a, ctx_b = pick(30).capitalize() + ".", pick(8)
@@ -303,10 +339,10 @@ def synthetic_hellaswag(n, rng):
     return examples
 
 
-def bench_hellaswag(model_config, dev, device_type, dtype_name):
-    import hellaswag as hs  # imported here: only this row needs it
+def bench_hellaswag(model_config, dev, device_type, precision):
+    import hellaswag as hs  # only this row needs it
+    import tiktoken
     try:
-        import tiktoken
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache
         return dict(variant="hellaswag", status="n/a", reason=f"no GPT-2 tokenizer ({type(e).__name__})")
@@ -314,60 +350,44 @@ def bench_hellaswag(model_config, dev, device_type, dtype_name):
     config = dataclasses.replace(model_config, vocab_size=max(model_config.vocab_size, 50304))  # GPT-2 ids
     net = GPT(config).to(dev)
     examples = synthetic_hellaswag(hellaswag_examples + hellaswag_batch_size, torch.Generator().manual_seed(seed))
-    autocast = utils.autocast_context(device_type, dtype_name)
-    hs.score_examples(net, examples[:hellaswag_batch_size], enc, dev, autocast_ctx=autocast,
-                      batch_size=hellaswag_batch_size)  # warm-up
+    autocast = utils.autocast_context(device_type, precision)
+    score = lambda exs: hs.score_examples(net, exs, enc, dev, autocast_ctx=autocast, batch_size=hellaswag_batch_size)
+    score(examples[:hellaswag_batch_size])  # warm-up
     t0 = time.perf_counter()
-    hs.score_examples(net, examples[hellaswag_batch_size:], enc, dev, autocast_ctx=autocast,
-                      batch_size=hellaswag_batch_size)  # returns Python lists: synchronised already
+    score(examples[hellaswag_batch_size:])  # returns Python lists: synchronised already
     seconds = time.perf_counter() - t0
-    return dict(variant="hellaswag", status="ok", dtype=dtype_name, examples_per_s=hellaswag_examples / seconds,
-                ms_median=1000 * seconds / hellaswag_examples * hellaswag_batch_size,
-                note=f"{hellaswag_examples} synthetic examples, {hellaswag_batch_size} per forward, vocab "
-                     f"{config.vocab_size}")
+    return dict(variant="hellaswag", status="ok", dtype=precision, examples_per_s=hellaswag_examples / seconds,
+                note=f"{hellaswag_examples} synthetic examples, {hellaswag_batch_size} per forward")
 
 
-# -----------------------------------------------------------------------------
-# the table
-
-
-def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(rows, header):
-    print(header)
-    cols = ("variant", "compile", "dtype", "sdpa", "optimizer", "ms/step", "IQR", "tokens/s", "MFU", "peak MB")
-    lines = []
+def print_table(rows):
+    print(f"{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<13} {'arch':<7} "
+          f"{'ms/step':>8} {'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
     for r in rows:
         if r["status"] != "ok":
-            lines.append((r["variant"], f"n/a: {r['reason']}"))
-            continue
-        if r["variant"] == "loader":
-            lines.append(("loader", "", "", "", "", fmt(r["ms_median"], ".2f"), f"{r['ms_q1']:.2f}-{r['ms_q3']:.2f}",
-                          fmt(r["tokens_per_s"], ",.0f"), "-", "-"))
-            continue
-        if r["variant"] == "hellaswag":
-            lines.append(("hellaswag", "", r["dtype"], "", "", fmt(r["ms_median"], ".1f"), "-",
-                          f"{r['examples_per_s']:.1f} ex/s", "-", "-"))
-            continue
-        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        same = f" (={r['same_as']})" if r.get("same_as") else ""
-        lines.append((r["variant"] + same, str(r["compile"]), r["dtype"], r["sdpa"], r["optimizer"],
-                      f"{r['ms_median']:.2f}", f"{r['ms_q1']:.2f}-{r['ms_q3']:.2f}", f"{r['tokens_per_s']:,.0f}",
-                      mfu, f"{r['peak_mem_mb']:.0f}"))
-    full = [l for l in lines if len(l) > 2]
-    widths = [max([len(c)] + [len(l[i]) for l in full] + ([len(l[0]) for l in lines] if i == 0 else []))
-              for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for l in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(l, widths)) if len(l) > 2 else f"{l[0].ljust(widths[0])}  {l[1]}")
+            print(f"{r['variant']:<24} n/a: {r['reason']}")
+        elif r["variant"] == "loader":
+            print(f"{'loader':<24} {'':<48} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
+                  f"{r['tokens_per_s']:11,.0f}")
+        elif r["variant"] == "hellaswag":
+            print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {'':<39} {r['examples_per_s']:.1f} examples/s")
+        else:
+            name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
+            mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+            print(f"{name:<24} {str(r['compile']):<7} {r['dtype']:<8} {r['sdpa']:<9} {r['optimizer']:<13} "
+                  f"{r['arch']:<7} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
+                  f"{r['tokens_per_s']:11,.0f} {mfu:>6} {mem:>8}")
 
 
 # -----------------------------------------------------------------------------
 
 
-def main(settings, argv):
+def main(argv):
+    settings = utils.apply_overrides(globals(), argv, CHOICES)
+    utils.require(steps >= 1 and warmup >= 0 and profile_steps >= 1,
+                  f"--steps and --profile_steps must be >= 1 and --warmup >= 0, got {steps}, {profile_steps}, "
+                  f"{warmup}")
     dev = utils.pick_device(device)
     device_type = dev.split(":")[0]
     chosen, values = preset_values(preset, device_type, argv)
@@ -376,40 +396,39 @@ def main(settings, argv):
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train_gpt2.py
     tokens_per_micro = micro_batch_size * block_size
-    if total_batch_size and total_batch_size % tokens_per_micro:
-        raise SystemExit(f"error: total_batch_size {total_batch_size} is not a multiple of micro_batch_size "
-                         f"{micro_batch_size} x block_size {block_size} = {tokens_per_micro}")
+    utils.require(total_batch_size % tokens_per_micro == 0 and total_batch_size >= 0,
+                  f"--total_batch_size {total_batch_size} is not a multiple of micro_batch_size "
+                  f"{micro_batch_size} x block_size {block_size} = {tokens_per_micro}")
     grad_accum_steps = max(1, total_batch_size // tokens_per_micro)
-    if steps < 1 or warmup < 0:
-        raise SystemExit(f"error: --steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     try:
         model_config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        utils.bad_setting(str(e))
     base = base_setup(device_type, dtype)
-    names = [v.strip() for v in variants.split(",") if v.strip()] or list(ALL_VARIANTS)
-    setups = [(name, parse_variant(name, base)) for name in names]  # all parsed before any work
+    setups = [(name, parse_variant(name, base)) for name in variants.split(",") if name.strip()]
+    utils.require(setups, "--variants is empty")
 
-    n_params = GPT(model_config).num_params()  # on the CPU: just the count
+    n_params = GPT(model_config).num_params()
     header = (f"{utils.run_header(dev)['device']} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
               f"preset {chosen}: {n_params / 1e6:.2f}M params, {model_config.n_layer}L {model_config.n_head}H "
               f"{model_config.n_embd}C, B={micro_batch_size} T={block_size} x {grad_accum_steps} accumulation = "
-              f"{tokens_per_micro * grad_accum_steps:,} tokens/step | {warmup} warm-up + {steps} timed steps | "
-              f"memory: {memory_kind(device_type)}")
+              f"{tokens_per_micro * grad_accum_steps:,} tokens/step | {warmup} warm-up + {steps} timed steps")
     print(header)
     rows, done = [], {}
     for name, setup in setups:
-        reason = unavailable(setup, device_type, dev, model_config.n_embd // model_config.n_head)
         key = tuple(sorted(setup.items()))
+        reason = unavailable(setup, device_type)
         if reason:
             row = dict(variant=name, status="n/a", reason=reason, **setup)
-        elif key in done:  # e.g. "eager" and "float32" are the same run on a CPU
+        elif key in done:  # e.g. "base" and "eager" are the same run on a CPU
             row = dict(done[key], variant=name, same_as=done[key]["variant"])
         else:
             try:
                 row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
-            except torch.OutOfMemoryError:  # e.g. float32 or sdpa_math at the 124M size on a small GPU
+            except torch.OutOfMemoryError:
                 row = dict(variant=name, status="n/a", reason="out of memory", **setup)
+            except RuntimeError as e:  # e.g. SDPA refusing a forced kernel for this GPU, dtype or head size
+                row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
             if device_type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
@@ -420,14 +439,20 @@ def main(settings, argv):
     if hellaswag:
         rows.append(bench_hellaswag(model_config, dev, device_type, base["dtype"]))
     print()
-    print_table(rows, header)
+    print_table(rows)
+    profiled = None
+    if profile:
+        name, setup = next(((n, s) for n, s in setups if not unavailable(s, device_type)), (None, None))
+        utils.require(name is not None, "--profile: no variant of --variants runs on this device")
+        profiled = profile_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
+        print_profile(profiled)
     if json_out:
         utils.atomic_write_json(json_out, dict(header=header, settings=settings, preset=chosen, device=dev,
-                                               grad_accum_steps=grad_accum_steps, params=n_params,
-                                               memory=memory_kind(device_type), rows=rows))
+                                               grad_accum_steps=grad_accum_steps, params=n_params, rows=rows,
+                                               profile=profiled))
         print(f"wrote {json_out}")
     return rows
 
 
 if __name__ == "__main__":
-    main(utils.apply_overrides(globals(), sys.argv[1:], {"dtype": utils.DTYPES}), sys.argv[1:])
+    main(sys.argv[1:])

@@ -46,7 +46,7 @@ dropout = 0.0
 micro_batch_size = 32         # sequences per forward pass per process (B)
 total_batch_size = 524288     # tokens per optimizer step, all processes and micro-steps together
 # optimization
-optimizer = "adamw"           # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+optimizer = "muon"            # muon | adamw (Muon for the hidden matrices, AdamW for the rest; adamw = §1 as run)
 max_lr = 1.8e-3
 min_lr = 1.8e-4
 warmup_steps = 285
