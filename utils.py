@@ -119,8 +119,8 @@ def usage(namespace, settings, choices):
     comments, lines = setting_comments(namespace), []
     for name, value in settings.items():
         note = comments.get(name, "")
-        if name in choices and not all(str(c) in note for c in choices[name]):
-            note = f"one of {' | '.join(map(str, choices[name]))}" + (f"; {note}" if note else "")
+        if name in choices and not all(str(c) in note for c in choices[name] if c):
+            note = f"one of {' | '.join(map(repr, choices[name]))}" + (f"; {note}" if note else "")
         lines.append(f"  --{name}={value!r}" + (f"  # {note}" if note else ""))
     doc = (namespace.get("__doc__") or "").strip()
     return f"{doc}\n\nsettings (--name=value or --name value; defaults shown):\n" + "\n".join(lines)
@@ -237,9 +237,12 @@ def lock_folder(folder, what="run"):
     """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released by the OS
     when the process ends, kill -9 included: never a stale lock). A second process gets exit 1 with a
     message naming the holder's PID. Returns the open lock file: keep it referenced."""
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
-    handle = open(path, "a+")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in {folder}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -349,9 +352,9 @@ def all_reduce_sum(tensor):
     return tensor
 
 
-def track_nonfinite(first_bad_step, value, step):
-    """first_bad_step (a device tensor, -1 = none yet) set to `step` if `value` is NaN/inf: no host sync."""
-    bad = (first_bad_step < 0) & ~torch.isfinite(value.detach())
+def track_nonfinite(first_bad_step, values, step):
+    """first_bad_step (a device tensor, -1 = none yet) set to `step` if any of `values` is NaN/inf: no host sync."""
+    bad = (first_bad_step < 0) & ~torch.isfinite(values.detach()).all()
     return torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
 
 
@@ -421,20 +424,25 @@ def all_finite(tensors):
 
 
 class JsonlLog:
-    """Appends one JSON object per line; only the process that owns the log writes (rank 0)."""
+    """Appends one JSON object per line; only the process that owns the log writes (rank 0). With a wandb run,
+    the numeric fields of each event go to Weights & Biases too."""
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
-        if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    def __init__(self, path, enabled=True, wandb_run=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
 
     def write(self, **fields):
-        if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(fields) + "\n")
-            except OSError as e:
-                raise SystemExit(f"error: cannot write {self.path}: {e.strerror or e}") from None
+        if not self.enabled:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {self.path}: {e.strerror or e}") from None
+        if self.wandb_run is not None:
+            numbers = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k != "step"}
+            if numbers:
+                self.wandb_run.log(numbers, step=fields.get("step"))
 
 
 def read_log(path):

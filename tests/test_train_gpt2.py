@@ -225,3 +225,112 @@ def test_help_prints_usage_and_settings():
     result = subprocess.run([sys.executable, os.path.join(REPO, "train_gpt2.py"), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "torchrun" in result.stdout and "--max_lr=0.0018" in result.stdout
+    assert "--optimizer='muon'  # muon | adamw" in result.stdout  # allowed values, from the constant's comment
+
+
+def test_resume_with_only_out_dir_takes_the_checkpoints_settings(shakespeare, tmp_path):
+    """--resume=True --out_dir=X alone continues the run as it was configured; a changed max_steps is kept and
+    its effect on the LR is said; a model change and an unsafe change are refused."""
+    args = ["--max_steps=6", "--checkpoint_interval=3", "--warmup_steps=0", "--dropout=0.1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(shakespeare, full, *args)
+    train(shakespeare, split, *args, "--stop_step=3")
+    bare = [sys.executable, os.path.join(REPO, "train_gpt2.py"), f"--out_dir={split}", "--resume=True"]
+    result = subprocess.run(bare, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(full) == losses(split)  # the data, model and schedule of the first run, not the defaults
+    result = subprocess.run(bare + ["--max_steps=10"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--max_steps 6 -> 10" in result.stdout
+    assert "the LR schedule changes: step 6 trains at" in result.stdout and max(losses(split)) == 9
+    for change, message in (("--n_embd=64", "different model config"), ("--seed=5", "'seed': (1337, 5)")):
+        result = subprocess.run(bare + [change], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_never_costs_the_last_good_checkpoint(shakespeare, tmp_path):
+    """An absurd LR: the gradient norm turns NaN (the loss may still be finite at that step). The run stops
+    with exit 3 before any non-finite checkpoint is written, and names a checkpoint whose weights are finite."""
+    for extra in ([], ["--grad_clip=0"], ["--optimizer=adamw"]):
+        out = tmp_path / ("nan" + "".join(extra))
+        result = train(shakespeare, out, "--max_steps=30", "--checkpoint_interval=1", "--keep_checkpoints=1",
+                       "--max_lr=1e6", "--warmup_steps=0", *extra, check=False)
+        assert result.returncode == 3, (extra, result.stderr[-2000:])
+        named = result.stderr.split("The last good checkpoint is ")[1].split(", left intact")[0]
+        kept = sorted(p for p in os.listdir(out) if p.startswith("ckpt_"))
+        assert kept and named == str(out / kept[-1]), (named, kept)
+        ckpt = torch.load(named, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values()), extra
+
+
+def test_one_run_per_out_dir(shakespeare, tmp_path):
+    out = tmp_path / "locked"
+    holder = utils.lock_folder(str(out))  # another run holds the folder (this test process)
+    try:
+        result = train(shakespeare, out, "--max_steps=2", check=False)
+    finally:
+        holder.close()
+    assert result.returncode == 1 and f"PID {os.getpid()}" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(out / "log.jsonl")
+    train(shakespeare, out, "--max_steps=2")  # released: the next run goes ahead
+
+
+@pytest.mark.parametrize("bad, name", [("--max_lr=-1", "max_lr"), ("--max_lr=nan", "max_lr"),
+                                       ("--val_steps=0", "val_steps"), ("--flop_budget=abc", "flop_budget"),
+                                       ("--seed=-1", "seed"), ("--eval_interval=-5", "eval_interval"),
+                                       ("--beta2=1.5", "beta2"), ("--optimizer=sgd", "optimizer")])
+def test_bad_numbers_exit_2_naming_the_setting(shakespeare, tmp_path, bad, name):
+    result = train(shakespeare, tmp_path / "b", bad, check=False)
+    assert result.returncode == 2 and f"--{name}" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "b")  # refused before any work
+
+
+def test_damaged_files_are_survived(shakespeare, tmp_path):
+    """A truncated newest checkpoint: resume falls back to the newest one that loads. A torn last log line
+    (a full disk, a kill): dropped with a warning. An out_dir that cannot be created: one line, exit 1."""
+    out = tmp_path / "run"
+    train(shakespeare, out, "--max_steps=4", "--checkpoint_interval=2", "--stop_step=4")
+    newest = out / "ckpt_000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')
+    result = train(shakespeare, out, "--max_steps=6", "--checkpoint_interval=2", "--resume=True")
+    assert "skipping" in result.stdout and "ckpt_000004.pt" in result.stdout
+    assert "resumed from" in result.stdout and "ckpt_000002.pt at step 2" in result.stdout
+    assert "torn last line" in result.stderr and max(losses(out)) == 5
+    (tmp_path / "file").write_text("x")
+    result = train(shakespeare, tmp_path / "file" / "run", "--max_steps=1", check=False)
+    assert result.returncode == 1 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpt2_tokens_train_offline_without_the_tokenizer(tmp_path):
+    """Samples and HellaSwag off: a run on GPT-2 BPE shards never needs tiktoken's files (none are here)."""
+    tokens = np.random.default_rng(0).integers(0, 50257, 20_000, dtype=np.uint16)
+    folder = tmp_path / "gpt2"
+    data.write_shard(data.shard_name(folder, "g", "val", 0), tokens[:4000])
+    data.write_shard(data.shard_name(folder, "g", "train", 1), tokens[4000:])
+    data.write_meta(folder, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256})
+    empty = tmp_path / "no_bpe_files"
+    empty.mkdir()
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(empty), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(REPO, "train_gpt2.py"), f"--data_dir={folder}",
+           f"--out_dir={tmp_path / 'out'}", *TINY, "--max_steps=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tiktoken" not in result.stdout + result.stderr
+
+
+def test_start_lines_say_what_the_run_costs(shakespeare, tmp_path):
+    result = train(shakespeare, tmp_path / "eta", "--max_steps=5")
+    assert "0.03M parameters" in result.stdout and "256 tokens per step" in result.stdout
+    assert "s/step: about" in result.stdout and "for the remaining 4 steps" in result.stdout
+
+
+def test_command_line_forms_and_suggestions(capsys):
+    ns = {"max_lr": 1e-3, "max_steps": 10, "optimizer": "muon"}
+    assert utils.apply_overrides(dict(ns), ["--max_lr", "3e-3", "--max_steps=20"]) == \
+        {"max_lr": 3e-3, "max_steps": 20, "optimizer": "muon"}
+    for argv, message in ((["--max_lrr=1"], "did you mean --max_lr?"), (["--max_lr"], "has no value"),
+                          (["--optimizer=sgd"], "allowed values are muon, adamw")):
+        with pytest.raises(SystemExit) as e:
+            utils.apply_overrides(dict(ns), argv, {"optimizer": ("muon", "adamw")})
+        assert e.value.code == 2 and message in capsys.readouterr().err
