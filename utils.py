@@ -237,9 +237,12 @@ def lock_folder(folder, what="run"):
     """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released by the OS
     when the process ends, kill -9 included: never a stale lock). A second process gets exit 1 with a
     message naming the holder's PID. Returns the open lock file: keep it referenced."""
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ".lock")
-    handle = open(path, "a+")
+    try:  # the first write into the folder: a folder that cannot be written is one line, not a traceback
+        os.makedirs(folder, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {folder}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
