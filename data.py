@@ -1,4 +1,4 @@
-"""Token shards: the one implementation of the format, and the window loader of train_gpt2.py.
+"""Token shards: the one implementation of the format, and the loaders of train_gpt2.py and train_lstm.py.
 
 Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest zero),
 then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids). build-nanogpt's
@@ -12,8 +12,9 @@ import json
 import os
 
 import numpy as np
+import torch
 
-from utils import atomic_write, atomic_write_json
+import utils
 
 MAGIC = 20240520
 HEADER_INTS = 256  # header size in int32
@@ -45,7 +46,7 @@ def write_shard(path, tokens, vocab_size=None):
     def write(f):
         f.write(header.tobytes())
         f.write(np.ascontiguousarray(body).data)  # no second copy of a 100M-token shard
-    atomic_write(path, write)
+    utils.atomic_write(path, write)
 
 
 def shard_length(path):
@@ -56,7 +57,9 @@ def shard_length(path):
 def read_shard(path, vocab_size=None):
     """Memory-map a shard after checking its header against the file size.
 
-    With vocab_size, every token is also checked to be below it (a full pass over the file).
+    With vocab_size, every token is also checked to be below it (one vectorized pass over the file): the
+    loaders do this once per shard when they open it, so an id the model cannot embed stops the run at
+    the start, naming the shard, whether or not a batch would ever have drawn it.
     """
     if not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard")
@@ -86,7 +89,9 @@ def read_shard(path, vocab_size=None):
     if vocab_size is not None and len(tokens):
         largest = int(tokens.max())
         if largest >= vocab_size:
-            raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size}")
+            raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size} (meta.json)")
+        if tokens.dtype.kind == "i" and tokens.min() < 0:  # signed .npy shards only
+            raise ShardError(f"{path}: negative token id {int(tokens.min())}")
     return tokens
 
 
@@ -108,16 +113,46 @@ def shard_name(data_dir, prefix, split, index):
 
 def write_meta(data_dir, meta):
     """meta.json beside the shards: tokenizer, vocab_size, eot id and the id-to-string table."""
-    atomic_write_json(os.path.join(data_dir, "meta.json"), meta)
+    utils.atomic_write_json(os.path.join(data_dir, "meta.json"), meta)
 
 
 def read_meta(data_dir):
-    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards)."""
+    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards). A file that is
+    not JSON, or not of the shape write_meta writes, ends the script with one line naming it (exit 1)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
+        raise SystemExit(f"error: {path}: not a readable JSON file ({e})") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise SystemExit(f"error: {path}: {problem}; prepare the data again (prepare_wikitext.py or "
+                         f"prepare_fineweb.py)")
+    return meta
+
+
+def meta_problem(meta):
+    """What is wrong with the content of a meta.json, or None."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got a {type(meta).__name__}"
+    vocab_size = meta.get("vocab_size")
+    if type(vocab_size) is not int or vocab_size < 1:  # bool is no vocabulary size
+        return f"vocab_size must be a positive integer, got {vocab_size!r}"
+    if not isinstance(meta.get("tokenizer", ""), str):
+        return f"tokenizer must be a name, got {meta['tokenizer']!r}"
+    itos = meta.get("itos")
+    if itos is not None and not (isinstance(itos, list) and all(isinstance(s, str) for s in itos)):
+        return "itos must be a list of strings (or null)"
+    if itos is not None and len(itos) > vocab_size:
+        return f"itos has {len(itos)} entries, more than vocab_size {vocab_size}"
+    for key in ("eot", "unk", "eos"):
+        value = meta.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value < vocab_size):
+            return f"{key} must be a token id below vocab_size {vocab_size} (or null), got {value!r}"
+    return None
 
 
 class ShardWriter:
@@ -207,7 +242,10 @@ def decode(tokens, meta):
                 pieces, run = pieces + [enc.decode(run), "\ufffd"], []
         return "".join(pieces) + enc.decode(run)
     itos = meta["itos"]
-    symbol = lambda i: itos[i] if 0 <= i < len(itos) else "\ufffd"
+
+    def symbol(i):
+        return itos[i] if 0 <= i < len(itos) else "\ufffd"
+
     if meta["tokenizer"] == "char":
         return "".join(symbol(i) for i in ids)
     # word: words joined by spaces, the end-of-line token back to a newline
@@ -234,14 +272,15 @@ class WindowLoader:
     the natural one (shard by shard) or a permutation of all windows of all shards drawn from
     (seed, epoch), so every epoch is reshuffled and any rank can compute it alone. When fewer than
     B * world_size windows are left, the next epoch starts. The state is just (epoch, cursor).
+    With vocab_size, every shard's largest id is checked when the loader opens it.
     """
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
                  vocab_size=None):
         self.paths = list_shards(data_dir, split)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
-        self.shuffle, self.seed, self.vocab_size = shuffle, seed, vocab_size
-        lengths = [shard_length(p) for p in self.paths]  # validates every header up front
+        self.shuffle, self.seed = shuffle, seed
+        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]  # every header and id, up front
         windows = [max(0, (n - 1) // T) for n in lengths]
         self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
@@ -280,15 +319,81 @@ class WindowLoader:
         shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
         buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
         shards = {}  # fresh memmaps per batch keep resident memory flat over a long run
-        for row, (w, s) in enumerate(zip(window_ids, shard_ids)):
+        for row, (w, s) in enumerate(zip(window_ids, shard_ids, strict=True)):
             tokens = shards.get(s)
             if tokens is None:
                 tokens = shards[s] = read_shard(self.paths[s])
             pos = (int(w) - int(self.first_window[s])) * self.T
             buf[row] = tokens[pos:pos + self.T + 1]
-        if self.vocab_size is not None and buf.max() >= self.vocab_size:
-            raise ShardError(f"token id {int(buf.max())} is not below vocab_size {self.vocab_size} in "
-                             f"{self.paths[shard_ids[int(buf.max(axis=1).argmax())]]}")
-        import torch  # here, so the prepare scripts (which only write shards) do not pay for importing torch
         batch = torch.from_numpy(buf)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+# -----------------------------------------------------------------------------
+# the stream loader of train_lstm.py
+
+
+class StreamLoader:
+    """micro_batch_size contiguous streams per rank through one split, for models with persistent states.
+
+    The shards of the split are read as one token sequence of n tokens, cut into B * world_size equal
+    segments: stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
+    Every stream advances T tokens per batch in lockstep (a window needs T+1 tokens: targets shift by one),
+    across shard boundaries; when the segments are used up all streams restart at their segment starts.
+    With vocab_size, every shard's largest id is checked when the loader opens it.
+
+    next_batch() -> (x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the streams
+    just restarted (the caller zeroes its states: the text no longer continues). The state is one int.
+    """
+
+    def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
+        self.paths = list_shards(data_dir, split)
+        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]  # every header and id, up front
+        self.shard_start = np.cumsum([0] + lengths)
+        self.B, self.T = B, T
+        n_streams = B * world_size
+        self.seg_len = int(self.shard_start[-1]) // n_streams
+        self.windows = (self.seg_len - 1) // T  # windows of T+1 tokens per segment
+        if self.windows < 1:
+            raise ShardError(f"{split} split in {data_dir!r} has {int(self.shard_start[-1])} tokens: too few for "
+                             f"{n_streams} streams (micro_batch_size {B} x world_size {world_size}) of "
+                             f"block_size {T} + 1 tokens")
+        self.starts = [s * self.seg_len for s in range(rank * B, (rank + 1) * B)]
+        self.window = 0  # next window of every stream
+
+    def state_dict(self):
+        return {"window": self.window, "seg_len": self.seg_len}
+
+    def load_state_dict(self, state):
+        if int(state["seg_len"]) != self.seg_len:
+            raise SystemExit(f"error: the checkpoint's streams are {state['seg_len']} tokens long, these are "
+                             f"{self.seg_len}: the data or micro_batch_size x world_size changed")
+        self.window = int(state["window"])
+
+    def reset(self):
+        self.window = 0
+
+    def _read(self, tokens, pos, length):
+        """length tokens from global position pos, across shard boundaries."""
+        out = []
+        while length > 0:
+            s = int(np.searchsorted(self.shard_start, pos, side="right")) - 1
+            if s not in tokens:  # fresh memmaps per batch keep resident memory flat
+                tokens[s] = read_shard(self.paths[s])
+            local = pos - int(self.shard_start[s])
+            piece = tokens[s][local:local + length]
+            out.append(piece)
+            pos, length = pos + len(piece), length - len(piece)
+        return np.concatenate(out)
+
+    def next_batch(self):
+        restarted = self.window == self.windows
+        if restarted:
+            self.window = 0
+        buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
+        tokens = {}
+        for row, start in enumerate(self.starts):
+            buf[row] = self._read(tokens, start + self.window * self.T, self.T + 1)
+        self.window += 1
+        batch = torch.from_numpy(buf)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), restarted

@@ -238,11 +238,11 @@ def lock_folder(folder, what="run"):
     when the process ends, kill -9 included: never a stale lock). A second process gets exit 1 with a
     message naming the holder's PID. Returns the open lock file: keep it referenced."""
     path = os.path.join(folder, ".lock")
-    try:
+    try:  # the first write into the folder: a folder that cannot be written is one line, not a traceback
         os.makedirs(folder, exist_ok=True)
         handle = open(path, "a+")
     except OSError as e:
-        raise SystemExit(f"error: cannot write in {folder}: {e.strerror or e}") from None
+        raise SystemExit(f"error: cannot write {folder}: {e.strerror or e}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,8 +1,9 @@
-"""data.py: the shard format, ShardWriter, decode and WindowLoader, checked against naive references."""
+"""data.py: the shard format, meta.json, ShardWriter, decode and both loaders, checked against naive references."""
 import os
 
 import numpy as np
 import pytest
+import torch
 
 import data
 
@@ -250,8 +251,6 @@ def test_loader_errors(tmp_path):
     consecutive_shards(str(tmp_path), [20])
     with pytest.raises(data.ShardError, match="fewer than one batch"):
         data.WindowLoader(str(tmp_path), "train", B=4, T=8)
-    with pytest.raises(data.ShardError, match="token id 4 is not below vocab_size 3 in .*t_train_000000.bin"):
-        data.WindowLoader(str(tmp_path), "train", B=1, T=4, vocab_size=3).next_batch()
     with pytest.raises(data.ShardError, match="no val shards"):
         data.WindowLoader(str(tmp_path), "val", B=1, T=4)
 
@@ -278,3 +277,107 @@ def test_shards_get_the_permissions_of_any_new_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+# -----------------------------------------------------------------------------
+# StreamLoader
+
+
+def test_stream_loader_layout(tmp_path):
+    """Rank r's rows are global streams r*B.., each contiguous across batches and shard boundaries,
+    segments disjoint, restart flagged when the segments are used up, and reset() back to the start."""
+    n = 1000
+    tokens = np.arange(n) % 60000
+    data.write_shard(os.path.join(tmp_path, "t_train_000000.bin"), tokens[:377])  # streams cross this boundary
+    data.write_shard(os.path.join(tmp_path, "t_train_000001.bin"), tokens[377:])
+    B, T, world = 3, 7, 2
+    seg = n // (B * world)
+    seen = set()
+    for rank in range(world):
+        loader = data.StreamLoader(str(tmp_path), "train", B, T, rank, world)
+        windows = (seg - 1) // T
+        for k in range(windows + 1):
+            x, y, restarted = loader.next_batch()
+            assert x.dtype == torch.int64 and x.shape == (B, T)
+            k_eff = k % windows
+            assert restarted == (k == windows)
+            for b in range(B):
+                start = (rank * B + b) * seg + k_eff * T
+                assert x[b].tolist() == list(range(start, start + T))
+                assert y[b].tolist() == list(range(start + 1, start + T + 1))
+                assert start + T + 1 <= (rank * B + b + 1) * seg  # never reads into the next stream
+                if k < windows:
+                    seen.update(range(start, start + T))
+        loader.reset()
+        assert loader.next_batch()[0][0, 0] == rank * B * seg
+    assert len(seen) == B * world * ((seg - 1) // T) * T  # no token shared by two streams or windows
+
+
+def test_stream_loader_state_dict_resumes_exactly(tmp_path):
+    consecutive_shards(str(tmp_path), [300, 211])
+    a = data.StreamLoader(str(tmp_path), "train", B=2, T=5)
+    for _ in range(30):
+        a.next_batch()
+    b = data.StreamLoader(str(tmp_path), "train", B=2, T=5)
+    b.load_state_dict(a.state_dict())
+    for _ in range(30):  # across a restart of the streams (50 windows per stream)
+        (ax, ay, ar), (bx, by, br) = a.next_batch(), b.next_batch()
+        assert torch.equal(ax, bx) and torch.equal(ay, by) and ar == br
+    with pytest.raises(SystemExit, match="micro_batch_size x world_size changed"):
+        data.StreamLoader(str(tmp_path), "train", B=3, T=5).load_state_dict(a.state_dict())
+
+
+# -----------------------------------------------------------------------------
+# checks when a loader opens the data: every shard's largest id, meta.json
+
+
+@pytest.mark.parametrize("loader", [data.WindowLoader, data.StreamLoader])
+def test_loaders_check_every_shards_largest_id_when_they_open_it(tmp_path, loader):
+    """An id the model cannot embed stops the run when the loader opens the shard, naming it, even where no
+    batch would ever draw it (the last token of these shards is in no window of 8+1 tokens)."""
+    data.write_shard(data.shard_name(str(tmp_path), "t", "train", 0), np.arange(100) % 50)
+    bad = data.shard_name(str(tmp_path), "t", "train", 1)
+    data.write_shard(bad, np.concatenate([np.arange(99) % 50, [77]]))
+    with pytest.raises(data.ShardError) as e:
+        loader(str(tmp_path), "train", 2, 8, vocab_size=50)
+    assert str(e.value).startswith(f"{bad}: token id 77 is not below vocab_size 50"), str(e.value)
+    loader(str(tmp_path), "train", 2, 8, vocab_size=78)  # every id fits
+    loader(str(tmp_path), "train", 2, 8)  # no vocabulary to check against
+
+
+def test_signed_npy_shards_with_negative_ids_are_refused(tmp_path):
+    path = str(tmp_path / "x_train_000000.npy")
+    np.save(path, np.array([1, 2, -3, 4], dtype=np.int32))
+    with pytest.raises(data.ShardError, match="negative token id -3"):
+        data.read_shard(path, vocab_size=10)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not a readable JSON file"),
+    (b"\xff\xfe\x00garbage", "not a readable JSON file"),
+    (b'["tokenizer", "char"]', "expected a JSON object, got a list"),
+    (b'{"tokenizer": "char"}', "vocab_size must be a positive integer, got None"),
+    (b'{"vocab_size": "65"}', "vocab_size must be a positive integer, got '65'"),
+    (b'{"vocab_size": 0}', "vocab_size must be a positive integer"),
+    (b'{"vocab_size": true}', "vocab_size must be a positive integer"),
+    (b'{"vocab_size": 65, "tokenizer": 3}', "tokenizer must be a name"),
+    (b'{"vocab_size": 3, "itos": "abc"}', "itos must be a list of strings"),
+    (b'{"vocab_size": 2, "itos": ["a", "b", "c"]}', "itos has 3 entries, more than vocab_size 2"),
+    (b'{"vocab_size": 65, "eot": 65}', "eot must be a token id below vocab_size 65"),
+    (b'{"vocab_size": 65, "unk": "x"}', "unk must be a token id"),
+])
+def test_read_meta_refuses_a_damaged_meta_json_naming_it(tmp_path, content, message):
+    path = tmp_path / "meta.json"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        data.read_meta(str(tmp_path))
+    text = str(e.value)
+    assert text.startswith(f"error: {path}: ") and message in text and "\n" not in text, text
+
+
+def test_read_meta_reads_what_write_meta_wrote(tmp_path):
+    assert data.read_meta(str(tmp_path)) is None  # llm.c's shards come without one
+    meta = {"tokenizer": "word", "vocab_size": 4, "itos": ["a", "b", "<unk>", "<eos>"], "unk": 2, "eos": 3,
+            "eot": None, "tokens": {"train": 10}}
+    data.write_meta(str(tmp_path), meta)
+    assert data.read_meta(str(tmp_path)) == meta
