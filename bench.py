@@ -39,7 +39,7 @@ from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
-preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (the values below) | gpt2 (124M, B=32, T=1024)
+preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (below) | gpt2 (124M, B=32, T=1024)
 # model (train_gpt2.py's names); tiny = nanoGPT's Tiny Shakespeare char-level CPU run
 n_layer = 4
 n_head = 4
@@ -340,8 +340,9 @@ def synthetic_hellaswag(n, rng):
 
 
 def bench_hellaswag(model_config, dev, device_type, precision):
-    import hellaswag as hs  # only this row needs it
     import tiktoken
+
+    import hellaswag as hs  # only this row needs it
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline without a cache
@@ -351,10 +352,11 @@ def bench_hellaswag(model_config, dev, device_type, precision):
     net = GPT(config).to(dev)
     examples = synthetic_hellaswag(hellaswag_examples + hellaswag_batch_size, torch.Generator().manual_seed(seed))
     autocast = utils.autocast_context(device_type, precision)
-    score = lambda exs: hs.score_examples(net, exs, enc, dev, autocast_ctx=autocast, batch_size=hellaswag_batch_size)
-    score(examples[:hellaswag_batch_size])  # warm-up
+    hs.score_examples(net, examples[:hellaswag_batch_size], enc, dev, autocast_ctx=autocast,
+                      batch_size=hellaswag_batch_size)  # warm-up
     t0 = time.perf_counter()
-    score(examples[hellaswag_batch_size:])  # returns Python lists: synchronised already
+    hs.score_examples(net, examples[hellaswag_batch_size:], enc, dev, autocast_ctx=autocast,
+                      batch_size=hellaswag_batch_size)  # returns Python lists: synchronised already
     seconds = time.perf_counter() - t0
     return dict(variant="hellaswag", status="ok", dtype=precision, examples_per_s=hellaswag_examples / seconds,
                 note=f"{hellaswag_examples} synthetic examples, {hellaswag_batch_size} per forward")

@@ -17,6 +17,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+# =============================================================================
+# Part 1: the GPT (its config, building blocks, the model, its optimizer Muon)
+# =============================================================================
+
 # ---- config ----
 
 POS_EMBS = ("rope", "learned", "none")  # how positions enter: rotary on q/k, a learned table, or not at all
@@ -558,7 +562,7 @@ class Muon(torch.optim.Optimizer):
         # 2. orthogonalise each shape's matrices in one batched call, split across ranks
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         done = {}  # id(param) -> list of its orthogonalised blocks
-        for (shape, device, ns_steps, eps), items in blocks.items():
+        for (shape, _, ns_steps, eps), items in blocks.items():
             stack = torch.stack([block for *_, block in items])  # (n, A, B)
             per_rank = -(-len(items) // world)  # ceil(n / world); the last rank's share is padded with zeros
             if per_rank * world > len(items):
@@ -597,8 +601,10 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     return X.mT if tall else X
 
 
-# ---- recurrent models ----
-# Recurrent language models trained by train_lstm.py (EXPERIMENTS.md §4 and §5).
+# =============================================================================
+# Part 2: the recurrent models (trained by train_lstm.py)
+# =============================================================================
+# The recurrent language models of EXPERIMENTS.md §4 and §5.
 #
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
 # nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN blocks on the

@@ -61,6 +61,7 @@ weight_decay = 0.1            # on 2-D+ parameters only
 beta1 = 0.9                   # AdamW
 beta2 = 0.95                  # AdamW
 grad_clip = 1.0               # max global grad norm; 0 = off
+muon_split_qkv = False        # Muon orthogonalises q, k and v as three matrices (modded-nanogpt) instead of one
 # evaluation, logging, checkpoints (intervals in steps; 0 = never)
 eval_interval = 250           # val loss (and a sample) every this many steps and at the last step
 val_steps = 20                # val batches of micro_batch_size x block_size per process
@@ -87,7 +88,7 @@ CHOICES = dict(pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS, optim
                lr_schedule=LR_SCHEDULES, dtype=utils.DTYPES)
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in globals()]
 # a resumed run takes its settings from its checkpoint, but for these, which belong to each invocation...
-PER_INVOCATION = ("out_dir", "resume", "stop_step", "plot_only")
+PER_RUN = ("out_dir", "resume", "stop_step", "plot_only")
 # ...and these, which its command line may change (any other change is refused)
 RESUME_CAN_CHANGE = ("data_dir", "micro_batch_size", "max_lr", "min_lr", "warmup_steps",
                      "max_steps", "lr_schedule", "decay_steps", "flop_budget", "grad_clip", "eval_interval",
@@ -237,7 +238,7 @@ def main(argv):
     if resume and ckpt is None:
         print0(f"resume: no checkpoint in {out}, starting from scratch")
     if ckpt is not None:  # the run's own settings, but for what the command line may change
-        saved = {k: v for k, v in ckpt["settings"].items() if k not in PER_INVOCATION}
+        saved = {k: v for k, v in ckpt["settings"].items() if k not in PER_RUN}
         given = utils.given_settings(argv)
         model_changes = {k: (saved[k], globals()[k]) for k in MODEL_FIELDS
                          if k in given and k in saved and saved[k] != globals()[k]}
@@ -293,7 +294,8 @@ def main(argv):
             print0(f"resume: the LR schedule changes: step {at} trains at {lr_now:.3e}, not {lr_then:.3e}")
     if warmup_steps >= steps and lr_schedule != "constant":
         print0(f"warning: warmup_steps {warmup_steps} >= max_steps {steps}: the LR never decays")
-    optimizers = raw_model.configure_optimizers(optimizer, weight_decay, max_lr, (beta1, beta2), 1e-8, device_type)
+    optimizers = raw_model.configure_optimizers(optimizer, weight_decay, max_lr, (beta1, beta2), 1e-8, device_type,
+                                                muon_split_qkv)
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
     start_step = 0
     if ckpt is not None:

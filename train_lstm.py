@@ -18,7 +18,7 @@ partially accumulated gradients, so a resumed run continues exactly (same losses
 takes its settings from its checkpoint: the command line may change only those in RESUME_CAN_CHANGE.
 
 nested_lstm: level k has its own optimizer; its gradients are summed into a buffer every step and it
-steps only when (step + 1) % C_k == 0, at lr_at(step) / C_k. Grad clipping is per level: level 1 clips
+steps only when (step + 1) % C_k == 0, at get_lr(step) / C_k. Grad clipping is per level: level 1 clips
 each step's gradient at grad_clip; a slow level clips its chunk's summed gradient at grad_clip * C_k
 (= its mean gradient at grad_clip).
 """

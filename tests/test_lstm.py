@@ -13,11 +13,11 @@ import runpy
 import subprocess
 import sys
 
-import corpus
 import numpy as np
 import pytest
 import torch
 
+import corpus
 import data
 import train_lstm
 import utils

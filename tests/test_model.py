@@ -8,9 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (MLPS, NORM_POSS, NORMS, POS_EMBS, SIZES, STYLES, GPT, GPTConfig, KVCache, Muon, RMSNorm, apply_rope,
-                   peak_flops, rope_tables, zeropower_via_newtonschulz5)
-
+from model import (
+    GPT,
+    MLPS,
+    NORM_POSS,
+    NORMS,
+    POS_EMBS,
+    SIZES,
+    STYLES,
+    GPTConfig,
+    KVCache,
+    Muon,
+    RMSNorm,
+    apply_rope,
+    peak_flops,
+    rope_tables,
+    zeropower_via_newtonschulz5,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +256,8 @@ def test_every_switch_combination_runs_forward_and_backward():
 
 
 def test_switches_change_the_parameters_they_should():
-    names = lambda **kw: {n for n, _ in GPT(tiny(**kw)).named_parameters()}
+    def names(**kw):
+        return {n for n, _ in GPT(tiny(**kw)).named_parameters()}
     assert not any(n.endswith("bias") for n in names(bias=False, norm="layernorm"))
     assert "transformer.h.0.ln_1.bias" in names(bias=True, norm="layernorm")
     assert not any("ln_" in n for n in names(norm="none"))
@@ -363,7 +378,8 @@ def test_kv_cache_logits_match_and_work_is_linear():
 def test_sampling_reproducible_and_top_k():
     model = sharpen(GPT(tiny()), std=0.1).eval()
     idx = torch.randint(0, 64, (1, 3))
-    gen = lambda seed, **kw: model.generate(idx, 12, generator=torch.Generator().manual_seed(seed), **kw)
+    def gen(seed, **kw):
+        return model.generate(idx, 12, generator=torch.Generator().manual_seed(seed), **kw)
     assert torch.equal(gen(0), gen(0))
     assert not torch.equal(gen(0), gen(1))
     out = gen(3, top_k=3, temperature=2.0)

@@ -174,7 +174,9 @@ def test_flop_budget_sets_max_steps(shakespeare, tmp_path):
 
 def test_lr_schedule_corners():
     import train_gpt2
-    lr = lambda s, **k: train_gpt2.get_lr(s, 1.0, 0.1, 10, 101, **k)
+
+    def lr(step, **kw):
+        return train_gpt2.get_lr(step, 1.0, 0.1, 10, 101, **kw)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)      # linear warmup
     assert lr(10) == pytest.approx(1.0) and lr(100) == pytest.approx(0.1)   # cosine from max to min
     assert lr(55) == pytest.approx(0.55)                                     # halfway: the mean
@@ -236,7 +238,8 @@ def test_resume_with_only_out_dir_takes_the_checkpoints_settings(shakespeare, tm
     train(shakespeare, full, *args)
     train(shakespeare, split, *args, "--stop_step=3")
     bare = [sys.executable, os.path.join(REPO, "train_gpt2.py"), f"--out_dir={split}", "--resume=True"]
-    result = subprocess.run(bare, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(bare, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(full) == losses(split)  # the data, model and schedule of the first run, not the defaults
     result = subprocess.run(bare + ["--max_steps=10"], capture_output=True, text=True, timeout=300)
