@@ -118,8 +118,10 @@ def read_prompt(text):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise SystemExit(f"error: {path}: cannot read the prompt file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise SystemExit(f"error: {path}: the prompt file is not UTF-8 text") from None
 
 
 def encode_prompt(text, meta):

@@ -135,6 +135,7 @@ def exit_of(capsys, *args):
 
 def test_errors_are_one_line(run_dir, tmp_path, capsys):
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint" * 100)
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
     torch.save(dict(model={}, model_config=dict(model="nested_lstm", vocab_size=56), step=0), tmp_path / "lstm.pt")
     cases = [
         ([f"--checkpoint={tmp_path}/corrupt.pt"], 1, "cannot read checkpoint"),
@@ -143,6 +144,7 @@ def test_errors_are_one_line(run_dir, tmp_path, capsys):
         ([f"--out_dir={run_dir}", "--prompt=ROMEO: \u2603 caf\u00e9 \u2603"], 2,
          "--prompt has characters the model's vocabulary lacks: '\u00e9' '\u2603'"),
         ([f"--out_dir={run_dir}", f"--prompt=FILE:{tmp_path}/none.txt"], 1, "cannot read the prompt file"),
+        ([f"--out_dir={run_dir}", f"--prompt=FILE:{tmp_path}/latin1.txt"], 1, "the prompt file is not UTF-8"),
         ([f"--out_dir={run_dir}", "--num_samples=0"], 2, "--num_samples must be at least 1"),
     ]
     for args, status, message in cases:
