@@ -347,10 +347,12 @@ class GPT(nn.Module):
         return logits, (loss.view(B, T) if reduction == "none" else loss)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None, generator=None,
+                 n_vocab=None):
         """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
         temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling reproducible.
         With eos_token, stops once every row has produced it; finished rows are padded with eos_token.
+        n_vocab: only ids below it are drawn (the rows a vocabulary is padded with to a multiple of 64 are no text).
         Uses a KV cache, so each new token costs one position's work. Once the sequence is longer than
         block_size every position would shift, so from then on each step recomputes the last block_size
         tokens without a cache (exactly what a no-cache loop that crops the context does).
@@ -362,7 +364,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -self.config.block_size:])
             else:  # feed only the tokens not yet in the cache (the whole prompt on the first step)
                 logits, _ = self(idx[:, cache.pos:], kv_cache=cache)
-            logits = logits[:, -1, :].float()  # (B, V)
+            logits = logits[:, -1, :n_vocab].float()  # (B, V)
             if temperature == 0 or top_k == 1:
                 next_tok = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -151,15 +151,12 @@ def main(argv):
     model, meta, _ = load_model(checkpoint, out_dir)
     ids = encode_prompt(read_prompt(prompt), meta)
 
-    if meta.get("vocab_size", model.config.vocab_size) < model.config.vocab_size:
-        # rows past the tokenizer's vocabulary only pad it to a multiple of 64: no text to sample there
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight[:meta["vocab_size"]])
     torch.manual_seed(seed)
     generator = torch.Generator(device=dev).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=dev)
     with utils.autocast_context(device_type, precision):
         out = model.to(dev).generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                     generator=generator)
+                                     generator=generator, n_vocab=meta.get("vocab_size"))
     for row in out.tolist():
         print(data.decode(row, meta))
         print(RULE)

@@ -195,7 +195,8 @@ def sample(raw_model, meta, prompt, n_tokens, autocast, dev, seed):
     idx = torch.tensor([data.encode(prompt, meta)], dtype=torch.long, device=dev)
     raw_model.eval()
     with autocast:
-        out = raw_model.generate(idx, n_tokens, temperature=1.0, top_k=50, generator=generator)
+        out = raw_model.generate(idx, n_tokens, temperature=1.0, top_k=50, generator=generator,
+                                 n_vocab=meta["vocab_size"])
     raw_model.train()
     return data.decode(out[0].tolist(), meta)
 

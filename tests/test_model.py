@@ -389,6 +389,15 @@ def test_sampling_reproducible_and_top_k():
         assert out[0, t] in torch.topk(logits[0, t - 1], 3).indices
 
 
+def test_generate_never_draws_padded_vocabulary_ids():
+    model = sharpen(GPT(tiny()), std=0.3).eval()  # vocab 64; pretend the tokenizer has only 10 ids
+    with torch.no_grad():
+        model.lm_head.weight[10:] += 5.0  # the padding rows would win every draw
+    idx = torch.randint(0, 10, (4, 3))
+    assert (model.generate(idx, 20, n_vocab=10)[:, 3:] < 10).all()
+    assert (model.generate(idx, 20)[:, 3:] >= 10).any()
+
+
 def test_eos_stops_early():
     model = sharpen(GPT(tiny())).eval()
     idx = torch.randint(0, 64, (1, 4))
