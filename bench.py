@@ -1,25 +1,15 @@
 """Time train_gpt2.py's training step, the data loader and HellaSwag scoring; profile where a step's time goes.
 
-    python bench.py                                          # CPU: the tiny preset; CUDA: GPT-2 124M, B=32, T=1024
-    python bench.py --variants=base,classic,adamw --steps=50 # pick rows
-    python bench.py --variants=compile+float32 --json_out=bench.json
-    python bench.py --profile=True                           # ms per step by kernel group, and the top kernels
+    python bench.py                                    # CPU: the tiny preset; CUDA: GPT-2 124M, B=32, T=1024
+    python bench.py --variants=base,classic,adamw      # rows side by side
+    python bench.py --profile=True                     # ms per step by kernel group, and the top kernels
     python bench.py --data_dir=data/fineweb10B --hellaswag=True   # add a loader row and a HellaSwag row
 
-Each variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT, Muon,
-compiled with bf16 autocast on CUDA, eager float32 on CPU) along one axis; join names with "+" to change
-several (classic+adamw). Variants:
-  base                                      the base configuration itself
-  eager, compile                            torch.compile of the training model
-  float32, bfloat16                         autocast dtype
-  sdpa_flash, sdpa_efficient, sdpa_math     force one scaled_dot_product_attention kernel
-  muon, adamw, adamw_unfused                Muon + fused AdamW (default), fused AdamW, torch's default AdamW
-  modern, classic                           the architecture: RoPE/SwiGLU/RMSNorm, or GPT-2's (model.STYLES)
-A variant the device cannot run is listed as n/a with the reason. Steps run on synthetic tokens (uniform
-over vocab_size): the loss means nothing, the work is the real step's (train_gpt2.train_step). Timing: warm-up
-steps (compilation happens there), then each step timed alone (CUDA events, no host sync in between;
-perf_counter on CPU); the table gives the median and the interquartile range. Peak memory: CUDA's
-max_memory_allocated; on Linux CPUs the process's peak resident set (VmHWM, reset per variant).
+A variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT and Muon,
+compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names with "+" to
+change several (classic+adamw). Steps run train_gpt2.train_step on synthetic tokens: the loss means nothing,
+the work is the real step's. Warm-up steps first (compilation), then each step timed alone (CUDA events, no
+host sync in between; perf_counter on CPU): the median and the interquartile range. Peak memory: CUDA only.
 """
 import collections
 import dataclasses
@@ -33,6 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
+import hellaswag as hs  # "hellaswag" is a setting here
 import train_gpt2
 import utils
 from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
@@ -63,7 +54,7 @@ grad_clip = 1.0               # 0 = no clipping (as train_gpt2.py)
 # run
 device = ""                   # "" = cuda, then mps, then cpu
 dtype = ""                    # base autocast dtype: "" = train_gpt2.py's choice (bf16 on CUDA, float32 on CPU)
-variants = "base"             # comma list (see above)
+variants = "base"             # comma list of AXES names, each joined with + as it needs
 steps = 20                    # timed steps per variant
 warmup = 5                    # untimed steps first (compilation happens in the first one)
 seed = 1337
@@ -83,30 +74,17 @@ PRESETS = {"tiny": {},
 AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
         "float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
         "sdpa_flash": dict(sdpa="flash"), "sdpa_efficient": dict(sdpa="efficient"), "sdpa_math": dict(sdpa="math"),
-        "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),
-        "adamw_unfused": dict(optimizer="adamw_unfused"),
-        "modern": dict(arch="modern"), "classic": dict(arch="classic")}
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "math": SDPBackend.MATH}
+        "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),  # the rest of the model is AdamW's
+        "modern": dict(arch="modern"), "classic": dict(arch="classic")}  # model.STYLES
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in globals()]
-# kernel groups of the profile, matched on lower-cased kernel / op names in this order (first match wins)
+# the profile's kernel groups, matched on lower-cased kernel / op names in this order
 GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor")),
           ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
           ("loss", ("nll", "log_softmax", "cross_entropy")),
           ("norms", ("rsqrt", "layer_norm", "rms_norm", "rmsnorm")),
           ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                       "aten::baddbmm")))
-
-
-# -----------------------------------------------------------------------------
-# variants
-
-
-def preset_values(name, device_type, argv):
-    """(preset chosen, settings it sets): auto = gpt2 on CUDA, tiny elsewhere; names given in argv win."""
-    chosen = ("gpt2" if device_type == "cuda" else "tiny") if name == "auto" else name
-    given = utils.given_settings(argv)
-    return chosen, {k: v for k, v in PRESETS[chosen].items() if k not in given}
 
 
 def base_setup(device_type, dtype):
@@ -118,14 +96,13 @@ def base_setup(device_type, dtype):
 def parse_variant(name, base):
     setup = dict(base)
     for part in name.split("+"):
-        utils.require(part in AXES, f"--variants: unknown variant {part!r}; known: {', '.join(AXES)} "
-                                    f"(join with + to combine)")
+        utils.require(part in AXES, f"--variants: unknown variant {part!r}; known: {', '.join(AXES)}")
         setup.update(AXES[part])
     return setup
 
 
 def unavailable(setup, device_type):
-    """None if this device can run `setup`, else the reason why not (SDPA's kernels are tried, not predicted)."""
+    """Why this device cannot run `setup`, or None. SDPA's kernels are tried, not predicted."""
     if setup["compile"] and device_type != "cuda":
         return "train_gpt2.py compiles on CUDA only"
     if setup["dtype"] == "float16" and device_type == "cpu":
@@ -133,51 +110,35 @@ def unavailable(setup, device_type):
     return None
 
 
-def make_optimizers(raw_model, kind, device_type):
-    """model.configure_optimizers, with AdamW unfused for the adamw_unfused row."""
-    optimizers = raw_model.configure_optimizers("muon" if kind == "muon" else "adamw", weight_decay,
-                                                learning_rate, (0.9, 0.95), 1e-8, device_type)
-    if kind == "adamw_unfused":
-        groups = [dict(params=g["params"], weight_decay=g["weight_decay"]) for g in optimizers[-1].param_groups]
-        optimizers[-1] = torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
-    return optimizers
-
-
-def model_config_for(setup, model_config):
-    return dataclasses.replace(model_config, **STYLES[setup["arch"]]) if setup["arch"] == "classic" else model_config
-
-
 # -----------------------------------------------------------------------------
 # the training step, timed
 
 
-def reset_peak_memory(device_type):
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):  # Linux: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
+    """(step(i) -> the step's loss, raw model) for one variant, on a fresh model: train_gpt2.train_step over a
+    few pre-made CPU batches (the loader has its own row), copied to the device as train_gpt2.py does."""
+    torch.manual_seed(seed)
+    if setup["compile"]:
+        torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
+    if setup["arch"] == "classic":
+        model_config = dataclasses.replace(model_config, **STYLES["classic"])
+    raw_model = GPT(model_config).to(dev)
+    optimizers = raw_model.configure_optimizers(setup["optimizer"], weight_decay, learning_rate,
+                                                device_type=device_type)
+    model = torch.compile(raw_model) if setup["compile"] else raw_model
+    scaler = torch.amp.GradScaler(device_type, enabled=setup["dtype"] == "float16")
+    autocast = utils.autocast_context(device_type, setup["dtype"])
+    generator = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1), generator=generator)
+              for _ in range(min(grad_accum_steps, 4))]
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
-
-def peak_memory_mb(device_type):
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    if os.path.exists("/proc/self/status"):
-        with open("/proc/self/status") as f:
-            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
-    return None
-
-
-def make_step(model, raw_model, optimizers, scaler, autocast, batches, grad_accum_steps, dev):
-    """train_gpt2.py's own optimizer step (train_gpt2.train_step) over pre-made batches (the loader has its
-    own row). Returns step(i) -> the step's loss on the device."""
     def step(i):
         feed = iter(batches[(i * grad_accum_steps + k) % len(batches)] for k in range(grad_accum_steps))
         loss, _ = train_gpt2.train_step(model, raw_model, optimizers, scaler, lambda: next(feed),
                                         grad_accum_steps, learning_rate, autocast, dev, grad_clip)
         return loss
-    return step
+    return step, raw_model
 
 
 def time_steps(step, n, device_type, first=0):
@@ -203,39 +164,21 @@ def summary(times_ms):
     return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms))
 
 
-def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
-    """(step function, raw model) for one variant, on a fresh model."""
-    torch.manual_seed(seed)
-    if setup["compile"]:
-        torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
-    raw_model = GPT(model_config_for(setup, model_config)).to(dev)
-    optimizers = make_optimizers(raw_model, setup["optimizer"], device_type)
-    model = torch.compile(raw_model) if setup["compile"] else raw_model
-    scaler = torch.amp.GradScaler(device_type, enabled=setup["dtype"] == "float16")
-    autocast = utils.autocast_context(device_type, setup["dtype"])
-    generator = torch.Generator().manual_seed(seed)
-    batches = []  # a few distinct CPU batches, copied to the device each micro-step as train_gpt2.py does
-    for _ in range(min(grad_accum_steps, 4)):
-        tokens = torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1), generator=generator)
-        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-    step = make_step(model, raw_model, optimizers, scaler, autocast, batches, grad_accum_steps, dev)
-    return step, raw_model
-
-
 def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
-    reset_peak_memory(device_type)
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     step, raw_model = setup_step(setup, model_config, grad_accum_steps, dev, device_type)
-    sdpa = nullcontext() if setup["sdpa"] == "auto" else sdpa_kernel(SDPA_BACKENDS[setup["sdpa"]])
-    with sdpa:
+    with nullcontext() if setup["sdpa"] == "auto" else sdpa_kernel(SDPA[setup["sdpa"]]):
         t0 = time.perf_counter()
         time_steps(step, warmup, device_type)
         if device_type == "cuda":
             torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t0
         times = time_steps(step, steps, device_type, first=warmup)
-        final_loss = step(warmup + steps).item()  # one more step, to check the loss is finite
-    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s,
-               peak_mem_mb=peak_memory_mb(device_type), loss_finite=bool(torch.isfinite(torch.tensor(final_loss))))
+        loss_finite = bool(torch.isfinite(step(warmup + steps)))  # one more step, to check the loss
+    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s, loss_finite=loss_finite,
+               peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None)
     row["tokens_per_s"] = micro_batch_size * block_size * grad_accum_steps / (row["ms_median"] / 1000)
     row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], dev)
     return row
@@ -247,12 +190,10 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
 
 def kernel_group(names, device_type):
     """The group of a kernel (CUDA) or op (CPU) from its name and the names of the ops around it, innermost
-    first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside Optimizer.step is the
-    optimizer's."""
+    first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside Optimizer.step the optimizer's."""
     lowered = [n.lower() for n in names]
     for group, keys in GROUPS:
-        scope = lowered if group == "optimizer" else lowered[:1]
-        if any(k in n for n in scope for k in keys):
+        if any(k in n for n in (lowered if group == "optimizer" else lowered[:1]) for k in keys):
             return group
     for group, keys in GROUPS[1:]:
         if any(k in n for n in lowered[1:] for k in keys):
@@ -283,18 +224,13 @@ def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_typ
         for kernel, us in items:
             groups[kernel_group([kernel] + names, device_type)] += us / 1000 / profile_steps
             kernels[kernel] += us / 1000 / profile_steps
-    return dict(variant=name, what="CUDA kernel time" if device_type == "cuda" else "CPU time of each op itself",
-                ms_per_step=dict(groups.most_common()), total_ms=sum(groups.values()),
-                top=kernels.most_common(8))
-
-
-def print_profile(result):
-    print(f"\nprofile of {result['variant']}: {result['what']}, ms per step over {profile_steps} steps")
-    for group, ms in result["ms_per_step"].items():
-        print(f"  {group:<12} {ms:8.2f}  {100 * ms / result['total_ms']:5.1f}%")
-    print(f"  {'total':<12} {result['total_ms']:8.2f}\n  top kernels:")
-    for kernel, ms in result["top"]:
-        print(f"  {ms:8.2f}  {kernel[:110]}")
+    total = sum(groups.values())
+    print(f"\nprofile of {name}: {'CUDA kernel time' if device_type == 'cuda' else 'CPU time of each op itself'}, "
+          f"ms per step over {profile_steps} steps")
+    print("\n".join(f"  {g:<12} {ms:8.2f}  {100 * ms / total:5.1f}%" for g, ms in groups.most_common()))
+    print(f"  {'total':<12} {total:8.2f}\n  top kernels:")
+    print("\n".join(f"  {ms:8.2f}  {k[:110]}" for k, ms in kernels.most_common(8)))
+    return dict(variant=name, ms_per_step=dict(groups.most_common()), total_ms=total, top=kernels.most_common(8))
 
 
 # -----------------------------------------------------------------------------
@@ -323,8 +259,7 @@ def bench_loader(dev, device_type):
 
 
 def synthetic_hellaswag(n, rng):
-    """n examples in HellaSwag's schema with random words, of HellaSwag-like lengths (context ~40 words,
-    endings ~20)."""
+    """n examples in HellaSwag's schema, random words of HellaSwag-like lengths (context ~40, endings ~20)."""
     words = ("the a man woman is are then he she they it and to of with on in at person ball water car dog "
              "takes puts walks runs jumps shows talks holds begins continues camera screen kitchen").split()
 
@@ -340,46 +275,34 @@ def synthetic_hellaswag(n, rng):
 
 
 def bench_hellaswag(model_config, dev, device_type, precision):
-    import tiktoken
-
-    import hellaswag as hs  # only this row needs it
     try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline without a cache
-        return dict(variant="hellaswag", status="n/a", reason=f"no GPT-2 tokenizer ({type(e).__name__})")
+        enc = data.tiktoken_encoding("gpt2")
+    except SystemExit as e:  # offline without the BPE files
+        return dict(variant="hellaswag", status="n/a", reason=str(e).removeprefix("error: ")[:90])
     torch.manual_seed(seed)
-    config = dataclasses.replace(model_config, vocab_size=max(model_config.vocab_size, 50304))  # GPT-2 ids
-    net = GPT(config).to(dev)
+    net = GPT(dataclasses.replace(model_config, vocab_size=max(model_config.vocab_size, 50304))).to(dev)
     examples = synthetic_hellaswag(hellaswag_examples + hellaswag_batch_size, torch.Generator().manual_seed(seed))
-    autocast = utils.autocast_context(device_type, precision)
-    hs.score_examples(net, examples[:hellaswag_batch_size], enc, dev, autocast_ctx=autocast,
-                      batch_size=hellaswag_batch_size)  # warm-up
+    autocast, first = utils.autocast_context(device_type, precision), hellaswag_batch_size
+    hs.score_examples(net, examples[:first], enc, dev, autocast_ctx=autocast, batch_size=first)  # warm-up
     t0 = time.perf_counter()
-    hs.score_examples(net, examples[hellaswag_batch_size:], enc, dev, autocast_ctx=autocast,
-                      batch_size=hellaswag_batch_size)  # returns Python lists: synchronised already
-    seconds = time.perf_counter() - t0
-    return dict(variant="hellaswag", status="ok", dtype=precision, examples_per_s=hellaswag_examples / seconds,
-                note=f"{hellaswag_examples} synthetic examples, {hellaswag_batch_size} per forward")
+    hs.score_examples(net, examples[first:], enc, dev, autocast_ctx=autocast, batch_size=first)
+    seconds = time.perf_counter() - t0  # score_examples returns Python lists: synchronised already
+    return dict(variant="hellaswag", status="ok", dtype=precision, examples_per_s=hellaswag_examples / seconds)
 
 
-def print_table(rows):
-    print(f"{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<13} {'arch':<7} "
-          f"{'ms/step':>8} {'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['variant']:<24} n/a: {r['reason']}")
-        elif r["variant"] == "loader":
-            print(f"{'loader':<24} {'':<48} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
-                  f"{r['tokens_per_s']:11,.0f}")
-        elif r["variant"] == "hellaswag":
-            print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {'':<39} {r['examples_per_s']:.1f} examples/s")
-        else:
-            name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
-            mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-            print(f"{name:<24} {str(r['compile']):<7} {r['dtype']:<8} {r['sdpa']:<9} {r['optimizer']:<13} "
-                  f"{r['arch']:<7} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
-                  f"{r['tokens_per_s']:11,.0f} {mfu:>6} {mem:>8}")
+def print_row(r):
+    if r["status"] != "ok":
+        print(f"{r['variant']:<24} n/a: {r['reason']}")
+    elif r["variant"] == "hellaswag":
+        print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {r['examples_per_s']:.1f} examples/s")
+    else:
+        setup = " ".join(f"{r.get(k, ''):<{w}}" for k, w in (("compile", 7), ("dtype", 8), ("sdpa", 9),
+                                                             ("optimizer", 9), ("arch", 7)))
+        mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+        name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
+        print(f"{name:<24} {setup} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
+              f"{r['tokens_per_s']:11,.0f} {mfu:>6} {mem:>8}")
 
 
 # -----------------------------------------------------------------------------
@@ -387,18 +310,18 @@ def print_table(rows):
 
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
-    utils.require(steps >= 1 and warmup >= 0 and profile_steps >= 1,
-                  f"--steps and --profile_steps must be >= 1 and --warmup >= 0, got {steps}, {profile_steps}, "
-                  f"{warmup}")
+    utils.require(steps >= 1 and warmup >= 0 and profile_steps >= 1, "--steps and --profile_steps must be at "
+                  f"least 1 and --warmup at least 0, got {steps}, {profile_steps} and {warmup}")
     dev = utils.pick_device(device)
     device_type = dev.split(":")[0]
-    chosen, values = preset_values(preset, device_type, argv)
-    for name, value in values.items():
-        globals()[name] = settings[name] = value
+    chosen = ("gpt2" if device_type == "cuda" else "tiny") if preset == "auto" else preset
+    given = utils.given_settings(argv)  # the command line wins over the preset
+    for name, value in PRESETS[chosen].items():
+        globals()[name] = settings[name] = settings[name] if name in given else value
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train_gpt2.py
     tokens_per_micro = micro_batch_size * block_size
-    utils.require(total_batch_size % tokens_per_micro == 0 and total_batch_size >= 0,
+    utils.require(total_batch_size >= 0 and total_batch_size % tokens_per_micro == 0,
                   f"--total_batch_size {total_batch_size} is not a multiple of micro_batch_size "
                   f"{micro_batch_size} x block_size {block_size} = {tokens_per_micro}")
     grad_accum_steps = max(1, total_batch_size // tokens_per_micro)
@@ -427,12 +350,8 @@ def main(argv):
         else:
             try:
                 row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
-            except torch.OutOfMemoryError:
-                row = dict(variant=name, status="n/a", reason="out of memory", **setup)
-            except RuntimeError as e:  # e.g. SDPA refusing a forced kernel for this GPU, dtype or head size
+            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM; SDPA refusing a forced kernel here
                 row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
-            if device_type == "cuda":
-                torch.cuda.empty_cache()
         rows.append(row)
         print(f"  {name}: " + (f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]),
               flush=True)
@@ -440,14 +359,15 @@ def main(argv):
         rows.append(bench_loader(dev, device_type))
     if hellaswag:
         rows.append(bench_hellaswag(model_config, dev, device_type, base["dtype"]))
-    print()
-    print_table(rows)
+    print(f"\n{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<9} {'arch':<7} {'ms/step':>8} "
+          f"{'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
+    for row in rows:
+        print_row(row)
     profiled = None
     if profile:
-        name, setup = next(((n, s) for n, s in setups if not unavailable(s, device_type)), (None, None))
-        utils.require(name is not None, "--profile: no variant of --variants runs on this device")
-        profiled = profile_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
-        print_profile(profiled)
+        runnable = [(n, s) for n, s in setups if not unavailable(s, device_type)]
+        utils.require(runnable, "--profile: no variant of --variants runs on this device")
+        profiled = profile_variant(*runnable[0], model_config, grad_accum_steps, dev, device_type)
     if json_out:
         utils.atomic_write_json(json_out, dict(header=header, settings=settings, preset=chosen, device=dev,
                                                grad_accum_steps=grad_accum_steps, params=n_params, rows=rows,
