@@ -5,15 +5,14 @@
     python sweep.py --mode=random --flop_budget=1e16 --n_samples=20 --sweep_dir=sweeps/search
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
-An argument named like a setting below is the sweep's; every other --name=value goes to the trainer: a
-comma list is a grid axis (so no value can hold a comma), a single value is passed to every run. Each run
-has its own folder sweep_dir/<name>/ holding run.json (overrides, command, state, exit code, runtime),
-stdout.log and the trainer's log.jsonl. A run ends finished, diverged (NaN stop), oom, failed (any other
-non-zero exit) or interrupted (Ctrl-C); configs rejected before launch are recorded as skipped. Rerunning
-the same command skips finished runs, relaunches interrupted ones (from their last checkpoint) and
-relaunches failed, diverged and oom runs only with --retry_failed=True. One sweep.py at a time per sweep_dir.
+The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a grid axis (so
+no value can hold a comma), a single value goes to every run. Each run has a folder sweep_dir/<name>/ with
+run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged (NaN stop), oom, failed or
+interrupted, or is skipped before launch. A rerun skips finished runs, resumes interrupted ones from their last
+checkpoint and relaunches the others only with --retry_failed=True. One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -30,7 +29,11 @@ import subprocess
 import sys
 import time
 
+import torch
+
+import data
 import utils
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,77 +50,115 @@ min_lr_ratio = 0.0            # > 0: each run's min_lr = min_lr_ratio x its max_
 retry_failed = False          # relaunch failed, diverged and oom runs (finished runs are never rerun)
 dry_run = False               # print the runs and their overrides; launch and write nothing
 report_only = False           # only redraw results.md, results.csv and the plots of sweep_dir
-flop_budget = None            # FLOPs per run. random: max_steps = budget // (flops_per_token x tokens per step);
-                              # grid/ablations: passed to the trainer, which derives max_steps the same way
+flop_budget = None            # FLOPs per run: random sets max_steps from it, grid/ablations pass it to the trainer
 # random search (§3): max_lr = 10 x min_lr, warmup = 10% of the steps; each range is inclusive
 n_samples = 20                # runs to launch; rejected draws are recorded as skipped and do not count
 random_seed = 0               # the same seed draws the same runs, so a rerun continues the same search
-batch_lo, batch_hi = 32, 512  # sequences per optimizer step, powers of two
-seq_len_lo, seq_len_hi = 32, 512  # block_size in tokens, powers of two
-n_embd_lo, n_embd_hi = 64, 512    # log-uniform, rounded to a multiple of 16
-n_layer_lo, n_layer_hi = 2, 8     # uniform
-n_head_lo, n_head_hi = 2, 8       # uniform; draws whose n_head does not divide n_embd are skipped
-min_lr_lo, min_lr_hi = 1e-5, 1e-3  # min_lr, log-uniform
-min_params, max_params = 0, 50_000_000  # parameters (num_params, embeddings included); others are skipped
+batch_lo = 32                 # sequences per optimizer step, a power of two from batch_lo...
+batch_hi = 512                # ...to batch_hi
+seq_len_lo = 32               # block_size in tokens, a power of two from seq_len_lo...
+seq_len_hi = 512              # ...to seq_len_hi
+n_embd_lo = 64                # width, log-uniform from n_embd_lo...
+n_embd_hi = 512               # ...to n_embd_hi, rounded to a multiple of 16
+n_layer_lo = 2                # layers, uniform from n_layer_lo...
+n_layer_hi = 8                # ...to n_layer_hi
+n_head_lo = 2                 # heads, uniform over n_head_lo...
+n_head_hi = 8                 # ...n_head_hi that divide the width (into an even head size with RoPE)
+min_lr_lo = 1e-5              # min_lr, log-uniform from min_lr_lo...
+min_lr_hi = 1e-3              # ...to min_lr_hi
+min_params = 0                # parameters (num_params, embeddings included) at least...
+max_params = 50_000_000       # ...and at most; draws outside are skipped
 max_micro_batch = 0           # sequences per forward pass at most, the rest by gradient accumulation; 0 = no cap
 
-ABLATIONS = {  # EXPERIMENTS.md §2: each changes one switch of the modern baseline
-    "baseline": {},
-    "no_rmsnorm": {"norm": "none"},
-    "post_norm": {"norm_pos": "post"},
-    "no_rope": {"pos_emb": "none"},
-    "silu_ffn": {"mlp": "silu"},
-}
+CHOICES = dict(mode=("grid", "ablations", "random"), lr_scaling=("none", "linear", "sqrt"))
+ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos": "post"},  # EXPERIMENTS.md §2:
+                 no_rope={"pos_emb": "none"}, silu_ffn={"mlp": "silu"})  # each changes one switch of the baseline
+RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")  # the random search's <name>_lo, _hi
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
 INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130)  # exit statuses of a Ctrl-C'd or terminated run
 STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")  # table order
 SET_BY_SWEEP = ("out_dir", "resume")
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size", "min_lr", "max_lr",
          "warmup_steps", "max_steps")  # set per run by the random search
-LR_KEYS = ("max_lr", "min_lr")  # scaled with the batch size
+COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f", val_ppl=".2f",  # and formats
+               hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
 
 
-def bad_setting(message):
-    """Exit 2, as utils.apply_overrides does for a bad --name=value."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def check_settings():
+    utils.require(sweep_dir != "", "--sweep_dir must name a folder")
+    utils.require(os.path.isfile(os.path.join(HERE, script)), f"--script={script}: no such file in {HERE}")
+    for name, low in (("parallel", 1), ("base_batch", 1), ("n_samples", 1), ("max_micro_batch", 0),
+                      ("min_params", 0)):
+        utils.require(globals()[name] >= low, f"--{name}={globals()[name]}: want at least {low}")
+    utils.require(min_params <= max_params, f"--max_params={max_params}: want at least --min_params={min_params}")
+    utils.require(0 <= min_lr_ratio <= 1, f"--min_lr_ratio={min_lr_ratio}: want 0 (off) to 1")
+    utils.require(flop_budget is None or (type(flop_budget) in (int, float) and 0 < flop_budget < math.inf),
+                  f"--flop_budget={flop_budget}: want a number of FLOPs above 0 (or leave it out)")
+    utils.require(mode != "random" or flop_budget is not None, "--mode=random needs --flop_budget")
+    for name in RANGES:
+        lo, hi = globals()[f"{name}_lo"], globals()[f"{name}_hi"]
+        utils.require(0 < lo <= hi < math.inf, f"--{name}_lo={lo}, --{name}_hi={hi}: want 0 < lo <= hi")
+        utils.require(name not in ("batch", "seq_len") or 2 ** math.ceil(math.log2(lo)) <= hi,
+                      f"--{name}_lo={lo}, --{name}_hi={hi}: the range holds no power of two")
 
 
 # -----------------------------------------------------------------------------
-# the command line: the sweep's own settings, the trainer's fixed overrides and its grid axes
+# the plan: a list of runs {name, overrides (name -> text), reason (why skipped) or None}
 
 
-def load_trainer(path):
-    """The trainer's settings (defaults) and its diverged exit status; importing it runs nothing."""
-    if not os.path.isfile(path):
-        bad_setting(f"--script {path} does not exist")
-    spec = importlib.util.spec_from_file_location("sweep_trainer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    settings = {k: v for k, v in utils.settings_of(vars(module)).items() if not k.isupper()}  # not HERE etc.
-    return settings, getattr(module, "EXIT_DIVERGED", getattr(module, "_EXIT_DIVERGED", 3))
+def split_argv(argv):
+    """(sweep.py's own arguments, the trainer's {name: text}); --help is sweep.py's."""
+    if "--help" in argv or "-h" in argv:
+        return ["--help"], {}
+    own, pairs = utils.settings_of(globals()), utils.split_args(argv)
+    return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
 
 
-def parse_trainer_args(argv, defaults):
-    """(fixed overrides, grid axes) as text, each value checked against the trainer's settings (exit 2)."""
-    fixed, axes = {}, {}
-    for arg in argv:
-        name, _, text = arg.removeprefix("--").partition("=")
-        if name not in defaults or name in SET_BY_SWEEP:
-            bad_setting(f"{arg!r} is neither a sweep.py setting nor one of {script}'s"
-                        f"{' (sweep.py sets it)' if name in SET_BY_SWEEP else ''}. Trainer settings:\n  "
-                        + ", ".join(k for k in defaults if k not in SET_BY_SWEEP))
-        values = [v.strip() for v in text.split(",")]
-        for v in values:
+def trainer_overrides(passed):
+    """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text, each value checked."""
+    spec = importlib.util.spec_from_file_location("sweep_trainer", os.path.join(HERE, script))
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)  # defines its settings and CHOICES, trains nothing
+    defaults, choices = utils.settings_of(vars(trainer)), vars(trainer).get("CHOICES", {})
+    axes = {k: [v.strip() for v in text.split(",")] for k, text in passed.items() if "," in text}
+    for name, text in passed.items():
+        utils.require(name in defaults and name not in SET_BY_SWEEP,
+                      f"--{name} is neither a sweep.py setting nor one of {script}'s that sweep.py passes on")
+        for v in axes.get(name, [text]):
             try:
-                utils.parse_value(name, v, defaults[name])
+                value = utils.parse_value(name, v, defaults[name])
             except ValueError as e:
-                bad_setting(f"cannot parse {arg!r}: {e}")
-        if len(values) > 1:
-            axes[name] = values
-        else:
-            fixed[name] = text
-    return fixed, axes
+                utils.bad_setting(f"cannot parse --{name}={v}: {e}")
+            utils.require(value in choices.get(name, [value]), f"--{name}={v}: allowed values are {choices.get(name)}")
+    fixed = {k: v for k, v in passed.items() if k not in axes}
+    if mode == "random":
+        utils.require(all(k in defaults for k in DRAWN), f"--mode=random: {script} lacks train_gpt2.py's settings")
+        taken = [k for k in passed if k in DRAWN or k in axes]
+        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws {', '.join(DRAWN)} itself (set "
+                      f"their ranges instead) and takes no grid axes")
+    elif flop_budget is not None:  # the trainer derives max_steps from it
+        utils.require("flop_budget" in defaults, f"--flop_budget: {script} has no such setting")
+        fixed["flop_budget"] = f"{flop_budget:g}"
+    return defaults, fixed, axes
+
+
+def with_batch_and_lr(overrides, defaults):
+    """A batch-size point: micro_batch_size alone also sets total_batch_size (no accumulation); min_lr follows
+    min_lr_ratio; with lr_scaling linear | sqrt both LRs are multiplied by (batch / base_batch) ** (1 | 0.5)."""
+    ov = dict(overrides)
+
+    def get(name):
+        return utils.parse_value(name, ov[name], defaults[name]) if name in ov else defaults.get(name)
+    if "micro_batch_size" in ov and "total_batch_size" in defaults and "total_batch_size" not in ov:
+        ov["total_batch_size"] = str(get("micro_batch_size") * get("block_size"))
+    if min_lr_ratio > 0:
+        ov["min_lr"] = f"{get('max_lr') * min_lr_ratio:.4g}"
+    if lr_scaling != "none":  # batch: train_gpt2.py's sequences per step, train_lstm.py's streams
+        tokens = get("total_batch_size")
+        batch = tokens / get("block_size") if tokens else get("micro_batch_size")
+        factor = (batch / base_batch) ** (1.0 if lr_scaling == "linear" else 0.5)
+        ov.update({k: f"{get(k) * factor:.4g}" for k in ("max_lr", "min_lr")})
+    return ov
 
 
 def run_name(parts):
@@ -126,102 +167,63 @@ def run_name(parts):
     return name if len(name) <= 80 else name[:70] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
-def setting(name, overrides, defaults):
-    return utils.parse_value(name, overrides[name], defaults[name]) if name in overrides else defaults.get(name)
-
-
-def with_batch_and_lr(overrides, defaults, rule, base):
-    """A batch-size point: micro_batch_size alone also sets total_batch_size (no accumulation), and with rule
-    linear | sqrt the LRs are multiplied by (batch / base) ** (1 | 0.5), batch = sequences per step."""
-    ov = dict(overrides)
-    if "micro_batch_size" in ov and "total_batch_size" in defaults and "total_batch_size" not in ov:
-        ov["total_batch_size"] = str(setting("micro_batch_size", ov, defaults) * setting("block_size", ov, defaults))
-    if min_lr_ratio > 0:
-        ov["min_lr"] = f"{setting('max_lr', ov, defaults) * min_lr_ratio:.4g}"
-    if rule == "none":
-        return ov
-    if rule not in ("linear", "sqrt") or base <= 0:
-        bad_setting(f"--lr_scaling must be none, linear or sqrt (got {rule!r}) with --base_batch > 0")
-    if "total_batch_size" in defaults:  # train_gpt2.py: tokens per step / tokens per sequence
-        batch = setting("total_batch_size", ov, defaults) / setting("block_size", ov, defaults)
-    else:  # train_lstm.py: streams per step
-        batch = setting("micro_batch_size", ov, defaults)
-    factor = (batch / base) ** (1.0 if rule == "linear" else 0.5)
-    for k in LR_KEYS:
-        ov[k] = f"{setting(k, ov, defaults) * factor:.4g}"
-    return ov
-
-
-# -----------------------------------------------------------------------------
-# the plan: a list of runs {name, overrides (name -> text), reason (why skipped) or None, info}
-
-
-def plan_grid(fixed, axes, defaults, variants=None):
-    """Every point of the axes (command-line order), times each named variant (ablation) when given."""
+def plan_grid(fixed, axes, defaults):
+    """Every point of the axes (command-line order), times each ablation in --mode=ablations."""
     runs = []
-    for variant, changes in (variants or {"": {}}).items():
+    for variant, changes in (ABLATIONS if mode == "ablations" else {"": {}}).items():
         for point in itertools.product(*axes.values()):
-            ax = dict(zip(axes, point))
-            name = "_".join(filter(None, [variant, run_name(ax)])) or "default"
-            ov = with_batch_and_lr({**fixed, **changes, **ax}, defaults, lr_scaling, base_batch)
-            runs.append(dict(name=name, overrides=ov, reason=None, info={}))
+            ax = dict(zip(axes, point, strict=True))
+            runs.append(dict(name="_".join(filter(None, [variant, run_name(ax)])) or "default", reason=None,
+                             overrides=with_batch_and_lr({**fixed, **changes, **ax}, defaults)))
     return runs
-
-
-def log_uniform(rng, lo, hi):
-    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-
-
-def power_of_two(rng, lo, hi):
-    return 2 ** rng.randint(math.ceil(math.log2(lo)), math.floor(math.log2(hi)))
 
 
 def plan_random(fixed, defaults):
     """§3: draw configs until n_samples fit; max_steps = flop_budget // (flops_per_token x tokens per step)."""
-    import torch
-    import data
-    from model import GPT, GPTConfig
-    if [k for k in DRAWN if k not in defaults]:
-        bad_setting(f"--mode=random draws GPT settings ({', '.join(DRAWN)}) that {script} does not have")
-    if [k for k in DRAWN if k in fixed]:
-        bad_setting(f"the random search draws {[k for k in DRAWN if k in fixed]}; set their ranges instead")
     cfg = {**defaults, **{k: utils.parse_value(k, v, defaults[k]) for k, v in fixed.items()}}
     if not cfg["vocab_size"]:  # as train_gpt2.py: the data's vocabulary rounded up to a multiple of 64
         meta = data.read_meta(os.path.join(HERE, cfg["data_dir"]))
         cfg["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64) if meta else 50304
     cfg = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg}
-    rng, runs, seen = random.Random(random_seed), [], set()
+    rng, runs, rope = random.Random(random_seed), [], cfg["pos_emb"] == "rope"
+
+    def log_uniform(lo, hi):
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+    def power_of_two(lo, hi):
+        return 2 ** rng.randint(math.ceil(math.log2(lo)), math.floor(math.log2(hi)))
     for _ in range(100 * n_samples):  # a bound, for ranges that leave (almost) nothing
         if sum(r["reason"] is None for r in runs) == n_samples:
             break
-        L, H = rng.randint(n_layer_lo, n_layer_hi), rng.randint(n_head_lo, n_head_hi)
-        C = min(n_embd_hi, max(n_embd_lo, 16 * round(log_uniform(rng, n_embd_lo, n_embd_hi) / 16)))
-        B, T = power_of_two(rng, batch_lo, batch_hi), power_of_two(rng, seq_len_lo, seq_len_hi)
-        lr = f"{log_uniform(rng, min_lr_lo, min_lr_hi):.3g}"
+        L = rng.randint(n_layer_lo, n_layer_hi)
+        C = min(n_embd_hi, max(n_embd_lo, 16 * round(log_uniform(n_embd_lo, n_embd_hi) / 16)))
+        heads = [h for h in range(n_head_lo, n_head_hi + 1) if C % h == 0 and not (rope and C // h % 2)]
+        H = rng.choice(heads) if heads else None  # only head counts that fit the width: no draw is wasted
+        B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
+        lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
         micro = max(d for d in range(1, min(B, max_micro_batch or B) + 1) if B % d == 0)
         name = f"L{L}_H{H}_C{C}_B{B}_T{T}_lr{lr}"
-        if name in seen:
+        if any(r["name"] == name for r in runs):
             continue
-        seen.add(name)
         ov = dict(fixed, n_layer=str(L), n_head=str(H), n_embd=str(C), block_size=str(T), micro_batch_size=str(micro),
                   total_batch_size=str(B * T), min_lr=lr, max_lr=f"{10 * float(lr):.3g}")
-        reason, info = None, {"flop_budget": flop_budget}
-        try:
-            config = GPTConfig(**{**cfg, "n_layer": L, "n_head": H, "n_embd": C, "block_size": T})
-        except ValueError as e:  # n_head not dividing n_embd, an odd RoPE head size
-            reason = f"n_head {H} does not divide n_embd {C}" if C % H else str(e)
-        if reason is None:
+        reason = None
+        if H is None:
+            reason = f"no n_head in [{n_head_lo}, {n_head_hi}] divides n_embd {C}" + " into even heads" * rope
+        else:
+            try:
+                config = GPTConfig(**{**cfg, "n_layer": L, "n_head": H, "n_embd": C, "block_size": T})
+            except ValueError as e:  # drawn values always fit: a fixed setting is wrong for every draw
+                utils.bad_setting(str(e))
             with torch.device("meta"):  # shapes only: no memory, no init time
                 model = GPT(config)
-            params, fpt = model.num_params(), model.flops_per_token()
-            steps = int(flop_budget // (fpt * B * T))
-            info.update(params=params, flops_per_token=fpt, max_steps=steps, tokens=steps * B * T)
+            params, steps = model.num_params(), int(flop_budget // (model.flops_per_token() * B * T))
+            ov.update(max_steps=str(steps), warmup_steps=str(steps // 10))
             if not min_params <= params <= max_params:
                 reason = f"{params:,} params outside [{min_params:,}, {max_params:,}]"
             elif steps < 1:
                 reason = f"flop_budget {flop_budget:g} buys no step of {B * T} tokens"
-            ov.update(max_steps=str(steps), warmup_steps=str(steps // 10))
-        runs.append(dict(name=name, overrides=ov, reason=reason, info=info))
+        runs.append(dict(name=name, overrides=ov, reason=reason))
     if sum(r["reason"] is None for r in runs) < n_samples:
         print(f"warning: only {sum(r['reason'] is None for r in runs)} of {n_samples} runs fit the ranges")
     return runs
@@ -232,56 +234,50 @@ def plan_random(fixed, defaults):
 
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
 
 
 def read_events(run_dir):
-    """The run's log.jsonl, without a last line cut short by a killed run."""
-    events, path = [], os.path.join(run_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    pass
+    """log.jsonl's events. A line that does not parse (a running run's half-written last one) is left out
+    quietly: utils.read_log would warn on stderr, and redirecting stderr is not safe in worker threads."""
+    events = []
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "log.jsonl"), errors="replace") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                events.append(json.loads(line))
     return events
 
 
-def classify(rc, run_dir, exit_diverged=3):
+def classify(rc, run_dir):
     """finished | interrupted | diverged | oom | failed, from the exit status, log.jsonl and stdout.log."""
     if rc == 0:
         return "finished"
     if rc in INTERRUPTED:
         return "interrupted"
-    if rc == exit_diverged or any(e.get("event") == "diverged" for e in read_events(run_dir)):
+    if rc == utils.EXIT_DIVERGED or any(e.get("event") == "diverged" for e in read_events(run_dir)):
         return "diverged"
-    path = os.path.join(run_dir, "stdout.log")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 65536))  # the traceback is at the end
-            tail = f.read().decode(errors="replace").lower()
-        if "out of memory" in tail or "outofmemoryerror" in tail:
-            return "oom"
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "stdout.log"), errors="replace") as f:
+        tail = f.read()[-65536:].lower()  # a traceback is at the end
+        return "oom" if "out of memory" in tail or "outofmemoryerror" in tail else "failed"
     return "failed"
 
 
-def launch(run, gpu, trainer_path, exit_diverged):
+def launch(run, gpu):
     run_dir, resume = run["dir"], run["resume"]
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
         for path in utils.checkpoint_paths(run_dir) + [os.path.join(run_dir, "log.jsonl")]:
-            if os.path.exists(path):
-                os.remove(path)
-    command = [sys.executable, trainer_path, f"--out_dir={run_dir}"]
-    command += [f"--{k}={v}" for k, v in run["overrides"].items()] + (["--resume=True"] if resume else [])
+            utils.remove_quietly(path)
+    command = [sys.executable, os.path.join(HERE, script), f"--out_dir={run_dir}"]
+    command += [f"--{k}={v}" for k, v in run["overrides"].items()] + ["--resume=True"] * resume
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
     if "OMP_NUM_THREADS" not in os.environ:  # parallel runs share the cores instead of each taking all of them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, parallel)))
-    record = dict(name=run["name"], overrides=run["overrides"], info=run["info"], command=command, state="running",
-                  exit_code=None, runtime_s=None, gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    record = dict(name=run["name"], overrides=run["overrides"], command=command, state="running", exit_code=None,
+                  runtime_s=None, gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
-    print(f"   launched {run['name']}" + (f" on GPU {gpu}" if gpu else "") + (" (resumed)" * resume), flush=True)
+    print(f"   launched {run['name']}" + f" on GPU {gpu}" * bool(gpu) + " (resumed)" * resume, flush=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
         try:
@@ -289,26 +285,23 @@ def launch(run, gpu, trainer_path, exit_diverged):
         except OSError as e:  # it could not even start: this run failed, the sweep goes on
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
-    record.update(state=classify(rc, run_dir, exit_diverged), exit_code=rc,
-                  runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
+    record.update(state=classify(rc, run_dir), exit_code=rc, runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
     print(f"{record['state']:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)", flush=True)
 
 
-def run_all(runs, trainer_path, exit_diverged):
+def run_all(runs):
     """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)]."""
-    slots = queue.Queue()
+    gpu_list, slots = [g.strip() for g in gpus.split(",") if g.strip()], queue.Queue()
     for i in range(parallel):
-        slots.put(i)
-    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
+        slots.put(gpu_list[i % len(gpu_list)] if gpu_list else None)
 
     def work(run):
-        slot = slots.get()
+        gpu = slots.get()
         try:
-            launch(run, gpu_list[slot % len(gpu_list)] if gpu_list else None, trainer_path, exit_diverged)
+            launch(run, gpu)
         finally:
-            slots.put(slot)
-
+            slots.put(gpu)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
     try:
         for future in concurrent.futures.as_completed([pool.submit(work, run) for run in runs]):
@@ -321,153 +314,131 @@ def run_all(runs, trainer_path, exit_diverged):
 # -----------------------------------------------------------------------------
 # results: one table sorted by val loss (Markdown and CSV) and plots
 
-COLUMNS = ("run", "overrides", "params", "tokens", "best_val_loss", "val_ppl", "hellaswag_acc_norm", "runtime_s",
-           "state", "note")
-
 
 def summarize(run_dir):
-    """One table row (plus max_lr, batch and the train loss curve, for the plots) from run.json and log.jsonl."""
+    """One table row, plus max_lr, batch and the train loss curve for the plots, from run.json and log.jsonl."""
     rec, events = read_json(os.path.join(run_dir, "run.json")), read_events(run_dir)
     start = next((e for e in events if e.get("event") == "start"), {})
     s = start.get("settings", {})
     curve = [(e["step"], e["train_loss"]) for e in events if "train_loss" in e]
-    vals = [e["val_loss"] for e in events if "val_loss" in e and math.isfinite(e["val_loss"])]
+    best = min((e["val_loss"] for e in events if "val_loss" in e and math.isfinite(e["val_loss"])), default=None)
     hellaswag = [e["hellaswag_acc_norm"] for e in events if e.get("hellaswag_acc_norm") is not None]
     bad = [e["step"] for e in events if e.get("event") == "diverged"]
-    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad] + [0])  # steps run, the diverging one included
-    # tokens per step: train_gpt2.py's total_batch_size, or train_lstm.py's streams x block_size x processes
-    step_tokens = s.get("total_batch_size") or s.get("micro_batch_size", 0) * s.get("block_size", 0) * start.get(
-        "world_size", 1)
-    best = min(vals) if vals else None
+    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad], default=0)  # the diverging step included
+    # sequences per step: train_gpt2.py's total_batch_size / block_size, train_lstm.py's streams x processes
+    batch = s["total_batch_size"] // s["block_size"] if s.get("total_batch_size") else (
+        s.get("micro_batch_size", 0) * start.get("world_size", 1))
     note = rec.get("reason") or (f"NaN/inf at step {bad[0]}" if bad else "") or (
         f"exit {rec['exit_code']}" if rec.get("exit_code") else "")
-    params = start.get("params", rec.get("info", {}).get("params"))  # skipped runs: from the plan
-    return dict(run=rec["name"], overrides=rec["overrides"], params=params, tokens=steps * step_tokens or None,
-                best_val_loss=best, val_ppl=math.exp(best) if best is not None and best < 700 else None,
+    return dict(run=rec["name"], overrides=rec["overrides"], params=start.get("params"),
+                tokens=steps * batch * s.get("block_size", 0) or None, best_val_loss=best,
+                val_ppl=math.exp(best) if best is not None and best < 700 else None,
                 hellaswag_acc_norm=hellaswag[-1] if hellaswag else None, runtime_s=rec.get("runtime_s"),
-                state=rec["state"], note=note, max_lr=s.get("max_lr"),
-                batch=step_tokens // s["block_size"] if step_tokens else None, curve=curve)
-
-
-def cell(row, column, varying):
-    v = row[column]
-    if column == "overrides":  # the table shows what differs between runs; run.json and the CSV have all
-        return " ".join(f"{k}={x}" for k, x in v.items() if k in varying or not varying)
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.0f}" if column == "runtime_s" else f"{v:.4f}" if column != "val_ppl" else f"{v:.2f}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
+                state=rec["state"], note=note, max_lr=s.get("max_lr"), batch=batch or None, curve=curve)
 
 
 def report(folder):
-    """results.md, results.csv and plots from every run folder in the sweep folder; returns the rows."""
-    dirs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "run.json")))
-    rows = [summarize(os.path.join(folder, d)) for d in dirs]
-    rows.sort(key=lambda r: (STATES.index(r["state"]) if r["state"] in STATES else len(STATES),
-                             r["best_val_loss"] if r["best_val_loss"] is not None else math.inf, r["run"]))
-    keys = {k for r in rows for k in r["overrides"]}
-    varying = {k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r, c, varying).replace("|", "/") for c in COLUMNS) + " |" for r in rows]
+    """results.md and results.csv (finished runs first, by best val loss) and the plots; an error without runs."""
+    dirs = os.listdir(folder) if os.path.isdir(folder) else []
+    dirs = sorted(d for d in dirs if os.path.isfile(os.path.join(folder, d, "run.json")))
+    if not dirs:
+        raise SystemExit(f"error: no runs found in {folder}")
+    rows = sorted((summarize(os.path.join(folder, d)) for d in dirs), key=lambda r: (
+        STATES.index(r["state"]), math.inf if r["best_val_loss"] is None else r["best_val_loss"], r["run"]))
+    # the Markdown table shows the overrides that differ between runs (all if none do); the CSV has all
+    every = {k for r in rows for k in r["overrides"]}
+    varying = {k for k in every if len({r["overrides"].get(k) for r in rows}) > 1} or every
+
+    def cells(r, keys):
+        return {**r, "overrides": " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k in keys)}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"] + [
+        "| " + " | ".join("" if r[c] is None else f"{r[c]:{f}}".replace("|", "/") for c, f in COLUMNS.items()) + " |"
+        for r in (cells(r, varying) for r in rows)]
     utils.atomic_write(os.path.join(folder, "results.md"), lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
     def write_csv(f):
-        out = csv.writer(f, lineterminator="\n")
-        out.writerow(COLUMNS)
-        out.writerows([cell(r, c, set()) if c == "overrides" else r[c] for c in COLUMNS] for r in rows)
+        out = csv.DictWriter(f, list(COLUMNS), extrasaction="ignore", lineterminator="\n")
+        out.writeheader()
+        out.writerows(cells(r, every) for r in rows)
     utils.atomic_write(os.path.join(folder, "results.csv"), write_csv, mode="w")
     print("\n".join(lines) + f"\ntable: {folder}/results.md and results.csv; " + plot(folder, rows))
-    return rows
 
 
 def plot(folder, rows):
-    """Best val loss vs max LR (a line per batch size) and vs batch size; every train loss curve in one figure."""
+    """Best val loss vs max LR (a line per batch size) and vs batch size, and every train loss curve. A plot
+    with one x value (one LR, one batch size) would be a bare vertical line: it is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plots: matplotlib is not installed (pip install matplotlib)"
-    done = [r for r in rows if r["state"] == "finished" and r["best_val_loss"] is not None and r["max_lr"]]
+    done = [r for r in rows if r["state"] == "finished" and r["best_val_loss"] is not None and r["batch"]]
     by_batch = {f"batch {b}": [(r["max_lr"], r["best_val_loss"]) for r in done if r["batch"] == b]
                 for b in sorted({r["batch"] for r in done})}
-    figures = [("val_loss_vs_lr.png", "max LR", "best val loss", by_batch),
-               ("val_loss_vs_batch.png", "batch (sequences per step)", "best val loss",  # one line: LRs may be scaled
-                {"": [(r["batch"], r["best_val_loss"]) for r in done]}),
-               ("train_loss.png", "step", "train loss", {f"{r['run']} ({r['state']})": r["curve"] for r in rows})]
-    for name, xlabel, ylabel, series in figures:
+    figures = [("val_loss_vs_lr.png", "max LR", 10, by_batch),  # the batch plot has one line: LRs may be scaled
+               ("val_loss_vs_batch.png", "batch size", 2, {"": [(r["batch"], r["best_val_loss"]) for r in done]}),
+               ("train_loss.png", "step", None, {f"{r['run']} ({r['state']})": r["curve"] for r in rows})]
+    said = []
+    for name, xlabel, log_base, series in figures:
+        xs = {x for points in series.values() for x, _ in points}
+        if len(xs) < 2:
+            said.append(f"{name} skipped ({'one ' + xlabel if xs else 'nothing to draw'})")
+            continue
         fig, ax = plt.subplots(figsize=(8, 5))
         for label, points in series.items():
-            if points:
-                ax.plot(*zip(*sorted(points)), marker="o" if len(points) < 50 else None, label=label or None)
-        if name != "train_loss.png" and done:
-            ax.set_xscale("log", base=10 if name == "val_loss_vs_lr.png" else 2)
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=os.path.basename(os.path.normpath(folder)))
+            ax.plot(*zip(*sorted(points), strict=True), marker="o" if len(points) < 50 else None, label=label or None)
+        if log_base:
+            ax.set_xscale("log", base=log_base)
+        ax.set(xlabel=xlabel, ylabel="best val loss" if log_base else "train loss",
+               title=os.path.basename(os.path.normpath(folder)))
         ax.grid(alpha=0.3)
         if 0 < len(ax.get_legend_handles_labels()[1]) <= 20:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        utils.atomic_write(os.path.join(folder, name), lambda f: fig.savefig(f, format="png", dpi=100))
+        utils.atomic_write(os.path.join(folder, name), lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
-    return "plots: " + ", ".join(f[0] for f in figures)
+        said.append(name)
+    return "plots: " + ", ".join(said)
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
-    own = list(utils.settings_of(globals()))
-    if "--help" in argv or "-h" in argv:
-        utils.apply_overrides(globals(), ["--help"])  # prints the docstring and the settings, exits 0
-    bad = [a for a in argv if not a.startswith("--") or "=" not in a]
-    if bad:
-        bad_setting(f"{bad} are not --name=value")
-    mine = [a for a in argv if a[2:].partition("=")[0] in own]
-    utils.apply_overrides(globals(), mine)
+    own_args, passed = split_argv(argv)
+    utils.apply_overrides(globals(), own_args, CHOICES)
+    check_settings()
     folder = os.path.join(HERE, sweep_dir)  # an absolute sweep_dir stays as it is
     if report_only:
-        if not os.path.isdir(folder):
-            bad_setting(f"--sweep_dir {folder} does not exist")
         report(folder)
         return
-    if mode not in ("grid", "ablations", "random") or parallel < 1:
-        bad_setting(f"--mode must be grid, ablations or random (got {mode!r}) and --parallel >= 1")
-    trainer_path = os.path.join(HERE, script)
-    defaults, exit_diverged = load_trainer(trainer_path)
-    fixed, axes = parse_trainer_args([a for a in argv if a not in mine], defaults)
-    if mode == "random":
-        if axes or not flop_budget:
-            bad_setting(f"--mode=random needs --flop_budget and takes no grid axes (got {list(axes)})")
-        runs = plan_random(fixed, defaults)
-    else:
-        if flop_budget:
-            fixed["flop_budget"] = f"{flop_budget:g}"
-        runs = plan_grid(fixed, axes, defaults, ABLATIONS if mode == "ablations" else None)
-
+    defaults, fixed, axes = trainer_overrides(passed)
+    runs = plan_random(fixed, defaults) if mode == "random" else plan_grid(fixed, axes, defaults)
+    utils.require(len({r["name"] for r in runs}) == len(runs), "two runs would share a folder: a value is repeated")
+    for path in sorted({os.path.join(HERE, r["overrides"].get("data_dir", defaults.get("data_dir", ".")))
+                        for r in runs}):  # resolved as the trainers do: relative to this folder
+        if not os.path.isdir(path):
+            print(f"warning: the data folder {path} does not exist: prepare it first, or set --data_dir")
+    lock = None if dry_run else utils.lock_folder(folder, "sweep")
     todo, kept = [], []
-    if len({r["name"] for r in runs}) < len(runs):
-        bad_setting("two runs would share a folder: is a value repeated in a comma list?")
     for run in runs:
         run["dir"] = os.path.join(folder, run["name"])
-        path = os.path.join(run["dir"], "run.json")
-        old = read_json(path) if os.path.exists(path) else None
-        if old and old["overrides"] != run["overrides"]:
-            then, now = old["overrides"], run["overrides"]
-            diff = {k: (then.get(k), now.get(k)) for k in {**then, **now} if then.get(k) != now.get(k)}
-            bad_setting(f"{path} was run with other overrides (then, now: {diff}); use another --sweep_dir")
+        old = read_json(os.path.join(run["dir"], "run.json")) or {"state": "new", "overrides": run["overrides"]}
+        changed = sorted(k for k in {**old["overrides"], **run["overrides"]}
+                         if old["overrides"].get(k) != run["overrides"].get(k))
+        utils.require(not changed, f"{run['dir']} was run with other values of {changed}: use another --sweep_dir")
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
-            what = f"skipped, {run['reason']}" if run["reason"] else what
-            print(f"{run['name']} ({old['state'] if old else 'new'}): {what}")
+            print(f"{run['name']} ({old['state']}): " + (f"skipped, {run['reason']}" if run["reason"] else what))
         elif run["reason"]:
-            utils.atomic_write_json(path, dict(name=run["name"], overrides=run["overrides"], info=run["info"],
-                                               state="skipped", reason=run["reason"], exit_code=None, runtime_s=None))
-        elif old and (old["state"] == "finished" or (old["state"] in RETRYABLE and not retry_failed)):
-            kept.append(f"{old['state']:>11} {run['name']}" + ("" if old["state"] == "finished" else
-                                                                 " (--retry_failed=True relaunches it)"))
+            utils.atomic_write_json(os.path.join(run["dir"], "run.json"), dict(
+                name=run["name"], overrides=run["overrides"], state="skipped", reason=run["reason"]))
+        elif old["state"] == "finished" or (old["state"] in RETRYABLE and not retry_failed):
+            kept.append(f"{old['state']:>11} {run['name']}" + " (--retry_failed=True relaunches it)" * (
+                old["state"] != "finished"))
         else:  # new, interrupted (continues from its last checkpoint if it has one), or retried from scratch
-            interrupted = old is not None and old["state"] in ("running", "interrupted")
+            interrupted = old["state"] in ("running", "interrupted")
             run["resume"] = interrupted and "resume" in defaults and bool(utils.checkpoint_paths(run["dir"]))
             run["runtime_s"] = (old.get("runtime_s") or 0) if run["resume"] else 0
             os.makedirs(run["dir"], exist_ok=True)
@@ -476,9 +447,9 @@ def main(argv):
         return
     print("\n".join(kept + [f"{len(todo)} runs to launch, {len(kept)} kept from before, "
                             f"{sum(r['reason'] is not None for r in runs)} skipped before launch"]), flush=True)
-    run_all(todo, trainer_path, exit_diverged)
-    if os.path.isdir(folder):
-        report(folder)
+    run_all(todo)
+    report(folder)
+    lock.close()
 
 
 if __name__ == "__main__":
