@@ -32,6 +32,7 @@ import time
 import torch
 
 import data
+import train_gpt2
 import utils
 from model import GPT, GPTConfig
 
@@ -181,9 +182,8 @@ def plan_grid(fixed, axes, defaults):
 def plan_random(fixed, defaults):
     """§3: draw configs until n_samples fit; max_steps = flop_budget // (flops_per_token x tokens per step)."""
     cfg = {**defaults, **{k: utils.parse_value(k, v, defaults[k]) for k, v in fixed.items()}}
-    if not cfg["vocab_size"]:  # as train_gpt2.py: the data's vocabulary rounded up to a multiple of 64
-        meta = data.read_meta(os.path.join(HERE, cfg["data_dir"]))
-        cfg["vocab_size"] = 64 * math.ceil(meta["vocab_size"] / 64) if meta else 50304
+    if not cfg["vocab_size"]:  # as train_gpt2.py derives it from the data
+        cfg["vocab_size"] = train_gpt2.model_vocab_size(data.read_meta(os.path.join(HERE, cfg["data_dir"])))
     cfg = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg}
     rng, runs, rope = random.Random(random_seed), [], cfg["pos_emb"] == "rope"
 
