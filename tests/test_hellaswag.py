@@ -286,8 +286,9 @@ def test_cli_bad_data_file_is_one_line_before_any_model_loads(tmp_path, content)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and out.stderr.startswith(f"error: {tmp_path}/val.jsonl")
 
 
-def test_train_gpt2_with_a_binary_hellaswag_file_stops_with_one_line(tmp_path):
-    """train_gpt2.py reads --hellaswag_file through load_examples: the same one-line error, exit 1."""
+def test_train_gpt2_with_a_binary_hellaswag_file_stops_with_one_line(tmp_path, gpt2_enc):
+    """train_gpt2.py reads --hellaswag_file through load_examples: the same one-line error, exit 1. (Without
+    the GPT-2 BPE files it skips HellaSwag before reading the file, hence the fixture.)"""
     tokens = np.random.default_rng(0).integers(0, 50257, 4000).astype(np.uint16)  # GPT-2 ids; no tokenizer needed
     data.write_shard(data.shard_name(tmp_path / "d", "t", "val", 0), tokens[:1000])
     data.write_shard(data.shard_name(tmp_path / "d", "t", "train", 1), tokens[1000:])
