@@ -29,11 +29,12 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 import data
 import utils
-from utils import apply_overrides, atomic_write, atomic_write_json
+from model import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
@@ -42,48 +43,64 @@ cache_dir = "data/hellaswag"  # download folder, relative to this script's folde
 checkpoint = None  # a train_gpt2.py checkpoint (.pt) to evaluate
 model = None  # or Hugging Face GPT-2 weights via GPT.from_pretrained: "gpt2", "gpt2-medium", ...
 device = ""  # "" = auto (cuda, mps, cpu)
-dtype = ""  # autocast dtype: "" = bfloat16 on cuda, float32 elsewhere; or float32/bfloat16/float16
+dtype = ""  # autocast dtype: "" = bfloat16 on cuda, float32 elsewhere; or float32 | bfloat16 | float16
 limit = 0  # score only the first N examples (0 = all 10,042)
-style = "completion"  # "completion" (build-nanogpt/llm.c) or "harness" (lm-eval-harness); see above
+style = "completion"  # completion (build-nanogpt/llm.c) | harness (lm-eval-harness); see above
 skip_bad = False  # skip malformed lines (with a count) instead of stopping at the first one
-batch_size = 16  # examples per forward pass (4 rows each)
+batch_size = 16  # examples per forward pass (4 rows each), >= 1
 json_out = None  # also write the figures to this JSON file (atomically)
 
-# fixed facts about the data set, not settings (the leading underscore keeps them out of --name=value)
-_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-_N_LINES = 10042  # non-empty lines of the official validation file
-_RETRIES = 3  # download attempts, waiting 1 s, 2 s, 4 s between them
-_STYLES = ("completion", "harness")
+# fixed facts about the data set
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+N_LINES = 10042  # non-empty lines of the official validation file
+RETRIES = 3  # download attempts, waiting 1 s, 2 s, 4 s between them
+STYLES = ("completion", "harness")
+CHOICES = dict(dtype=utils.DTYPES, style=STYLES)
+
+
+def check_settings():
+    utils.require((checkpoint is None) != (model is None),
+                  "--checkpoint and --model: give exactly one of them "
+                  "(--checkpoint=path/to/ckpt.pt or --model=gpt2)")
+    utils.require(limit >= 0, f"--limit must be >= 0 (0 = all), got {limit}")
+    utils.require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
+
 
 # -----------------------------------------------------------------------------
 # data: download once, verify, validate every line
 
 
 def download(folder):
-    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified, renamed."""
+    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified, renamed.
+    The file gets the permissions of any new file (the umask), and a killed download's temporary file is
+    removed by the next one."""
     import requests  # imported here: only the download needs it
-    path = os.path.join(folder, os.path.basename(_URL))
-    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, os.path.basename(URL))
     error = None
-    for attempt in range(_RETRIES):
+    for attempt in range(RETRIES):
         if attempt:
             time.sleep(2 ** (attempt - 1))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_hellaswag_")
+        tmp = None
         try:
-            with os.fdopen(fd, "wb") as f, requests.get(_URL, stream=True, timeout=30) as response:
+            os.makedirs(folder, exist_ok=True)
+            utils.remove_stale_temporaries(path)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
+            with os.fdopen(fd, "wb") as f, requests.get(URL, stream=True, timeout=30) as response:
                 response.raise_for_status()
                 for chunk in response.iter_content(chunk_size=1 << 20):
                     f.write(chunk)
-            verify(tmp, source=_URL)
+            verify(tmp, source=URL)
+            os.chmod(tmp, 0o666 & ~utils.UMASK)  # mkstemp makes 0600 files
             os.replace(tmp, path)
             record_sha256(path)  # after the rename: an interruption here leaves a file ensure_data re-verifies
             return path
-        except requests.RequestException as e:
+        except requests.RequestException as e:  # before OSError: requests' errors are OSErrors too
             error = e
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from None
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    raise SystemExit(f"could not download HellaSwag from {_URL} ({error}). On an offline machine, "
+            utils.remove_quietly(tmp)
+    raise SystemExit(f"error: could not download HellaSwag from {URL} ({error}). On an offline machine, "
                      f"fetch that file elsewhere and pass --data_file=path/to/hellaswag_val.jsonl")
 
 
@@ -92,9 +109,9 @@ def verify(path, source):
     try:
         n = len(load_examples(path, style="harness"))  # harness needs every field
     except SystemExit as e:
-        raise SystemExit(f"{source} is malformed: {e}") from None
-    if n != _N_LINES:
-        raise SystemExit(f"{source} has {n} examples, expected {_N_LINES}")
+        raise SystemExit(f"error: {source} is malformed: {str(e).removeprefix('error: ')}") from None
+    if n != N_LINES:
+        raise SystemExit(f"error: {source} has {n} examples, expected {N_LINES}")
 
 
 def sha256_of(path):
@@ -107,12 +124,17 @@ def sha256_of(path):
 
 def record_sha256(path):
     digest = sha256_of(path)
-    atomic_write(path + ".sha256", lambda f: f.write(digest + "\n"), mode="w")
+    utils.atomic_write(path + ".sha256", lambda f: f.write(digest + "\n"), mode="w")
+
+
+def read_sha256(path):
+    with open(path + ".sha256") as f:
+        return f.read().strip()
 
 
 def default_path(cache_dir=cache_dir):
     """Where the download is cached: cache_dir relative to this script's folder (an absolute one stays)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), cache_dir, os.path.basename(_URL))
+    return os.path.join(HERE, cache_dir, os.path.basename(URL))
 
 
 def ensure_data(data_file=None, cache_dir=cache_dir):
@@ -124,7 +146,7 @@ def ensure_data(data_file=None, cache_dir=cache_dir):
     """
     if data_file is not None:
         if not os.path.isfile(data_file):
-            raise SystemExit(f"--data_file={data_file}: no such file")
+            raise SystemExit(f"error: --data_file={data_file}: no such file")
         return data_file
     path = default_path(cache_dir)
     if not os.path.exists(path):
@@ -132,8 +154,8 @@ def ensure_data(data_file=None, cache_dir=cache_dir):
     if not os.path.exists(path + ".sha256"):
         verify(path, source=path)
         record_sha256(path)
-    elif open(path + ".sha256").read().strip() != sha256_of(path):
-        raise SystemExit(f"{path} changed since it was downloaded (sha256 differs from {path}.sha256); "
+    elif read_sha256(path) != sha256_of(path):
+        raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from {path}.sha256); "
                          f"delete both files to download again")
     return path
 
@@ -159,29 +181,39 @@ def check_example(ex, style):
 def load_examples(path, skip_bad=False, limit=0, style="completion"):
     """The examples of a HellaSwag JSONL file, each line validated. Blank lines are ignored.
 
-    A malformed line stops with `path:line: problem`, or is skipped (and counted on stderr) with skip_bad.
-    limit > 0 keeps the first `limit` valid examples.
+    A malformed line (not UTF-8, not JSON, not the schema) stops with `path:line: problem`, or is skipped
+    (and counted on stderr) with skip_bad. limit > 0 keeps the first `limit` valid examples. A file with
+    no examples is an error: it would score 0 out of 0.
     """
     examples, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-                problem = check_example(ex, style)
-            except json.JSONDecodeError as e:
-                problem = f"bad JSON ({e})"
-            if problem is None:
-                examples.append(ex)
-            elif skip_bad:
-                bad += 1
-            else:
-                raise SystemExit(f"{path}:{lineno}: {problem} (--skip_bad=True skips malformed lines)")
-            if limit and len(examples) == limit:
-                break
+    try:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    ex = json.loads(line.decode("utf-8"))
+                    problem = check_example(ex, style)
+                except UnicodeDecodeError:
+                    problem = "not UTF-8 text (is it a binary file?)"
+                except json.JSONDecodeError as e:
+                    problem = f"bad JSON ({e})"
+                if problem is None:
+                    examples.append(ex)
+                elif skip_bad:
+                    bad += 1
+                else:
+                    raise SystemExit(f"error: {path}:{lineno}: {problem} "
+                                     f"(--skip_bad=True skips malformed lines)")
+                if limit and len(examples) == limit:
+                    break
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
     if bad:
         print(f"hellaswag: skipped {bad} malformed line(s) of {path}", file=sys.stderr)
+    if not examples:
+        raise SystemExit(f"error: {path}: no HellaSwag examples" + (f", {bad} malformed line(s)" if bad else
+                                                                    " (an empty file?)"))
     return examples
 
 
@@ -204,12 +236,12 @@ def render_example(example, enc, style="completion"):
         context = preprocess(example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize())
         endings = [preprocess(e) for e in example["endings"]]
     else:
-        raise SystemExit(f"--style={style}: expected one of {_STYLES}")
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]  # the space belongs to the ending
     return enc.encode_ordinary(context), ending_tokens, [len(e) for e in endings]
 
 
-def ending_losses(model, rendered, device, autocast_ctx=nullcontext()):
+def ending_losses(model, rendered, device, autocast_ctx=None):
     """Summed loss and token count of every ending of `rendered` examples: two (n, 4) tensors on the CPU.
 
     One forward pass for all 4n rows, right-padded; a mask selects the ending tokens' targets.
@@ -227,12 +259,12 @@ def ending_losses(model, rendered, device, autocast_ctx=nullcontext()):
     R, L = len(rows), max(max(len(r) for r in rows) - 1, 1)
     idx = torch.zeros((R, L), dtype=torch.long)  # pad token 0: never a target, and causal attention keeps it out
     targets = torch.full((R, L), -1, dtype=torch.long)  # -1 = ignored (context and padding)
-    for i, (row, n) in enumerate(zip(rows, n_ending)):
+    for i, (row, n) in enumerate(zip(rows, n_ending, strict=True)):
         idx[i, :len(row) - 1] = torch.tensor(row[:-1])
         if n:  # 0 only for a one-token row (empty context): nothing to score
             targets[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[-n:])
     idx, targets = idx.to(device), targets.to(device)
-    with autocast_ctx:
+    with autocast_ctx or nullcontext():
         _, token_loss = model(idx, targets, reduction="none")  # (R, L) float32, 0 where ignored
     losses = token_loss.double().cpu()  # float64 sums: equal token losses tie exactly
     counts = (targets >= 0).sum(dim=1).cpu()
@@ -246,7 +278,7 @@ def predict(sum_loss, n_tokens, n_chars, style):
 
 
 @torch.no_grad()
-def score_examples(model, examples, enc, device, style="completion", autocast_ctx=nullcontext(), batch_size=16):
+def score_examples(model, examples, enc, device, style="completion", autocast_ctx=None, batch_size=16):
     """List of (pred_sum, pred_norm) ending indices, one per example, batch_size examples per forward."""
     was_training = model.training
     model.eval()
@@ -257,23 +289,21 @@ def score_examples(model, examples, enc, device, style="completion", autocast_ct
             sum_loss, n_tokens = ending_losses(model, rendered, device, autocast_ctx)
             n_chars = torch.tensor([r[2] for r in rendered], dtype=torch.float64)
             pred, pred_norm = predict(sum_loss, n_tokens, n_chars, style)
-            preds.extend(zip(pred.tolist(), pred_norm.tolist()))
+            preds.extend(zip(pred.tolist(), pred_norm.tolist(), strict=True))
         return preds
     finally:
         model.train(was_training)
 
 
-def evaluate(model, examples, enc, device, style="completion", autocast_ctx=nullcontext(),
+def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None,
              rank=0, world_size=1, batch_size=16):
     """dict(acc, acc_norm, correct, correct_norm, total, style) over all ranks' shares of `examples`."""
     shard = examples[rank::world_size]
     preds = score_examples(model, shard, enc, device, style, autocast_ctx, batch_size)
-    correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard))
-    correct_norm = sum(p == ex["label"] for (_, p), ex in zip(preds, shard))
+    correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard, strict=True))
+    correct_norm = sum(p == ex["label"] for (_, p), ex in zip(preds, shard, strict=True))
     counts = torch.tensor([correct, correct_norm, len(shard)], dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # SUM: ReduceOp.AVG does not exist on gloo
-    correct, correct_norm, total = counts.tolist()
+    correct, correct_norm, total = utils.all_reduce_sum(counts).tolist()
     return dict(acc=correct / max(total, 1), acc_norm=correct_norm / max(total, 1),
                 correct=correct, correct_norm=correct_norm, total=total, style=style)
 
@@ -286,38 +316,38 @@ def load_checkpoint(path, device):
     """A GPT from a train_gpt2.py checkpoint, on `device`."""
     ckpt = utils.load_checkpoint(path)  # weights_only=True; a clear exit for a missing or unreadable file
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise SystemExit(f"--checkpoint={path}: not a train_gpt2.py checkpoint (needs 'model' and 'model_config')")
-    from model import GPT, GPTConfig
-    if ckpt["model_config"].get("vocab_size", 0) < 50257:
-        raise SystemExit(f"--checkpoint={path}: its vocabulary has {ckpt['model_config'].get('vocab_size')} ids; "
+        raise SystemExit(f"error: --checkpoint={path}: not a train_gpt2.py checkpoint "
+                         f"(needs 'model' and 'model_config')")
+    vocab_size = ckpt["model_config"].get("vocab_size", 0)
+    if vocab_size < 50257:
+        raise SystemExit(f"error: --checkpoint={path}: its vocabulary has {vocab_size} ids; "
                          f"HellaSwag is scored in GPT-2 BPE tokens, so it needs a model trained on GPT-2 BPE data")
     try:
         net = GPT(GPTConfig(**ckpt["model_config"]))
         net.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # unknown/invalid config fields, shape mismatches
-        raise SystemExit(f"--checkpoint={path}: model_config and weights do not fit model.py ({e})") from None
+        raise SystemExit(f"error: --checkpoint={path}: model_config and weights do not fit model.py ({e})") from None
     return net.to(device)
 
 
-def main():
-    if style not in _STYLES:
-        raise SystemExit(f"--style={style}: expected one of {_STYLES}")
-    if (checkpoint is None) == (model is None):
-        raise SystemExit("give exactly one of --checkpoint=path/to/ckpt.pt or --model=gpt2")
+def main(argv):
+    settings = utils.apply_overrides(globals(), argv, CHOICES)
+    check_settings()
     dev = utils.pick_device(device)
-    dt = utils.pick_dtype(dtype, dev.split(":")[0])
-    autocast_ctx = utils.autocast_context(dev.split(":")[0], dt)  # autocast wants "cuda", not "cuda:3"
+    device_type = dev.split(":")[0]  # autocast wants "cuda", not "cuda:3"
+    precision = utils.pick_dtype(dtype, device_type)
+    autocast_ctx = utils.autocast_context(device_type, precision)
+    path = ensure_data(data_file, cache_dir)
+    examples = load_examples(path, skip_bad, limit, style)  # before the model: bad data fails fast
+    enc = data.tiktoken_encoding("gpt2")
 
     if checkpoint is not None:
         net, source = load_checkpoint(checkpoint, dev), checkpoint
     else:
-        from model import GPT
         try:
             net, source = GPT.from_pretrained(model).to(dev), model
         except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
-            raise SystemExit(f"--model={model}: {e}") from None
-    enc = data.tiktoken_encoding("gpt2")
-    examples = load_examples(ensure_data(data_file, cache_dir), skip_bad, limit, style)
+            raise SystemExit(f"error: --model={model}: {e}") from None
 
     t0 = time.time()
     result = evaluate(net, examples, enc, dev, style, autocast_ctx, batch_size=batch_size)
@@ -325,12 +355,12 @@ def main():
     print(f"hellaswag ({style} style) acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
           f"({result['correct_norm']}/{result['total']})")
     print(f"{result['total']} examples in {seconds:.1f} s ({result['total'] / seconds:.1f} examples/s) "
-          f"on {dev}, {dt}, {source}")
+          f"on {dev}, {precision}, {source}")
     if json_out is not None:
-        atomic_write_json(json_out, dict(result, source=source, device=dev, dtype=dt, seconds=seconds,
-                                         examples_per_s=result["total"] / seconds, limit=limit))
+        figures = dict(result, source=source, device=dev, dtype=precision, seconds=seconds,
+                       examples_per_s=result["total"] / seconds, limit=limit, settings=settings)
+        utils.atomic_write_json(json_out, figures)
 
 
 if __name__ == "__main__":
-    apply_overrides(globals(), sys.argv[1:], {"dtype": utils.DTYPES, "style": _STYLES})
-    main()
+    main(sys.argv[1:])

@@ -9,6 +9,7 @@ gives them (a literal "<|endoftext|>" in a text stays plain text), and the token
 of shard_size tokens (data.py's format): shard 000000 is val, the rest train; documents that cross a shard
 boundary are split, nothing is dropped. Interrupted runs continue after their last complete shard
 (out_dir/progress.json); a finished one does nothing. Local .txt files count as one document each.
+The last line printed is the --data_dir to train on.
 
 Exact dataset names (--dataset= / --name=):
     HuggingFaceFW/fineweb-edu   sample-10BT (default), sample-100BT
@@ -18,18 +19,22 @@ Exact dataset names (--dataset= / --name=):
 All four have a "text" column and a "train" split; give each its own --out_dir (e.g. data/tinystories).
 """
 import glob
+import gzip
+import itertools
 import json
 import os
+import shlex
 import sys
 import time
 from multiprocessing import Pool
 
 import numpy as np
+import tiktoken
 
 import data
-from utils import apply_overrides, atomic_write_json
+import utils
 
-_here = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
@@ -40,16 +45,25 @@ text_column = "text"  # column holding each document's text
 data_files = None  # local files instead of the hub: glob(s), comma-separated; .parquet, .jsonl/.json, .txt
 out_dir = "data/fineweb10B"  # output folder, relative to this script's folder unless absolute
 prefix = None  # shard name prefix; None = derived ("edufineweb" for fineweb-edu, else the dataset name)
-shard_size = 100_000_000  # tokens per shard (100M = 200 MB as uint16)
+shard_size = 100_000_000  # tokens per shard (100M = 200 MB as uint16), >= 1
 max_tokens = 0  # 0 = the whole dataset; > 0 = stop after this many tokens (streams hub datasets)
 num_proc = 0  # tokenizer processes; 0 = os.cpu_count(); 1 = no pool
 tokenizer = "gpt2"  # tiktoken encoding name
 streaming = False  # stream from the hub instead of downloading the whole dataset first
-batch_size = 256  # documents per task sent to a tokenizer process (fewer, larger messages)
+batch_size = 256  # documents per task sent to a tokenizer process (fewer, larger messages), >= 1
 
+CHOICES = dict(tokenizer=tuple(tiktoken.list_encoding_names()))
 # the settings that decide the shards' contents: a restart must use the same values
-output_settings = ("dataset", "name", "split", "text_column", "data_files", "prefix", "shard_size",
+OUTPUT_SETTINGS = ("dataset", "name", "split", "text_column", "data_files", "prefix", "shard_size",
                    "max_tokens", "tokenizer")
+LOCAL_KINDS = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}  # extension -> builder
+
+
+def check_settings():
+    utils.require(shard_size >= 1, f"--shard_size must be >= 1, got {shard_size}")
+    utils.require(max_tokens >= 0, f"--max_tokens must be >= 0 (0 = all), got {max_tokens}")
+    utils.require(num_proc >= 0, f"--num_proc must be >= 0 (0 = every core), got {num_proc}")
+    utils.require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -62,51 +76,88 @@ def local_files(pattern):
     for part in pattern.split(","):
         found = sorted(glob.glob(os.path.expanduser(part.strip())))
         if not found:
-            raise SystemExit(f"--data_files: no file matches {part.strip()!r}")
+            raise SystemExit(f"error: --data_files: no file matches {part.strip()!r}")
         paths += found
-    kinds = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}
     builders = set()
     for p in paths:
         ext = p.removesuffix(".gz").rsplit(".", 1)[-1]
-        if ext not in kinds:
-            raise SystemExit(f"--data_files: {p} is not .parquet, .jsonl, .json or .txt")
-        builders.add(kinds[ext])
+        if ext not in LOCAL_KINDS:
+            raise SystemExit(f"error: --data_files: {p} is not .parquet, .jsonl, .json or .txt")
+        builders.add(LOCAL_KINDS[ext])
     if len(builders) > 1:
-        raise SystemExit(f"--data_files mixes file types ({sorted(builders)}); use one type per run")
+        raise SystemExit(f"error: --data_files mixes file types ({sorted(builders)}); use one type per run")
     return paths, builders.pop()
+
+
+def places(path, builder):
+    """Where each document of a local file is, in reading order: 'file:line' (JSON lines), 'file, record k'
+    (a JSON array, parquet rows), 'file' (a text file is one document). Read only to name a bad document."""
+    if builder == "text":
+        yield path
+    elif builder == "parquet":
+        import pyarrow.parquet as pq
+        yield from (f"{path}, record {k + 1}" for k in range(pq.ParquetFile(path).metadata.num_rows))
+    else:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            array = f.read(1 << 16).lstrip().startswith("[")
+            f.seek(0)
+            if array:
+                yield from (f"{path}, record {k + 1}" for k in range(len(json.load(f))))
+            else:
+                yield from (f"{path}:{n}" for n, line in enumerate(f, 1) if line.strip())
+
+
+def place_of(index):
+    """Where document `index` (0-based, in reading order) comes from."""
+    if data_files:
+        paths, builder = local_files(data_files)
+        every = itertools.chain.from_iterable(places(p, builder) for p in paths)
+        return next(itertools.islice(every, index, None), f"{data_files}, document {index + 1}")
+    return f"{dataset} ({name}), document {index + 1}"
 
 
 def documents(skip=0):
     """Lists of batch_size texts in a fixed order, after skipping the first `skip` documents."""
     import datasets  # slow to import: only when documents are read
-    if data_files:
-        paths, builder = local_files(data_files)
-        # streaming reads local files in place (no Arrow copy in the HF cache); a .txt file is one document
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **extra)
-    else:
-        try:
-            ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming or max_tokens > 0)
-        except (ConnectionError, OSError, ValueError) as e:  # offline, a wrong name or subset
-            raise SystemExit(f"cannot load {dataset} ({name}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
-                             f"  offline, pass local files instead: --data_files='corpus/*.parquet'") from None
-    batches = ds.skip(skip).iter(batch_size=batch_size)
+    source = dataset
     try:
+        if data_files:
+            paths, builder = local_files(data_files)
+            source = paths[0] if len(paths) == 1 else data_files
+            # streaming reads local files in place (no Arrow copy in the HF cache); a .txt file is one document
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **extra)
+        else:
+            ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming or max_tokens > 0)
+        batches = ds.skip(skip).iter(batch_size=batch_size)
         first = next(batches, None)  # checked here, in the main thread, not inside the pool's feeder thread
-    except Exception as e:
-        raise SystemExit(f"cannot read {data_files or dataset}: {type(e).__name__}: {e}")
+    except StopIteration:  # what datasets raises when every local file is empty
+        first = None
+    except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
+        hint = "" if data_files else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'"
+        raise SystemExit(f"error: cannot read {source}: {type(e).__name__}: {e}{hint}") from None
+    if first is None and skip == 0:
+        raise SystemExit(f"error: {source}: no documents (an empty file?)")
     if first is not None and text_column not in first:
-        raise SystemExit(f"no column {text_column!r} in {data_files or dataset}; it has {list(first)}: "
+        raise SystemExit(f"error: no column {text_column!r} in {source}; it has {list(first)}: "
                          f"set --text_column")
 
     def texts():
+        index = skip  # of the batch's first document
         try:
-            for batch in ([first] if first is not None else []):
-                yield batch[text_column]
-            for batch in batches:
-                yield batch[text_column]
+            for batch in itertools.chain([first] if first is not None else [], batches):
+                column = batch[text_column]
+                for k, text in enumerate(column):  # None is an empty document; anything else is no text
+                    if text is not None and not isinstance(text, str):
+                        raise ReadError(f"error: {place_of(index + k)}: column {text_column!r} holds "
+                                        f"{type(text).__name__} {text!r:.40}, not text")
+                index += len(column)
+                yield column
+        except ReadError:
+            raise
         except Exception as e:  # the pool re-raises this in the main loop, which turns it into a message
-            raise ReadError(f"cannot read {data_files or dataset}: {type(e).__name__}: {e}") from e
+            raise ReadError(f"error: cannot read {source}: {type(e).__name__}: {e}") from e
     return texts()
 
 
@@ -122,7 +173,6 @@ _encoder = None
 
 def init_worker(encoding_name):
     global _encoder
-    import tiktoken
     _encoder = tiktoken.get_encoding(encoding_name)
 
 
@@ -154,67 +204,91 @@ def locate(ends, position):
 def resolve(settings):
     """Absolute out_dir and the derived prefix (stored back in the settings for the sidecar)."""
     global out_dir, prefix
-    out_dir = os.path.join(_here, out_dir)  # an absolute out_dir stays as it is
+    out_dir = os.path.join(HERE, out_dir)  # an absolute out_dir stays as it is
     if prefix is None:
         prefix = "edufineweb" if "fineweb-edu" in dataset and not data_files else \
             os.path.basename(dataset if not data_files else "local").lower()
     settings.update(out_dir=out_dir, prefix=prefix)
-    return {k: settings[k] for k in output_settings}
+    return {k: settings[k] for k in OUTPUT_SETTINGS}
 
 
 def resume_point(progress_path, wanted):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop, shards done, done),
     checked against the current settings and the shards on disk; None for a fresh start."""
     if not os.path.exists(progress_path):
-        leftovers = glob.glob(os.path.join(out_dir, f"{prefix}_*_*.bin"))
+        leftovers = glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*_*.bin"))
         if leftovers:
-            raise SystemExit(f"{out_dir} already holds shards ({os.path.basename(leftovers[0])}, ...) but no "
-                             f"progress.json: delete them or choose another --out_dir")
+            raise SystemExit(f"error: {out_dir} already holds shards ({os.path.basename(leftovers[0])}, ...) "
+                             f"but no progress.json: delete them or choose another --out_dir")
         return None
-    with open(progress_path) as f:
-        progress = json.load(f)
+    try:
+        with open(progress_path) as f:
+            progress = json.load(f)
+        ok = isinstance(progress, dict) and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys()
+        ok = ok and isinstance(progress["settings"], dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise SystemExit(f"error: {progress_path} is not a readable progress file of this script: "
+                         f"delete {out_dir} to start over")
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
-        raise SystemExit(f"{progress_path} was written with other settings (name: (before, now)) {diff}; "
+        raise SystemExit(f"error: {progress_path} was written with other settings (name: (before, now)) {diff}; "
                          f"rerun with the old values, or delete {out_dir} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
             data.shard_length(data.shard_name(out_dir, prefix, "val" if k == 0 else "train", k))
     except data.ShardError as e:
-        raise SystemExit(f"{e}; {progress_path} counts {progress['shards']} shards: "
-                         f"delete {out_dir} to start over")
+        raise SystemExit(f"error: {e}; {progress_path} counts {progress['shards']} shards: "
+                         f"delete {out_dir} to start over") from None
     return progress
 
 
+def data_dir_arg(folder):
+    """`folder` as train_gpt2.py's --data_dir takes it: relative to the repo folder when inside it."""
+    relative = os.path.relpath(folder, HERE)
+    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
+
+
 def main(argv):
-    settings = apply_overrides(globals(), argv)
-    wanted = resolve(settings)
-    if shard_size < 1 or max_tokens < 0 or num_proc < 0:
-        raise SystemExit("shard_size must be >= 1, max_tokens >= 0 and num_proc >= 0")
+    settings = utils.apply_overrides(globals(), argv, CHOICES)
+    check_settings()
+    try:
+        return prepare(resolve(settings))
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: rerun the same command to continue after the last complete "
+                         "shard") from None
+
+
+def prepare(wanted):
     progress_path = os.path.join(out_dir, "progress.json")
     progress = resume_point(progress_path, wanted) or \
         dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
     if progress.get("done"):
         print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} tokens): "
               f"nothing to do. Delete {progress_path} to prepare again.")
+        print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
         return progress
     from tqdm import tqdm
-    enc = data.tiktoken_encoding(tokenizer)
-    os.makedirs(out_dir, exist_ok=True)
     tokens_done = progress["shards"] * shard_size  # every complete shard holds exactly shard_size tokens
+    doc_index, drop = progress["documents"], progress["skip_tokens"]  # first document of the next batch
+    batches = documents(skip=doc_index)  # reads the first batch: a file that cannot work stops here
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {out_dir}: {e.strerror or e}") from None
+    enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
         print(f"resuming after {progress['shards']} complete shards ({progress['documents']:,} documents)")
-    doc_index, drop = progress["documents"], progress["skip_tokens"]  # first document of the next batch
 
     def on_shard(path, used):  # the sidecar, after every complete shard: where the next shard starts
         doc, offset = locate(ends, start + used)
         progress.update(documents=doc_index + doc, skip_tokens=offset, shards=writer.index)
-        atomic_write_json(progress_path, progress)
+        utils.atomic_write_json(progress_path, progress)
     writer = data.ShardWriter(out_dir, prefix, shard_size, enc.n_vocab, first_index=progress["shards"],
                               on_shard=on_shard)
     t0, docs_start, docs_end, tokens_start = time.time(), doc_index, doc_index, tokens_done
-    batches = documents(skip=doc_index)
     bar = tqdm(total=max_tokens or None, initial=tokens_done, unit="tok", unit_scale=True, smoothing=0.1)
     processes = num_proc or os.cpu_count()
     pool = Pool(processes, initializer=init_worker, initargs=(tokenizer,)) if processes > 1 else None
@@ -236,33 +310,29 @@ def main(argv):
             if max_tokens and tokens_done >= max_tokens:
                 break
     except ReadError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()  # stop the workers even on Ctrl-C; every shard on disk is complete
-    if tokens_done == 0:
-        raise SystemExit(f"no tokens: {data_files or dataset} yielded no documents")
     writer.close()
     data.write_meta(out_dir, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                                   itos=None, unk=None))
     seconds = time.time() - t0
     progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index, tokens=tokens_done)
-    atomic_write_json(progress_path, progress)
+    utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens this run "
           f"({tokens_done:,} total) in {writer.index} shards under {out_dir}, {seconds:.1f} s, "
           f"{rate:,.0f} tokens/s")
     if writer.index == 1:
         print("warning: everything fits in one shard, so there is no train split: lower --shard_size")
+    print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
     return progress
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except KeyboardInterrupt:
-        raise SystemExit("interrupted: rerun the same command to continue after the last complete shard")
+    main(sys.argv[1:])
 
 # Expected sizes (GPT-2 tokens, EOT included): fineweb-edu sample-10BT ~9.9B tokens (9.67M documents) =
 # 100 shards of 100M (1 val + 99 train), ~19 GB; sample-100BT ~100B tokens, ~1,000 shards.

@@ -10,6 +10,10 @@ Sources: the hub's wikitext configs wikitext-2-raw-v1, wikitext-2-v1, wikitext-1
 a local folder (wiki.{train,valid,test}.{tokens,raw} or {train,valid,test}.txt); or one text file (or
 http(s) URL, downloaded once into cache_dir) whose last val_fraction becomes val (cut at a line end).
 
+out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches it in
+at the end, so an interrupted run leaves the old set whole. The last line printed is the --data_dir to
+train on.
+
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
     gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream; meta eot = 50256)
     char  the sorted characters of the train split, then one unknown id (unk) for characters unseen in train
@@ -23,6 +27,8 @@ import glob
 import hashlib
 import os
 import re
+import shlex
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -30,29 +36,44 @@ from urllib.parse import urlparse
 import numpy as np
 
 import data
-from utils import apply_overrides, atomic_write
+import utils
 
-_here = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
-source = "wikitext-2-raw-v1"  # hub config of Salesforce/wikitext (when data_dir_in and text_file are None)
+source = "wikitext-2-raw-v1"  # Salesforce/wikitext config on the hub (when data_dir_in and text_file are None)
 data_dir_in = None  # local folder with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt
 text_file = None  # one local text file or http(s) URL: split into train / val by val_fraction
-text_sha256 = None  # optional sha256 of text_file (hex), checked after reading or downloading
-val_fraction = 0.1  # text_file only: the last 10% (cut at the next line end) is val
+text_sha256 = None  # optional sha256 of text_file (64 hex digits), checked after reading or downloading
+val_fraction = 0.1  # text_file only: the last 10% (cut at the next line end) is val; between 0 and 1
 tokenizer = "gpt2"  # gpt2 | char | word
-vocab_words = 1000  # word tokenizer: number of most frequent train words kept
+vocab_words = 1000  # word tokenizer: number of most frequent train words kept (>= 1)
 out_dir = None  # output folder; None = data/{name}_{tokenizer}, relative to this script's folder
 prefix = None  # shard name prefix; None = the source's name
 shard_size = 100_000_000  # tokens per shard: each split is one shard unless it is bigger
 cache_dir = "data/downloads"  # where text_file URLs are saved, relative to this script's folder
 
-hub_dataset = "Salesforce/wikitext"  # the hub's wikitext (formerly "wikitext")
-hub_sources = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
-local_names = {"train": ("wiki.train.tokens", "wiki.train.raw", "train.txt"),
+HUB_DATASET = "Salesforce/wikitext"  # the hub's wikitext (formerly "wikitext")
+SOURCES = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
+TOKENIZERS = ("gpt2", "char", "word")
+CHOICES = dict(source=SOURCES, tokenizer=TOKENIZERS)
+LOCAL_NAMES = {"train": ("wiki.train.tokens", "wiki.train.raw", "train.txt"),
                "val": ("wiki.valid.tokens", "wiki.valid.raw", "valid.txt", "val.txt"),
                "test": ("wiki.test.tokens", "wiki.test.raw", "test.txt")}
+# what a prepared folder holds; anything else in out_dir is someone else's, and a re-run replaces the folder
+PREPARED_FILE = re.compile(r"meta\.json|.+_(train|val|test)_\d{6}\.(bin|npy)|\.tmp_.*")
+
+
+def check_settings():
+    utils.require(text_file is None or data_dir_in is None,
+                  "--text_file and --data_dir_in: give one of them, not both")
+    utils.require(text_sha256 is None or text_file is not None, "--text_sha256 checks --text_file: give both")
+    utils.require(text_sha256 is None or re.fullmatch(r"[0-9a-fA-F]{64}", str(text_sha256)),
+                  f"--text_sha256 must be 64 hex digits, got {text_sha256!r}")
+    utils.require(0 < val_fraction < 1, f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    utils.require(vocab_words >= 1, f"--vocab_words must be >= 1, got {vocab_words}")
+    utils.require(shard_size >= 1, f"--shard_size must be >= 1, got {shard_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -64,37 +85,35 @@ def read_text(path):
         with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"cannot read {path} as UTF-8 text: {e}")
+        raise SystemExit(f"error: cannot read {path} as UTF-8 text: {e}") from None
 
 
 def fetch(url):
     """Download url once into cache_dir (atomically, checked non-empty); return the local path."""
-    path = os.path.join(_here, cache_dir, os.path.basename(urlparse(url).path) or "download.txt")
+    path = os.path.join(HERE, cache_dir, os.path.basename(urlparse(url).path) or "download.txt")
     if not os.path.exists(path):
         import requests
         print(f"downloading {url} -> {path}")
         try:
             response = requests.get(url, timeout=60)
         except requests.RequestException as e:  # offline, DNS, timeout
-            raise SystemExit(f"cannot download {url} ({type(e).__name__}); offline, pass a local copy: "
+            raise SystemExit(f"error: cannot download {url} ({type(e).__name__}); offline, pass a local copy: "
                              f"--text_file=path/to/file.txt") from None
         if response.status_code != 200 or not response.content:
-            raise SystemExit(f"download of {url} failed: HTTP {response.status_code}, "
+            raise SystemExit(f"error: download of {url} failed: HTTP {response.status_code}, "
                              f"{len(response.content)} bytes")
         check_sha256(url, response.content)  # a bad download never enters the cache
-        atomic_write(path, lambda f: f.write(response.content))
+        utils.atomic_write(path, lambda f: f.write(response.content))
     return path
 
 
 def check_sha256(where, content):
     if text_sha256 and hashlib.sha256(content).hexdigest() != text_sha256.lower():
-        raise SystemExit(f"{where}: sha256 {hashlib.sha256(content).hexdigest()} is not --text_sha256")
+        raise SystemExit(f"error: {where}: sha256 {hashlib.sha256(content).hexdigest()} is not --text_sha256")
 
 
 def split_text(text, fraction):
     """(train, val): val is the last `fraction` of the text, starting at a line start when there is one."""
-    if not 0 < fraction < 1:
-        raise SystemExit(f"--val_fraction must be between 0 and 1, got {fraction}")
     cut = int(len(text) * (1 - fraction))
     if cut > 0 and text[cut - 1] != "\n":  # move to the next line start, if it leaves val non-empty
         line_end = text.find("\n", cut)
@@ -112,31 +131,29 @@ def load_splits():
         text = read_text(path)
         train, val = split_text(text, val_fraction)
         if not train or not val:
-            raise SystemExit(f"{path}: {len(text)} characters is too short to split into train and val")
+            raise SystemExit(f"error: {path}: {len(text)} characters is too short to split into train and val")
         return {"train": train, "val": val}, os.path.splitext(os.path.basename(path))[0]
     if data_dir_in:
         found = {}
-        for split, names in local_names.items():
+        for split, names in LOCAL_NAMES.items():
             paths = [os.path.join(data_dir_in, n) for n in names]
             paths = [p for p in paths if os.path.isfile(p)]
             if paths:
                 found[split] = read_text(paths[0])
         if "train" not in found or "val" not in found:
             have = ", ".join(found) or "none"
-            raise SystemExit(f"{data_dir_in}: needs a train and a val file ("
-                             f"{' / '.join(local_names['train'])}; {' / '.join(local_names['val'])}), "
+            raise SystemExit(f"error: {data_dir_in}: needs a train and a val file ("
+                             f"{' / '.join(LOCAL_NAMES['train'])}; {' / '.join(LOCAL_NAMES['val'])}), "
                              f"found splits: {have}. To split one file into train and val instead, use "
                              f"--text_file={os.path.join(data_dir_in, 'valid.txt')}")
         return found, os.path.basename(os.path.normpath(data_dir_in))
-    if source not in hub_sources:
-        raise SystemExit(f"--source must be one of {hub_sources}, got {source!r}")
     import datasets
     try:
-        ds = datasets.load_dataset(hub_dataset, source)
+        ds = datasets.load_dataset(HUB_DATASET, source)
     except (ConnectionError, OSError, ValueError) as e:  # offline
-        raise SystemExit(f"cannot load {hub_dataset} ({source}) from the Hugging Face hub: {type(e).__name__}: {e}\n"
-                         f"  offline, use local files: --data_dir_in=folder/with/wiki.train.tokens or "
-                         f"--text_file=path") from None
+        raise SystemExit(f"error: cannot load {HUB_DATASET} ({source}) from the Hugging Face hub: "
+                         f"{type(e).__name__}: {e}\n  offline, use local files: "
+                         f"--data_dir_in=folder/with/wiki.train.tokens or --text_file=path") from None
     # each row is one line with its newline, except the file's blank lines (" \n"), which the hub stores
     # as "": restoring them gives back the original wiki.*.tokens / .raw file, as a local copy reads
     return {s: "".join(line or " \n" for line in ds[hub]["text"])
@@ -214,15 +231,62 @@ def lines(text):
 
 
 def make_tokenizer(train):
-    if tokenizer == "gpt2":
-        return gpt2_tokenizer(train)
-    if tokenizer == "char":
-        return char_tokenizer(train)
     if tokenizer == "word":
-        if vocab_words < 1:
-            raise SystemExit(f"--vocab_words must be >= 1, got {vocab_words}")
         return word_tokenizer(train, vocab_words)
-    raise SystemExit(f"--tokenizer must be gpt2, char or word, got {tokenizer!r}")
+    return gpt2_tokenizer(train) if tokenizer == "gpt2" else char_tokenizer(train)
+
+
+# -----------------------------------------------------------------------------
+# the output folder: replaced as a whole, so training never reads shards of two different runs
+
+
+def remove_stale_sets(folder):
+    """Undo what a killed run left beside `folder`: its unfinished set ({folder}.tmp-<pid>) is deleted, and the
+    old set it had just moved aside ({folder}.old-<pid>) goes back in place when nothing replaced it."""
+    for kind in ("old", "tmp"):
+        for path in glob.glob(f"{glob.escape(folder)}.{kind}-*"):
+            pid = path.rsplit("-", 1)[-1]
+            if not pid.isdigit() or utils.process_alive(int(pid)):
+                continue
+            if kind == "old" and not os.path.lexists(folder):
+                os.rename(path, folder)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def check_out_dir(folder):
+    """Refuse an out_dir that holds anything but a prepared set: a re-run replaces the whole folder."""
+    remove_stale_sets(folder)
+    if not os.path.lexists(folder):
+        return
+    try:
+        others = sorted(n for n in os.listdir(folder) if not PREPARED_FILE.fullmatch(n))
+    except OSError as e:
+        utils.bad_setting(f"--out_dir={folder}: {e.strerror or e}")
+    utils.require(not others, f"--out_dir={folder} holds files that are not shards or meta.json "
+                              f"({', '.join(others[:3])}): a re-run replaces the whole folder, so give it one of "
+                              f"its own")
+
+
+def switch(new, folder):
+    """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one. Killed
+    between the two renames, the run leaves no folder, and the next run puts the old set back."""
+    old = f"{folder}.old-{os.getpid()}"
+    try:
+        if os.path.lexists(folder):
+            os.rename(folder, old)
+        os.rename(new, folder)
+    except OSError as e:
+        if os.path.lexists(old) and not os.path.lexists(folder):
+            os.rename(old, folder)
+        raise SystemExit(f"error: cannot replace {folder} with {new}: {e.strerror or e}") from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def data_dir_arg(folder):
+    """`folder` as the trainers' --data_dir takes it: relative to the repo folder when inside it."""
+    relative = os.path.relpath(folder, HERE)
+    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
 
 # -----------------------------------------------------------------------------
@@ -231,28 +295,43 @@ def make_tokenizer(train):
 
 def main(argv):
     global out_dir, prefix
-    apply_overrides(globals(), argv)
+    settings = utils.apply_overrides(globals(), argv, CHOICES)
+    check_settings()
     texts, name = load_splits()
     if not texts["train"]:
-        raise SystemExit(f"the train split of {name} is empty")
-    encode, meta = make_tokenizer(texts["train"])
-    out_dir = os.path.join(_here, out_dir or os.path.join("data", f"{name}_{tokenizer}"))
+        raise SystemExit(f"error: the train split of {name} is empty")
+    out_dir = os.path.normpath(os.path.join(HERE, out_dir or os.path.join("data", f"{name}_{tokenizer}")))
     prefix = prefix or name
-    counts = {}
-    for split, text in texts.items():
-        tokens = encode(text)
-        writer = data.ShardWriter(out_dir, prefix, shard_size, meta["vocab_size"], splits=(split,))
-        writer.add(tokens)
-        paths = writer.close()
-        for stale in set(glob.glob(os.path.join(out_dir, f"{prefix}_{split}_*.bin"))) - set(paths):
-            os.remove(stale)  # left by an earlier run with a smaller shard_size
-        counts[split] = len(tokens)
-        unknown = int((tokens == meta["unk"]).sum()) if meta["unk"] is not None else 0
-        print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} shard(s)"
-              + (f", {unknown:,} unknown" if meta["unk"] is not None else ""))
-    meta.update(source=name, tokens=counts)
-    data.write_meta(out_dir, meta)
+    folder = os.path.realpath(out_dir)  # an out_dir that is a symlink: the set goes where it points
+    check_out_dir(folder)
+    encode, meta = make_tokenizer(texts["train"])
+    new = f"{folder}.tmp-{os.getpid()}"  # the new set is written beside the old one, then switched in
+    try:
+        os.makedirs(new)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create {new} (beside --out_dir): {e.strerror or e}") from None
+    try:
+        counts = {}
+        for split, text in texts.items():
+            tokens = encode(text)
+            writer = data.ShardWriter(new, prefix, shard_size, meta["vocab_size"], splits=(split,))
+            writer.add(tokens)
+            paths = writer.close()
+            counts[split] = len(tokens)
+            unknown = int((tokens == meta["unk"]).sum()) if meta["unk"] is not None else 0
+            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} shard(s)"
+                  + (f", {unknown:,} unknown" if meta["unk"] is not None else ""))
+        settings.pop("out_dir")  # where the folder is says nothing about what it holds, and it may move
+        meta.update(source=name, tokens=counts, settings=dict(settings, prefix=prefix))
+        data.write_meta(new, meta)
+        switch(new, folder)
+    finally:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
+        shutil.rmtree(new, ignore_errors=True)
     print(f"wrote {out_dir} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
+    if tokenizer == "gpt2":
+        print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
+    else:
+        print(f"train with: python train_lstm.py --data_dir={data_dir_arg(out_dir)} (or train_gpt2.py)")
     return out_dir, meta
 
 
