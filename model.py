@@ -110,9 +110,9 @@ def make_norm(config, dim):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict, with a backward
-    written out (RMSNormFunction). Autograd's own backward of rms_norm is a chain of ~15 small kernels, which
-    made RMSNorm 3x slower than LayerNorm's fused kernels in an eager CPU step; compiled, both fuse alike."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict, with the backward
+    of RMSNormFunction. Autograd's own backward of rms_norm is a chain of ~15 small kernels, which made
+    RMSNorm 3x slower than LayerNorm in an eager CPU step; compiled, both fuse alike."""
 
     def __init__(self, dim, eps=NORM_EPS):
         super().__init__()
@@ -124,31 +124,34 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """Computed in float32 (as CUDA autocast runs norms), returned in x's dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has no fused kernel). RMSNorm is LayerNorm
+    with the mean fixed at 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd computes x_hat = x * rstd,
+    dweight = sum(g * x_hat) and dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The
+    last term comes from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
+    Computed in float32 (as CUDA autocast runs norms), returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        x32, C = x.float(), x.size(-1)
+        # three passes over x: its norm (one fused reduction; the rest is on (..., 1)), then two multiplies
+        rstd = torch.rsqrt(torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(C).add_(eps))
         ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd * weight).to(x.dtype)
+        return (x32 * rstd).mul_(weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        x_hat, grad = x.float() * rstd, grad.float()
-        grad_w = (grad * x_hat).flatten(0, -2).sum(0)
-        grad_x_hat = grad * weight
-        # d/dx of x * rstd(x): rstd * (g - x_hat * mean(g * x_hat)), g the gradient w.r.t. x_hat
-        dot = (grad_x_hat * x_hat).mean(-1, keepdim=True)
-        grad_x = torch.addcmul(grad_x_hat, x_hat, dot, value=-1.0).mul_(rstd)
+        C, grad, weight32 = x.size(-1), grad.float().contiguous(), weight.float()
+        grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
+            grad, x.float(), [C], torch.zeros_like(rstd), rstd, weight32, None, [True, True, False])
+        grad_x += rstd * (grad @ weight32).unsqueeze(-1) / C  # + rstd * mean(g * weight): (..., 1), broadcast
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 
 
 def rope_tables(T, head_size, base):
     """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2]) turns by the angle
-    pos * base^(-2i/hs); `cos` repeats each pair's cosine in both halves, `sin` holds (-sin, +sin), so the rotation
-    is one multiply-add: x * cos + swap_halves(x) * sin. The middle dimension broadcasts over the heads."""
+    pos * base^(-2i/hs); `cos` holds each pair's cosine in both halves and `sin` holds (-sin, +sin), so the
+    rotation is one multiply-add: x * cos + swap_halves(x) * sin. The middle dimension broadcasts over heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, hs/2)
     cos, sin = angles.cos(), angles.sin()
@@ -156,13 +159,29 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by the angles of its positions: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-    for the halves x1, x2 (GPT-NeoX / Llama layout). A rotation by angle(m) on q and angle(n) on k leaves q.k
-    depending only on m - n. Runs in the (B, T, heads, hs) layout the qkv matmul produces: rotated before the
-    transpose for attention, so neither pass (nor its compiled backward) reads or writes with strides."""
+    """Rotate x (B, T, heads, hs) by the angles of its positions: the halves x1, x2 become x1 cos - x2 sin and
+    x2 cos + x1 sin (pairs (x[i], x[i + hs/2]): the GPT-NeoX / Llama layout). A rotation by angle(m) on q and
+    angle(n) on k leaves q.k depending only on m - n. It runs in the (B, T, heads, hs) layout the qkv matmul
+    produces, before the transpose for attention, so neither pass (nor a compiled backward) reads or writes
+    with strides; its gradient is the same rotation by minus the angle (RotaryFunction)."""
+    return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin), None, None
+
+
+def rotate(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
-    swapped = torch.cat([x2, x1], dim=-1)
-    return torch.addcmul(x * cos.to(x.dtype), swapped, sin.to(x.dtype))
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
 
 
 class KVCache:
@@ -590,16 +609,33 @@ class Muon(torch.optim.Optimizer):
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed into ~[0.7, 1.2])
-    by torch.optim.Muon's quintic Newton-Schulz iteration, batched. bfloat16 on CUDA, float32 elsewhere."""
+    by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X, p(S) = a + b S + c S^2, batched.
+
+    bfloat16 on CUDA (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix (m x k, k >= 2m)
+    takes the same iteration in its Gram form: every step multiplies by a polynomial of S = X X^T, so all
+    steps together are one m x m matrix P, and S follows as S <- S p(S)^2 (polynomials of S commute); X is
+    touched twice instead of ten times. Same result to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
+    (In bfloat16 the Gram form doubles the error, so CUDA keeps the plain iteration.)"""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = G.size(-2) > G.size(-1)
-    if tall:  # iterate on the wide orientation: the A x A Gram matrix is the smaller one
+    if tall:  # iterate on the wide orientation: the m x m Gram matrix is the smaller one
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        gram = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # X / norm: spectral norm <= Frobenius norm = 1
+    if X.dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
+        S, P = (X @ X.mT) / norm.square(), None  # the scaling goes to the m x m matrices, not to X
+        for k in range(steps):
+            Z = torch.baddbmm(S, S, S, beta=b, alpha=c)
+            Z.diagonal(dim1=-2, dim2=-1).add_(a)  # p(S) = a I + b S + c S^2
+            P = Z if P is None else Z @ P
+            if k < steps - 1:
+                S = S @ (Z @ Z)
+        X = (P / norm) @ X
+    else:
+        X = X / norm
+        for _ in range(steps):
+            S = X @ X.mT
+            X = torch.baddbmm(X, torch.baddbmm(S, S, S, beta=b, alpha=c), X, beta=a)
     return X.mT if tall else X
 
 

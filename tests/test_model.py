@@ -527,7 +527,8 @@ def muon_matrices(model):
 
 def test_muon_matches_torch_optim_muon(monkeypatch):
     """Our batched Muon takes torch.optim.Muon's steps (momentum, Nesterov, decoupled decay, RMS-matched LR).
-    torch's own Newton-Schulz runs in bfloat16; both get the float32 reference here so they can agree exactly."""
+    torch's own Newton-Schulz runs in bfloat16; it gets the float32 reference here, so the two agree to float32
+    rounding (ours takes the Gram form for wide matrices), far below the size of the steps taken."""
     import torch.optim._muon as torch_muon
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, coefficients, steps, eps:
                         naive_newton_schulz(g, steps, eps))
@@ -537,13 +538,15 @@ def test_muon_matches_torch_optim_muon(monkeypatch):
     muon = ours.configure_optimizers("muon", weight_decay=0.1, learning_rate=1e-2)[0]
     torch_opt = torch.optim.Muon(muon_matrices(ref), lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    before = [p.detach().clone() for p in muon_matrices(ours)]
     for _ in range(3):
         for model, opt in ((ours, muon), (ref, torch_opt)):
             model(idx[:, :-1], targets=idx[:, 1:])[1].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    for a, b in zip(muon_matrices(ours), muon_matrices(ref)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b, a0 in zip(muon_matrices(ours), muon_matrices(ref), before):
+        assert (a - a0).abs().max() > 1e-2  # steps much larger than the tolerance below
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     fresh = GPT(tiny(n_layer=3)).configure_optimizers("muon")[0]  # a state dict saved by torch.optim.Muon loads
     fresh.load_state_dict(torch_opt.state_dict())
     assert fresh.param_groups[0]["pieces"] == 1 and len(fresh.state) == len(muon_matrices(ref))
@@ -614,12 +617,21 @@ def test_peak_flops_and_mfu():
 
 # ---- torch.compile ----
 
-def test_torch_compile_smoke():
+def test_torch_compile_whole_graph_forward_and_backward():
+    """The model compiles as one graph (no breaks: the custom RMSNorm and RoPE functions trace), and the compiled
+    forward and backward give eager's loss and gradients."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("torch.compile (inductor) on CPU needs a C compiler; none found")
-    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, qk_norm=True))
     idx = torch.randint(0, 32, (2, 16))
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)
     logits, loss = compiled(idx, targets=idx)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
     ref_logits, ref_loss = model(idx, targets=idx)
+    ref_loss.backward()
     assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
