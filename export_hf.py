@@ -1,4 +1,5 @@
-"""Export a train_gpt2.py checkpoint as a Hugging Face model folder that transformers loads with no custom code.
+"""Export a train_gpt2.py checkpoint as a Hugging Face model folder that transformers loads with
+no custom code.
 
     python export_hf.py --checkpoint=out/ckpt_038146.pt --out_dir=hf/my-gpt
     python export_hf.py --checkpoint=out --out_dir=hf/my-gpt --dtype=bfloat16 --force=True  # newest in out/
@@ -8,15 +9,17 @@
     lm_eval --model hf --model_args pretrained=hf/my-gpt --tasks hellaswag
 
 The architecture is chosen from the model's switches, and must match exactly:
-    modern (rope, swiglu, rmsnorm, pre-norm)     LlamaForCausalLM (our RoPE pairs x[i] with x[i + hs/2]: Llama's
-                                                 rotate_half); with qk_norm=True Qwen3ForCausalLM (per-head
-                                                 q/k RMSNorm before RoPE); biases only without qk_norm
+    modern (rope, swiglu, rmsnorm, pre-norm)     LlamaForCausalLM (our RoPE pairs x[i] with
+                                                 x[i + hs/2]: Llama's rotate_half); with
+                                                 qk_norm=True Qwen3ForCausalLM (per-head q/k
+                                                 RMSNorm before RoPE); biases only without qk_norm
     classic (learned, gelu, layernorm, pre-norm, biases, 4x MLP)   GPT2LMHeadModel
 Any other combination is refused, naming the switch no Hugging Face architecture has. Tied or untied
-embeddings both work; the padded vocabulary rows stay in the weights (config.json's vocab_size is the
-model's). The folder holds config.json, model.safetensors, generation_config.json and, for GPT-2 BPE
-models, the tokenizer (built from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline). It is written to a
-temporary folder beside out_dir and renamed at the end. The training data is never read.
+embeddings both work; the padded vocabulary rows stay in the weights (config.json's vocab_size is
+the model's). The folder holds config.json, model.safetensors, generation_config.json and, for
+GPT-2 BPE models, the tokenizer (built from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline).
+It is written to a temporary folder beside out_dir and renamed at the end.
+The training data is never read.
 """
 import json
 import os
@@ -38,7 +41,8 @@ dtype = "float32"    # float32 | bfloat16: precision of the saved weights
 force = False        # True = replace out_dir when it is not empty
 
 CHOICES = dict(dtype=("float32", "bfloat16"))
-# tiktoken's GPT-2 files (tiktoken_ext/openai_public.py), read from its cache or downloaded and checked there
+# tiktoken's GPT-2 files (tiktoken_ext/openai_public.py),
+# read from its cache or downloaded and checked there
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -49,9 +53,11 @@ def check_settings(settings):
     for name in ("checkpoint", "out_dir"):
         utils.require(settings[name], f"--{name} is required (--help shows an example)")
     out = sample.resolve(out_dir)
-    utils.require(not os.path.exists(out) or os.path.isdir(out), f"--out_dir={out_dir} is a file, not a folder")
+    utils.require(not os.path.exists(out) or os.path.isdir(out),
+                  f"--out_dir={out_dir} is a file, not a folder")
     utils.require(force or not os.path.isdir(out) or not os.listdir(out),
-                  f"--out_dir={out_dir} is not empty: choose another folder, or pass --force=True to replace it")
+                  f"--out_dir={out_dir} is not empty: choose another folder, "
+                  f"or pass --force=True to replace it")
 
 
 # -----------------------------------------------------------------------------
@@ -59,7 +65,8 @@ def check_settings(settings):
 
 
 def hf_architecture(config):
-    """'llama', 'qwen3' or 'gpt2' for a GPTConfig; a one-line exit naming the switches none of them matches."""
+    """'llama', 'qwen3' or 'gpt2' for a GPTConfig;
+    a one-line exit naming the switches none of them matches."""
     if config.pos_emb == "rope":
         name, family = ("qwen3", "Qwen3") if config.qk_norm else ("llama", "Llama")
         wanted = dict(mlp="swiglu", norm="rmsnorm", norm_pos="pre")
@@ -69,62 +76,74 @@ def hf_architecture(config):
         name, family = "gpt2", "GPT-2"
         wanted = dict(mlp="gelu", norm="layernorm", norm_pos="pre", bias=True, qk_norm=False)
     else:
-        raise SystemExit(f"error: no Hugging Face architecture matches pos_emb={config.pos_emb!r}: Llama and "
-                         f"Qwen3 need 'rope', GPT-2 needs 'learned'")
+        raise SystemExit(f"error: no Hugging Face architecture matches pos_emb={config.pos_emb!r}: "
+                         f"Llama and Qwen3 need 'rope', GPT-2 needs 'learned'")
     wrong = [f"{k}={getattr(config, k)!r} ({family} needs {v!r})" for k, v in wanted.items()
              if getattr(config, k) != v]
     if name == "gpt2" and config.mlp_hidden_size != 4 * config.n_embd:
-        wrong.append(f"mlp_hidden={config.mlp_hidden} (GPT-2 needs {4 * config.n_embd}, i.e. 4 x n_embd)")
+        wrong.append(f"mlp_hidden={config.mlp_hidden} "
+                     f"(GPT-2 needs {4 * config.n_embd}, i.e. 4 x n_embd)")
     if wrong:
-        raise SystemExit(f"error: no Hugging Face architecture matches this model: pos_emb={config.pos_emb!r} "
-                         f"makes it {family}-like, but it has " + ", ".join(wrong))
+        raise SystemExit(f"error: no Hugging Face architecture matches this model: "
+                         f"pos_emb={config.pos_emb!r} makes it {family}-like, but it has "
+                         + ", ".join(wrong))
     return name
 
 
 def hf_config(name, config, eot, precision):
-    """The transformers config of architecture `name` that computes exactly what GPT(config) computes."""
+    """The transformers config of architecture `name`
+    that computes exactly what GPT(config) computes."""
     import transformers  # here: --help and the setting checks need no transformers
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
                   bos_token_id=eot, eos_token_id=eot, dtype=precision)
     if name == "gpt2":
-        return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
-                                       n_positions=config.block_size, n_inner=4 * config.n_embd,
-                                       activation_function="gelu_new",  # the tanh approximation, as ours
-                                       layer_norm_epsilon=NORM_EPS, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0, **common)
+        return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer,
+                                       n_head=config.n_head, n_positions=config.block_size,
+                                       n_inner=4 * config.n_embd,
+                                       # the tanh approximation, as ours
+                                       activation_function="gelu_new",
+                                       layer_norm_epsilon=NORM_EPS,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     cls = transformers.Qwen3Config if name == "qwen3" else transformers.LlamaConfig
     extra = {} if name == "qwen3" else dict(mlp_bias=config.bias)
     hf = cls(hidden_size=config.n_embd, intermediate_size=config.mlp_hidden_size,
-               num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-               num_key_value_heads=config.n_head, head_dim=config.n_embd // config.n_head, hidden_act="silu",
-               max_position_embeddings=config.block_size, rms_norm_eps=NORM_EPS,
-               rope_parameters=dict(rope_type="default", rope_theta=config.rope_base),
-               attention_bias=config.bias, **extra, **common)
-    hf.rope_theta = config.rope_base  # saved beside rope_parameters: transformers 4.x reads only this key
+             num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+             num_key_value_heads=config.n_head, head_dim=config.n_embd // config.n_head,
+             hidden_act="silu", max_position_embeddings=config.block_size, rms_norm_eps=NORM_EPS,
+             rope_parameters=dict(rope_type="default", rope_theta=config.rope_base),
+             attention_bias=config.bias, **extra, **common)
+    # saved beside rope_parameters: transformers 4.x reads only this key
+    hf.rope_theta = config.rope_base
     return hf
 
 
 def llama_state_dict(model):
-    """Our modern GPT's weights under Llama/Qwen3 names: c_attn split into q, k, v (stacked in that order on
-    the output dim), c_fc split into gate and up (gate first, as MLP.forward chunks them)."""
+    """Our modern GPT's weights under Llama/Qwen3 names: c_attn split into q, k, v (stacked in
+    that order on the output dim), c_fc split into gate and up (gate first, as MLP.forward
+    chunks them)."""
     sd, C = model.state_dict(), model.config.n_embd
     out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
            "model.norm.weight": sd["transformer.ln_f.weight"]}
     out["lm_head.weight"] = sd["lm_head.weight"]  # wte itself when tied
     for i in range(model.config.n_layer):
         ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        renames = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
-                   "attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
+        renames = {"ln_1.weight": "input_layernorm.weight",
+                   "ln_2.weight": "post_attention_layernorm.weight",
+                   "attn.q_norm.weight": "self_attn.q_norm.weight",
+                   "attn.k_norm.weight": "self_attn.k_norm.weight"}
         for kind in ("weight", "bias"):
             renames[f"attn.c_proj.{kind}"] = f"self_attn.o_proj.{kind}"
             renames[f"mlp.c_proj.{kind}"] = f"mlp.down_proj.{kind}"
             if ours + f"attn.c_attn.{kind}" in sd:
                 qkv = sd[ours + f"attn.c_attn.{kind}"].split(C)
-                out.update({theirs + f"self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", qkv, strict=True)})
+                out.update({theirs + f"self_attn.{p}_proj.{kind}": t
+                            for p, t in zip("qkv", qkv, strict=True)})
             if ours + f"mlp.c_fc.{kind}" in sd:
                 gate, up = sd[ours + f"mlp.c_fc.{kind}"].chunk(2)
-                out.update({theirs + f"mlp.gate_proj.{kind}": gate, theirs + f"mlp.up_proj.{kind}": up})
-        out.update({theirs + new: sd[ours + old] for old, new in renames.items() if ours + old in sd})
+                out.update({theirs + f"mlp.gate_proj.{kind}": gate,
+                            theirs + f"mlp.up_proj.{kind}": up})
+        out.update({theirs + new: sd[ours + old]
+                    for old, new in renames.items() if ours + old in sd})
     return out
 
 
@@ -133,26 +152,34 @@ def llama_state_dict(model):
 
 
 def gpt2_tokenizer(block_size):
-    """A fast tokenizer that encodes exactly as tiktoken's gpt2: byte-level BPE from GPT-2's encoder.json and
-    vocab.bpe, no prefix space, <|endoftext|> = 50256 the only special token and the eos token."""
+    """A fast tokenizer that encodes exactly as tiktoken's gpt2: byte-level BPE from GPT-2's
+    encoder.json and vocab.bpe, no prefix space, <|endoftext|> = 50256 the only special token
+    and the eos token."""
     import tiktoken.load
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    try:  # tiktoken's cache (TIKTOKEN_CACHE_DIR) holds each file under sha1(url); otherwise it downloads it
-        vocab = json.loads(tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json", ENCODER_JSON_SHA256))
+    # tiktoken's cache (TIKTOKEN_CACHE_DIR) holds each file under sha1(url);
+    # otherwise it downloads it
+    try:
+        encoder = tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json", ENCODER_JSON_SHA256)
+        vocab = json.loads(encoder)
         bpe = tiktoken.load.read_file_cached(GPT2_FILES + "vocab.bpe", VOCAB_BPE_SHA256).decode()
     except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken
-        raise SystemExit(f"error: cannot load GPT-2's BPE files for the tokenizer ({type(e).__name__}). Offline, "
-                         f"point TIKTOKEN_CACHE_DIR at a folder where tiktoken has cached them") from None
-    merges = [tuple(line.split()) for line in bpe.split("\n")[1:-1]]  # a version line first, a newline last
+        raise SystemExit(f"error: cannot load GPT-2's BPE files for the tokenizer "
+                         f"({type(e).__name__}). Offline, point TIKTOKEN_CACHE_DIR at a folder "
+                         f"where tiktoken has cached them") from None
+    # a version line first, a newline last
+    merges = [tuple(line.split()) for line in bpe.split("\n")[1:-1]]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([EOT_TEXT])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOT_TEXT, eos_token=EOT_TEXT,
-                                   unk_token=EOT_TEXT, model_max_length=block_size,
-                                   clean_up_tokenization_spaces=False)  # decode gives back the exact text
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                                   bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT,
+                                   model_max_length=block_size,
+                                   # decode gives back the exact text
+                                   clean_up_tokenization_spaces=False)
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +187,8 @@ def gpt2_tokenizer(block_size):
 
 
 def write_folder(out, write_fn):
-    """write_fn(folder) into a temporary folder beside `out`, then rename it to `out` (replacing an old one)."""
+    """write_fn(folder) into a temporary folder beside `out`, then rename it to `out`
+    (replacing an old one)."""
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -169,10 +197,12 @@ def write_folder(out, write_fn):
         raise SystemExit(f"error: cannot write {out}: {e.strerror or e}") from None
     try:
         write_fn(tmp)
-        for file in os.listdir(tmp):  # the usual permissions of new files: mkdtemp and safetensors make 0600
+        # the usual permissions of new files: mkdtemp and safetensors make 0600
+        for file in os.listdir(tmp):
             os.chmod(os.path.join(tmp, file), 0o666 & ~utils.UMASK)
         os.chmod(tmp, 0o777 & ~utils.UMASK)
-        if os.path.isdir(out):  # empty, or --force: moved aside first, so `out` is never half old, half new
+        # empty, or --force: moved aside first, so `out` is never half old, half new
+        if os.path.isdir(out):
             old = tempfile.mkdtemp(dir=parent, prefix=f".old_{os.path.basename(out)}.")
             os.replace(out, old)
             os.replace(tmp, out)
@@ -189,7 +219,8 @@ def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings(settings)
     path = sample.resolve(checkpoint)
-    model, meta, ckpt_path = sample.load_model("", path) if os.path.isdir(path) else sample.load_model(path, "")
+    model, meta, ckpt_path = (sample.load_model("", path) if os.path.isdir(path)
+                              else sample.load_model(path, ""))
     name = hf_architecture(model.config)
     out = sample.resolve(out_dir)
 
@@ -199,7 +230,8 @@ def main(argv):
     config = hf_config(name, model.config, eot, dtype)
     hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     weights = model.to_hf_state_dict() if name == "gpt2" else llama_state_dict(model)
-    hf_model.load_state_dict(weights)  # strict: a weight left out or left over is a bug here, not user error
+    # strict: a weight left out or left over is a bug here, not user error
+    hf_model.load_state_dict(weights)
     tokenizer = gpt2_tokenizer(model.config.block_size) if meta.get("tokenizer") == "gpt2" else None
 
     def write(folder):
@@ -207,17 +239,20 @@ def main(argv):
         transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot).save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-            # transformers 5 names its own class, which 4.x lacks; both load PreTrainedTokenizerFast from tokenizer.json
+            # transformers 5 names its own class, which 4.x lacks;
+            # both load PreTrainedTokenizerFast from tokenizer.json
             path = os.path.join(folder, "tokenizer_config.json")
             with open(path) as f:
                 tokenizer_config = json.load(f)
-            utils.atomic_write_json(path, {**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"})
+            utils.atomic_write_json(path, {**tokenizer_config,
+                                           "tokenizer_class": "PreTrainedTokenizerFast"})
 
     write_folder(out, write)
     print(f"exported {ckpt_path} as {type(hf_model).__name__} ({dtype}) to {out}")
     if tokenizer is None:
-        print(f"no tokenizer saved: the model uses a {meta.get('tokenizer')} vocabulary, which Hugging Face "
-              f"tokenizers do not provide; encode with data.encode and pass token ids")
+        print(f"no tokenizer saved: the model uses a {meta.get('tokenizer')} vocabulary, "
+              f"which Hugging Face tokenizers do not provide; "
+              f"encode with data.encode and pass token ids")
 
 
 if __name__ == "__main__":
