@@ -1,11 +1,14 @@
-"""Token shards: the one implementation of the format, and the loaders of train_gpt2.py and train_lstm.py.
+"""Token shards: the one implementation of the format, and the loaders of train_gpt2.py and
+train_lstm.py.
 
-Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest zero),
-then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids). build-nanogpt's
-`.npy` uint16 shards are read too. Shard names: {prefix}_{split}_{k:06d}.bin, splits train / val / test.
-meta.json beside the shards: tokenizer ("gpt2" or another tiktoken name, "char", "word"), vocab_size,
-eot (document separator id or null), itos (id -> string, null for tiktoken), unk (unknown id or null),
-eos (word level: the end-of-line id); decode(tokens, meta) turns ids back into text.
+Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest
+zero), then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids).
+build-nanogpt's `.npy` uint16 shards are read too. Shard names: {prefix}_{split}_{k:06d}.bin,
+splits train / val / test.
+meta.json beside the shards: tokenizer ("gpt2" or another tiktoken name, "char", "word"),
+vocab_size, eot (document separator id or null), itos (id -> string, null for tiktoken), unk
+(unknown id or null), eos (word level: the end-of-line id); decode(tokens, meta) turns ids back
+into text.
 """
 import glob
 import json
@@ -57,9 +60,9 @@ def shard_length(path):
 def read_shard(path, vocab_size=None):
     """Memory-map a shard after checking its header against the file size.
 
-    With vocab_size, every token is also checked to be below it (one vectorized pass over the file): the
-    loaders do this once per shard when they open it, so an id the model cannot embed stops the run at
-    the start, naming the shard, whether or not a batch would ever have drawn it.
+    With vocab_size, every token is also checked to be below it (one vectorized pass over the file):
+    the loaders do this once per shard when they open it, so an id the model cannot embed stops the
+    run at the start, naming the shard, whether or not a batch would ever have drawn it.
     """
     if not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard")
@@ -69,27 +72,32 @@ def read_shard(path, vocab_size=None):
         except ValueError as e:
             raise ShardError(f"{path}: not a readable .npy shard ({e})") from None
         if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
-            raise ShardError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+            raise ShardError(f"{path}: expected a 1-D integer array, "
+                             f"got {tokens.dtype} {tokens.shape}")
     else:
         size = os.path.getsize(path)
         if size < HEADER_INTS * 4:
-            raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_INTS * 4}-byte header")
+            raise ShardError(f"{path}: {size} bytes is shorter than the "
+                             f"{HEADER_INTS * 4}-byte header")
         header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
         magic, version, count = (int(v) for v in header[:3])
         if magic != MAGIC:
-            raise ShardError(f"{path}: wrong magic number {magic} (expected {MAGIC}): not a token shard")
+            raise ShardError(f"{path}: wrong magic number {magic} (expected {MAGIC}): "
+                             f"not a token shard")
         if version not in TOKEN_DTYPES:
-            raise ShardError(f"{path}: unknown shard version {version} (known: {sorted(TOKEN_DTYPES)})")
+            raise ShardError(f"{path}: unknown shard version {version} "
+                             f"(known: {sorted(TOKEN_DTYPES)})")
         dtype = TOKEN_DTYPES[version]
         expected = HEADER_INTS * 4 + count * np.dtype(dtype).itemsize
         if count < 0 or size != expected:
-            raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) but the file has "
-                             f"{size} bytes: truncated or corrupt")
+            raise ShardError(f"{path}: header says {count} tokens ({expected} bytes) "
+                             f"but the file has {size} bytes: truncated or corrupt")
         tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
     if vocab_size is not None and len(tokens):
         largest = int(tokens.max())
         if largest >= vocab_size:
-            raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size} (meta.json)")
+            raise ShardError(f"{path}: token id {largest} is not below vocab_size {vocab_size} "
+                             f"(meta.json)")
         if tokens.dtype.kind == "i" and tokens.min() < 0:  # signed .npy shards only
             raise ShardError(f"{path}: negative token id {int(tokens.min())}")
     return tokens
@@ -102,8 +110,9 @@ def list_shards(data_dir, split):
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")) +
                    glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
     if not paths:
-        raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}: run prepare_fineweb.py "
-                         f"or prepare_wikitext.py first (see README), or set --data_dir")
+        raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}: "
+                         f"run prepare_fineweb.py or prepare_wikitext.py first (see README), "
+                         f"or set --data_dir")
     return paths
 
 
@@ -117,8 +126,9 @@ def write_meta(data_dir, meta):
 
 
 def read_meta(data_dir):
-    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards). A file that is
-    not JSON, or not of the shape write_meta writes, ends the script with one line naming it (exit 1)."""
+    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards).
+    A file that is not JSON, or not of the shape write_meta writes, ends the script with one line
+    naming it (exit 1)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         return None
@@ -129,8 +139,8 @@ def read_meta(data_dir):
         raise SystemExit(f"error: {path}: not a readable JSON file ({e})") from None
     problem = meta_problem(meta)
     if problem:
-        raise SystemExit(f"error: {path}: {problem}; prepare the data again (prepare_wikitext.py or "
-                         f"prepare_fineweb.py)")
+        raise SystemExit(f"error: {path}: {problem}; prepare the data again "
+                         f"(prepare_wikitext.py or prepare_fineweb.py)")
     return meta
 
 
@@ -156,26 +166,30 @@ def meta_problem(meta):
 
 
 class ShardWriter:
-    """Cuts a stream of token arrays into shards of exactly shard_size tokens (the last one may be short).
+    """Cuts a stream of token arrays into shards of exactly shard_size tokens
+    (the last one may be short).
 
-    Shard k is named {prefix}_{split}_{k:06d}.bin with split = splits[min(k, len(splits) - 1)]: the default
-    ("val", "train") makes the first shard val and every later one train, numbered on from 1 as llm.c and
-    build-nanogpt do. A document that crosses a boundary is split, nothing is dropped. first_index lets a
-    restarted job continue after its last complete shard; on_shard(path, used), if given, is called after
-    each shard is written, with `used` = how many tokens of the current add() call that shard completed at.
+    Shard k is named {prefix}_{split}_{k:06d}.bin with split = splits[min(k, len(splits) - 1)]: the
+    default ("val", "train") makes the first shard val and every later one train, numbered on from 1
+    as llm.c and build-nanogpt do. A document that crosses a boundary is split, nothing is dropped.
+    first_index lets a restarted job continue after its last complete shard; on_shard(path, used),
+    if given, is called after each shard is written, with `used` = how many tokens of the current
+    add() call that shard completed at.
     """
 
-    def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"), first_index=0,
-                 on_shard=None):
+    def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"),
+                 first_index=0, on_shard=None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.data_dir, self.prefix, self.shard_size = data_dir, prefix, shard_size
         self.vocab_size, self.splits, self.index = vocab_size, tuple(splits), first_index
         self.on_shard = on_shard
-        self.pending, self.fill, self.paths = [], 0, []  # arrays of the shard being filled, their total
+        # arrays of the shard being filled, their total
+        self.pending, self.fill, self.paths = [], 0, []
 
     def add(self, tokens):
-        """Append a 1-D token array; write every shard it completes. Returns the paths written now."""
+        """Append a 1-D token array; write every shard it completes.
+        Returns the paths written now."""
         tokens, written, used = np.asarray(tokens), [], 0
         while self.fill + len(tokens) - used >= self.shard_size:
             take = self.shard_size - self.fill
@@ -205,18 +219,20 @@ class ShardWriter:
 
 
 def tiktoken_encoding(name="gpt2"):
-    """tiktoken's encoding, or a clear exit when its BPE files can be neither found nor downloaded."""
+    """tiktoken's encoding,
+    or a clear exit when its BPE files can be neither found nor downloaded."""
     import tiktoken
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken
-        raise SystemExit(f"error: cannot load tiktoken's {name!r} BPE files ({type(e).__name__}). Offline, copy "
-                         f"them from a machine where tiktoken has run (its cache folder) and point "
-                         f"TIKTOKEN_CACHE_DIR at them") from None
+        raise SystemExit(f"error: cannot load tiktoken's {name!r} BPE files ({type(e).__name__}). "
+                         f"Offline, copy them from a machine where tiktoken has run "
+                         f"(its cache folder) and point TIKTOKEN_CACHE_DIR at them") from None
 
 
 def encode(text, meta):
-    """Text to token ids with the tokenizer a meta.json describes; unknown symbols map to meta["unk"]."""
+    """Text to token ids with the tokenizer a meta.json describes;
+    unknown symbols map to meta["unk"]."""
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
         return tiktoken_encoding(meta["tokenizer"]).encode_ordinary(text)
     stoi, unk = {s: i for i, s in enumerate(meta["itos"])}, meta.get("unk")
@@ -224,7 +240,8 @@ def encode(text, meta):
         pieces = list(text)
     else:  # word: whitespace-separated words, each line ended by the end-of-line token
         lines = text.split("\n")
-        pieces = [w for k, line in enumerate(lines) for w in line.split() + ([None] if k < len(lines) - 1 else [])]
+        pieces = [w for k, line in enumerate(lines)
+                  for w in line.split() + ([None] if k < len(lines) - 1 else [])]
     ids = [meta.get("eos") if p is None else stoi.get(p, unk) for p in pieces]
     return [i for i in ids if i is not None]
 
@@ -268,8 +285,8 @@ class WindowLoader:
 
     A window starts at a multiple of T inside one shard and needs T+1 tokens (targets are shifted by
     one), so a shard of n tokens has (n - 1) // T windows. Each step the global batch is the next
-    B * world_size windows of the epoch's order; rank r takes the r-th slice of B. The order is either
-    the natural one (shard by shard) or a permutation of all windows of all shards drawn from
+    B * world_size windows of the epoch's order; rank r takes the r-th slice of B. The order is
+    either the natural one (shard by shard) or a permutation of all windows of all shards drawn from
     (seed, epoch), so every epoch is reshuffled and any rank can compute it alone. When fewer than
     B * world_size windows are left, the next epoch starts. The state is just (epoch, cursor).
     With vocab_size, every shard's largest id is checked when the loader opens it.
@@ -280,14 +297,15 @@ class WindowLoader:
         self.paths = list_shards(data_dir, split)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]  # every header and id, up front
+        # every header and id, up front
+        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]
         windows = [max(0, (n - 1) // T) for n in lengths]
         self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
         if self.n_windows < B * world_size:
-            raise ShardError(f"{split} split in {data_dir!r} has {sum(lengths)} tokens = {self.n_windows} "
-                             f"windows of {T}+1 tokens, fewer than one batch needs "
-                             f"(micro_batch_size {B} x world_size {world_size})")
+            raise ShardError(f"{split} split in {data_dir!r} has {sum(lengths)} tokens = "
+                             f"{self.n_windows} windows of {T}+1 tokens, fewer than one batch "
+                             f"needs (micro_batch_size {B} x world_size {world_size})")
         self.epoch, self.cursor, self.order = 0, 0, None
 
     def state_dict(self):
@@ -334,30 +352,34 @@ class WindowLoader:
 
 
 class StreamLoader:
-    """micro_batch_size contiguous streams per rank through one split, for models with persistent states.
+    """micro_batch_size contiguous streams per rank through one split,
+    for models with persistent states.
 
-    The shards of the split are read as one token sequence of n tokens, cut into B * world_size equal
-    segments: stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
-    Every stream advances T tokens per batch in lockstep (a window needs T+1 tokens: targets shift by one),
-    across shard boundaries; when the segments are used up all streams restart at their segment starts.
+    The shards of the split are read as one token sequence of n tokens, cut into B * world_size
+    equal segments: stream s starts at token s * (n // (B * world_size)) and rank r owns streams
+    r*B .. r*B + B-1. Every stream advances T tokens per batch in lockstep (a window needs T+1
+    tokens: targets shift by one), across shard boundaries; when the segments are used up all
+    streams restart at their segment starts.
     With vocab_size, every shard's largest id is checked when the loader opens it.
 
-    next_batch() -> (x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the streams
-    just restarted (the caller zeroes its states: the text no longer continues). The state is one int.
+    next_batch() -> (x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the
+    streams just restarted (the caller zeroes its states: the text no longer continues).
+    The state is one int.
     """
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
         self.paths = list_shards(data_dir, split)
-        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]  # every header and id, up front
+        # every header and id, up front
+        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]
         self.shard_start = np.cumsum([0] + lengths)
         self.B, self.T = B, T
         n_streams = B * world_size
         self.seg_len = int(self.shard_start[-1]) // n_streams
         self.windows = (self.seg_len - 1) // T  # windows of T+1 tokens per segment
         if self.windows < 1:
-            raise ShardError(f"{split} split in {data_dir!r} has {int(self.shard_start[-1])} tokens: too few for "
-                             f"{n_streams} streams (micro_batch_size {B} x world_size {world_size}) of "
-                             f"block_size {T} + 1 tokens")
+            raise ShardError(f"{split} split in {data_dir!r} has {int(self.shard_start[-1])} "
+                             f"tokens: too few for {n_streams} streams (micro_batch_size {B} x "
+                             f"world_size {world_size}) of block_size {T} + 1 tokens")
         self.starts = [s * self.seg_len for s in range(rank * B, (rank + 1) * B)]
         self.window = 0  # next window of every stream
 
@@ -366,8 +388,9 @@ class StreamLoader:
 
     def load_state_dict(self, state):
         if int(state["seg_len"]) != self.seg_len:
-            raise SystemExit(f"error: the checkpoint's streams are {state['seg_len']} tokens long, these are "
-                             f"{self.seg_len}: the data or micro_batch_size x world_size changed")
+            raise SystemExit(f"error: the checkpoint's streams are {state['seg_len']} tokens long, "
+                             f"these are {self.seg_len}: "
+                             f"the data or micro_batch_size x world_size changed")
         self.window = int(state["window"])
 
     def reset(self):

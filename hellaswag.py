@@ -1,17 +1,21 @@
-"""HellaSwag (validation, 10,042 examples x 4 endings): download, render, score a GPT, standalone or in training.
+"""HellaSwag (validation, 10,042 examples x 4 endings): download, render, score a GPT,
+standalone or in training.
 
     python hellaswag.py --checkpoint=out/ckpt_005000.pt        # a train_gpt2.py checkpoint
     python hellaswag.py --model=gpt2 --limit=500               # Hugging Face weights via model.py
 
 Two conventions (say which one a figure uses; the CLI prints it):
-  completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending; acc = lowest summed token
-      loss, acc_norm = lowest mean token loss. GPT-2 124M: acc 0.2859, acc_norm 0.2955.
-  harness (lm-eval-harness): context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
-      ending = " " + preprocess(ending); acc = highest summed log-prob, acc_norm = highest summed log-prob
-      divided by len(preprocessed ending) in characters. GPT-2 124M: acc 0.2892, acc_norm 0.3114.
-Ties: every prediction is torch.argmin over the 4 scores, so on an exact tie the lowest ending index wins
-(lm-eval-harness's np.argmax does the same). Token losses are summed in float64, so endings whose token
-losses are equal tie exactly (k*x/k == x holds in float64 for float32 x).
+  completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending;
+      acc = lowest summed token loss, acc_norm = lowest mean token loss.
+      GPT-2 124M: acc 0.2859, acc_norm 0.2955.
+  harness (lm-eval-harness):
+      context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
+      ending = " " + preprocess(ending); acc = highest summed log-prob,
+      acc_norm = highest summed log-prob divided by len(preprocessed ending) in characters.
+      GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+Ties: every prediction is torch.argmin over the 4 scores, so on an exact tie the lowest ending index
+wins (lm-eval-harness's np.argmax does the same). Token losses are summed in float64, so endings
+whose token losses are equal tie exactly (k*x/k == x holds in float64 for float32 x).
 
 In training (train_gpt2.py), on every rank, with the raw model (not the DDP or compiled wrapper):
     examples = load_examples(ensure_data())   # once, at start-up
@@ -43,7 +47,7 @@ cache_dir = "data/hellaswag"  # download folder, relative to this script's folde
 checkpoint = None  # a train_gpt2.py checkpoint (.pt) to evaluate
 model = None  # or Hugging Face GPT-2 weights via GPT.from_pretrained: "gpt2", "gpt2-medium", ...
 device = ""  # "" = auto (cuda, mps, cpu)
-dtype = ""  # autocast dtype: "" = bfloat16 on cuda, float32 elsewhere; or float32 | bfloat16 | float16
+dtype = ""  # autocast: "" = bfloat16 on cuda, float32 elsewhere; or float32 | bfloat16 | float16
 limit = 0  # score only the first N examples (0 = all 10,042)
 style = "completion"  # completion (build-nanogpt/llm.c) | harness (lm-eval-harness); see above
 skip_bad = False  # skip malformed lines (with a count) instead of stopping at the first one
@@ -71,9 +75,9 @@ def check_settings():
 
 
 def download(folder):
-    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified, renamed.
-    The file gets the permissions of any new file (the umask), and a killed download's temporary file is
-    removed by the next one."""
+    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified,
+    renamed. The file gets the permissions of any new file (the umask), and a killed download's
+    temporary file is removed by the next one."""
     import requests  # imported here: only the download needs it
     path = os.path.join(folder, os.path.basename(URL))
     error = None
@@ -84,7 +88,8 @@ def download(folder):
         try:
             os.makedirs(folder, exist_ok=True)
             utils.remove_stale_temporaries(path)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
+            fd, tmp = tempfile.mkstemp(dir=folder,
+                                       prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
             with os.fdopen(fd, "wb") as f, requests.get(URL, stream=True, timeout=30) as response:
                 response.raise_for_status()
                 for chunk in response.iter_content(chunk_size=1 << 20):
@@ -92,7 +97,8 @@ def download(folder):
             verify(tmp, source=URL)
             os.chmod(tmp, 0o666 & ~utils.UMASK)  # mkstemp makes 0600 files
             os.replace(tmp, path)
-            record_sha256(path)  # after the rename: an interruption here leaves a file ensure_data re-verifies
+            # after the rename: an interruption here leaves a file ensure_data re-verifies
+            record_sha256(path)
             return path
         except requests.RequestException as e:  # before OSError: requests' errors are OSErrors too
             error = e
@@ -100,12 +106,14 @@ def download(folder):
             raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from None
         finally:
             utils.remove_quietly(tmp)
-    raise SystemExit(f"error: could not download HellaSwag from {URL} ({error}). On an offline machine, "
-                     f"fetch that file elsewhere and pass --data_file=path/to/hellaswag_val.jsonl")
+    raise SystemExit(f"error: could not download HellaSwag from {URL} ({error}). "
+                     f"On an offline machine, fetch that file elsewhere and pass "
+                     f"--data_file=path/to/hellaswag_val.jsonl")
 
 
 def verify(path, source):
-    """The upstream file publishes no checksum, so check what we can: 10,042 lines, all in HellaSwag's schema."""
+    """The upstream file publishes no checksum, so check what we can:
+    10,042 lines, all in HellaSwag's schema."""
     try:
         n = len(load_examples(path, style="harness"))  # harness needs every field
     except SystemExit as e:
@@ -133,16 +141,18 @@ def read_sha256(path):
 
 
 def default_path(cache_dir=cache_dir):
-    """Where the download is cached: cache_dir relative to this script's folder (an absolute one stays)."""
+    """Where the download is cached: cache_dir relative to this script's folder
+    (an absolute one stays)."""
     return os.path.join(HERE, cache_dir, os.path.basename(URL))
 
 
 def ensure_data(data_file=None, cache_dir=cache_dir):
-    """Path of the validation JSONL: `data_file` as given, else the cached download (fetched on first use).
+    """Path of the validation JSONL: `data_file` as given,
+    else the cached download (fetched on first use).
 
-    Trust on first use: the sha256 of the verified download is recorded beside it and checked on every
-    later load, so a cache that was changed or truncated since is caught. A file placed in the cache by
-    hand (no sidecar) is verified once and then recorded the same way.
+    Trust on first use: the sha256 of the verified download is recorded beside it and checked on
+    every later load, so a cache that was changed or truncated since is caught. A file placed in the
+    cache by hand (no sidecar) is verified once and then recorded the same way.
     """
     if data_file is not None:
         if not os.path.isfile(data_file):
@@ -155,8 +165,8 @@ def ensure_data(data_file=None, cache_dir=cache_dir):
         verify(path, source=path)
         record_sha256(path)
     elif read_sha256(path) != sha256_of(path):
-        raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from {path}.sha256); "
-                         f"delete both files to download again")
+        raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from "
+                         f"{path}.sha256); delete both files to download again")
     return path
 
 
@@ -164,14 +174,16 @@ def check_example(ex, style):
     """None if `ex` has HellaSwag's schema (for `style`), else what is wrong with it."""
     if not isinstance(ex, dict):
         return "not a JSON object"
-    keys = ("ctx", "endings", "label") + (("activity_label", "ctx_a", "ctx_b") if style == "harness" else ())
+    harness_keys = ("activity_label", "ctx_a", "ctx_b") if style == "harness" else ()
+    keys = ("ctx", "endings", "label") + harness_keys
     missing = [k for k in keys if k not in ex]
     if missing:
         return f"missing field(s) {missing}"
     if not all(isinstance(ex[k], str) for k in keys if k not in ("endings", "label")):
         return "text fields must be strings"
     endings = ex["endings"]
-    if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) for e in endings):
+    if (not isinstance(endings, list) or len(endings) != 4
+            or not all(isinstance(e, str) for e in endings)):
         return f"endings must be a list of 4 strings, got {endings!r:.80}"
     if type(ex["label"]) is not int or not 0 <= ex["label"] <= 3:
         return f"label must be an integer 0..3, got {ex['label']!r}"
@@ -181,13 +193,14 @@ def check_example(ex, style):
 def load_examples(path, skip_bad=False, limit=0, style="completion"):
     """The examples of a HellaSwag JSONL file, each line validated. Blank lines are ignored.
 
-    A malformed line (not UTF-8, not JSON, not the schema) stops with `path:line: problem`, or is skipped
-    (and counted on stderr) with skip_bad. limit > 0 keeps the first `limit` valid examples. A file with
-    no examples is an error: it would score 0 out of 0.
+    A malformed line (not UTF-8, not JSON, not the schema) stops with `path:line: problem`, or is
+    skipped (and counted on stderr) with skip_bad. limit > 0 keeps the first `limit` valid examples.
+    A file with no examples is an error: it would score 0 out of 0.
     """
     examples, bad = [], 0
     try:
-        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+        # bytes: a line that is not UTF-8 is named like any other bad line
+        with open(path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -212,8 +225,8 @@ def load_examples(path, skip_bad=False, limit=0, style="completion"):
     if bad:
         print(f"hellaswag: skipped {bad} malformed line(s) of {path}", file=sys.stderr)
     if not examples:
-        raise SystemExit(f"error: {path}: no HellaSwag examples" + (f", {bad} malformed line(s)" if bad else
-                                                                    " (an empty file?)"))
+        detail = f", {bad} malformed line(s)" if bad else " (an empty file?)"
+        raise SystemExit(f"error: {path}: no HellaSwag examples" + detail)
     return examples
 
 
@@ -222,7 +235,8 @@ def load_examples(path, skip_bad=False, limit=0, style="completion"):
 
 
 def preprocess(text):
-    """lm-eval-harness's HellaSwag cleanup: WikiHow bracket markup out, " [title]" becomes a sentence end."""
+    """lm-eval-harness's HellaSwag cleanup: WikiHow bracket markup out,
+    " [title]" becomes a sentence end."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
@@ -233,16 +247,19 @@ def render_example(example, enc, style="completion"):
     if style == "completion":
         context, endings = example["ctx"], example["endings"]
     elif style == "harness":
-        context = preprocess(example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize())
+        context = preprocess(example["activity_label"] + ": " + example["ctx_a"] + " "
+                             + example["ctx_b"].capitalize())
         endings = [preprocess(e) for e in example["endings"]]
     else:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]  # the space belongs to the ending
+    # the space belongs to the ending
+    ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]
     return enc.encode_ordinary(context), ending_tokens, [len(e) for e in endings]
 
 
 def ending_losses(model, rendered, device, autocast_ctx=None):
-    """Summed loss and token count of every ending of `rendered` examples: two (n, 4) tensors on the CPU.
+    """Summed loss and token count of every ending of `rendered` examples:
+    two (n, 4) tensors on the CPU.
 
     One forward pass for all 4n rows, right-padded; a mask selects the ending tokens' targets.
     Rows longer than the model's block_size lose tokens from the left (the context's start).
@@ -257,7 +274,8 @@ def ending_losses(model, rendered, device, autocast_ctx=None):
             rows.append(row)
             n_ending.append(min(len(ending), len(row) - 1))
     R, L = len(rows), max(max(len(r) for r in rows) - 1, 1)
-    idx = torch.zeros((R, L), dtype=torch.long)  # pad token 0: never a target, and causal attention keeps it out
+    # pad token 0: never a target, and causal attention keeps it out
+    idx = torch.zeros((R, L), dtype=torch.long)
     targets = torch.full((R, L), -1, dtype=torch.long)  # -1 = ignored (context and padding)
     for i, (row, n) in enumerate(zip(rows, n_ending, strict=True)):
         idx[i, :len(row) - 1] = torch.tensor(row[:-1])
@@ -278,8 +296,10 @@ def predict(sum_loss, n_tokens, n_chars, style):
 
 
 @torch.no_grad()
-def score_examples(model, examples, enc, device, style="completion", autocast_ctx=None, batch_size=16):
-    """List of (pred_sum, pred_norm) ending indices, one per example, batch_size examples per forward."""
+def score_examples(model, examples, enc, device, style="completion", autocast_ctx=None,
+                   batch_size=16):
+    """List of (pred_sum, pred_norm) ending indices, one per example,
+    batch_size examples per forward."""
     was_training = model.training
     model.eval()
     try:
@@ -297,7 +317,8 @@ def score_examples(model, examples, enc, device, style="completion", autocast_ct
 
 def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None,
              rank=0, world_size=1, batch_size=16):
-    """dict(acc, acc_norm, correct, correct_norm, total, style) over all ranks' shares of `examples`."""
+    """dict(acc, acc_norm, correct, correct_norm, total, style)
+    over all ranks' shares of `examples`."""
     shard = examples[rank::world_size]
     preds = score_examples(model, shard, enc, device, style, autocast_ctx, batch_size)
     correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard, strict=True))
@@ -314,19 +335,23 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None
 
 def load_checkpoint(path, device):
     """A GPT from a train_gpt2.py checkpoint, on `device`."""
-    ckpt = utils.load_checkpoint(path)  # weights_only=True; a clear exit for a missing or unreadable file
+    # weights_only=True; a clear exit for a missing or unreadable file
+    ckpt = utils.load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise SystemExit(f"error: --checkpoint={path}: not a train_gpt2.py checkpoint "
                          f"(needs 'model' and 'model_config')")
     vocab_size = ckpt["model_config"].get("vocab_size", 0)
     if vocab_size < 50257:
         raise SystemExit(f"error: --checkpoint={path}: its vocabulary has {vocab_size} ids; "
-                         f"HellaSwag is scored in GPT-2 BPE tokens, so it needs a model trained on GPT-2 BPE data")
+                         f"HellaSwag is scored in GPT-2 BPE tokens, "
+                         f"so it needs a model trained on GPT-2 BPE data")
     try:
         net = GPT(GPTConfig(**ckpt["model_config"]))
         net.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:  # unknown/invalid config fields, shape mismatches
-        raise SystemExit(f"error: --checkpoint={path}: model_config and weights do not fit model.py ({e})") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        # unknown/invalid config fields, shape mismatches
+        raise SystemExit(f"error: --checkpoint={path}: "
+                         f"model_config and weights do not fit model.py ({e})") from None
     return net.to(device)
 
 
@@ -354,8 +379,8 @@ def main(argv):
     seconds = time.time() - t0
     print(f"hellaswag ({style} style) acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
           f"({result['correct_norm']}/{result['total']})")
-    print(f"{result['total']} examples in {seconds:.1f} s ({result['total'] / seconds:.1f} examples/s) "
-          f"on {dev}, {precision}, {source}")
+    print(f"{result['total']} examples in {seconds:.1f} s "
+          f"({result['total'] / seconds:.1f} examples/s) on {dev}, {precision}, {source}")
     if json_out is not None:
         figures = dict(result, source=source, device=dev, dtype=precision, seconds=seconds,
                        examples_per_s=result["total"] / seconds, limit=limit, settings=settings)
