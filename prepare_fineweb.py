@@ -1,14 +1,15 @@
 """Tokenize a Hugging Face text dataset (default FineWeb-Edu sample-10BT) into GPT-2 token shards.
 
-    python prepare_fineweb.py                                       # FineWeb-Edu 10BT -> data/fineweb10B
-    python prepare_fineweb.py --max_tokens=100000000                # stream only the first 100M tokens
-    python prepare_fineweb.py --data_files="corpus/*.jsonl"         # local parquet / jsonl / txt, offline
+    python prepare_fineweb.py                                 # FineWeb-Edu 10BT -> data/fineweb10B
+    python prepare_fineweb.py --max_tokens=100000000          # stream only the first 100M tokens
+    python prepare_fineweb.py --data_files="corpus/*.jsonl"   # local parquet / jsonl / txt, offline
 
-Every document becomes <|endoftext|> (50256) followed by its tokens exactly as tiktoken's encode_ordinary
-gives them (a literal "<|endoftext|>" in a text stays plain text), and the token stream is cut into shards
-of shard_size tokens (data.py's format): shard 000000 is val, the rest train; documents that cross a shard
-boundary are split, nothing is dropped. Interrupted runs continue after their last complete shard
-(out_dir/progress.json); a finished one does nothing. Local .txt files count as one document each.
+Every document becomes <|endoftext|> (50256) followed by its tokens exactly as tiktoken's
+encode_ordinary gives them (a literal "<|endoftext|>" in a text stays plain text), and the token
+stream is cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest
+train; documents that cross a shard boundary are split, nothing is dropped. Interrupted runs
+continue after their last complete shard (out_dir/progress.json); a finished one does nothing.
+Local .txt files count as one document each.
 The last line printed is the --data_dir to train on.
 
 Exact dataset names (--dataset= / --name=):
@@ -16,7 +17,8 @@ Exact dataset names (--dataset= / --name=):
     HuggingFaceFW/fineweb       sample-10BT
     roneneldan/TinyStories      name=None  (--name=None)
     Skylion007/openwebtext      name=None  (--name=None)
-All four have a "text" column and a "train" split; give each its own --out_dir (e.g. data/tinystories).
+All four have a "text" column and a "train" split;
+give each its own --out_dir (e.g. data/tinystories).
 """
 import glob
 import gzip
@@ -42,9 +44,9 @@ dataset = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset id (ignored when d
 name = "sample-10BT"  # dataset config / subset name (None for datasets without one)
 split = "train"  # dataset split to read
 text_column = "text"  # column holding each document's text
-data_files = None  # local files instead of the hub: glob(s), comma-separated; .parquet, .jsonl/.json, .txt
+data_files = None  # local files, not the hub: comma-separated globs; .parquet, .jsonl/.json, .txt
 out_dir = "data/fineweb10B"  # output folder, relative to this script's folder unless absolute
-prefix = None  # shard name prefix; None = derived ("edufineweb" for fineweb-edu, else the dataset name)
+prefix = None  # shard name prefix; None = "edufineweb" for fineweb-edu, else the dataset name
 shard_size = 100_000_000  # tokens per shard (100M = 200 MB as uint16), >= 1
 max_tokens = 0  # 0 = the whole dataset; > 0 = stop after this many tokens (streams hub datasets)
 num_proc = 0  # tokenizer processes; 0 = os.cpu_count(); 1 = no pool
@@ -56,7 +58,8 @@ CHOICES = dict(tokenizer=tuple(tiktoken.list_encoding_names()))
 # the settings that decide the shards' contents: a restart must use the same values
 OUTPUT_SETTINGS = ("dataset", "name", "split", "text_column", "data_files", "prefix", "shard_size",
                    "max_tokens", "tokenizer")
-LOCAL_KINDS = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}  # extension -> builder
+# extension -> builder
+LOCAL_KINDS = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}
 
 
 def check_settings():
@@ -85,13 +88,15 @@ def local_files(pattern):
             raise SystemExit(f"error: --data_files: {p} is not .parquet, .jsonl, .json or .txt")
         builders.add(LOCAL_KINDS[ext])
     if len(builders) > 1:
-        raise SystemExit(f"error: --data_files mixes file types ({sorted(builders)}); use one type per run")
+        raise SystemExit(f"error: --data_files mixes file types ({sorted(builders)}); "
+                         f"use one type per run")
     return paths, builders.pop()
 
 
 def places(path, builder):
-    """Where each document of a local file is, in reading order: 'file:line' (JSON lines), 'file, record k'
-    (a JSON array, parquet rows), 'file' (a text file is one document). Read only to name a bad document."""
+    """Where each document of a local file is, in reading order: 'file:line' (JSON lines),
+    'file, record k' (a JSON array, parquet rows), 'file' (a text file is one document).
+    Read only to name a bad document."""
     if builder == "text":
         yield path
     elif builder == "parquet":
@@ -125,17 +130,23 @@ def documents(skip=0):
         if data_files:
             paths, builder = local_files(data_files)
             source = paths[0] if len(paths) == 1 else data_files
-            # streaming reads local files in place (no Arrow copy in the HF cache); a .txt file is one document
+            # streaming reads local files in place (no Arrow copy in the HF cache);
+            # a .txt file is one document
             extra = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **extra)
+            ds = datasets.load_dataset(builder, data_files=paths, split="train",
+                                       streaming=True, **extra)
         else:
-            ds = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming or max_tokens > 0)
+            ds = datasets.load_dataset(dataset, name=name, split=split,
+                                       streaming=streaming or max_tokens > 0)
         batches = ds.skip(skip).iter(batch_size=batch_size)
-        first = next(batches, None)  # checked here, in the main thread, not inside the pool's feeder thread
+        # checked here, in the main thread, not inside the pool's feeder thread
+        first = next(batches, None)
     except StopIteration:  # what datasets raises when every local file is empty
         first = None
-    except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
-        hint = "" if data_files else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'"
+    except Exception as e:
+        # offline, a wrong dataset name or subset, a file the reader cannot parse
+        hint = ("" if data_files
+                else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'")
         raise SystemExit(f"error: cannot read {source}: {type(e).__name__}: {e}{hint}") from None
     if first is None and skip == 0:
         raise SystemExit(f"error: {source}: no documents (an empty file?)")
@@ -148,21 +159,24 @@ def documents(skip=0):
         try:
             for batch in itertools.chain([first] if first is not None else [], batches):
                 column = batch[text_column]
-                for k, text in enumerate(column):  # None is an empty document; anything else is no text
+                # None is an empty document; anything else is no text
+                for k, text in enumerate(column):
                     if text is not None and not isinstance(text, str):
-                        raise ReadError(f"error: {place_of(index + k)}: column {text_column!r} holds "
-                                        f"{type(text).__name__} {text!r:.40}, not text")
+                        raise ReadError(f"error: {place_of(index + k)}: column {text_column!r} "
+                                        f"holds {type(text).__name__} {text!r:.40}, not text")
                 index += len(column)
                 yield column
         except ReadError:
             raise
-        except Exception as e:  # the pool re-raises this in the main loop, which turns it into a message
+        except Exception as e:
+            # the pool re-raises this in the main loop, which turns it into a message
             raise ReadError(f"error: cannot read {source}: {type(e).__name__}: {e}") from e
     return texts()
 
 
 class ReadError(Exception):
-    """A dataset that fails while being read (an Exception: the pool's feeder thread passes those on)."""
+    """A dataset that fails while being read
+    (an Exception: the pool's feeder thread passes those on)."""
 
 
 # -----------------------------------------------------------------------------
@@ -177,10 +191,12 @@ def init_worker(encoding_name):
 
 
 def tokenize(texts):
-    """A batch of documents -> (their tokens concatenated, each as [EOT] + tokens; each one's length).
+    """A batch of documents -> (their tokens concatenated, each as [EOT] + tokens;
+    each one's length).
 
-    encode_to_numpy with no special tokens gives exactly encode_ordinary's tokens (a literal <|endoftext|>
-    in the text is plain text; encode() would raise on it) without building a Python list: ~15% faster.
+    encode_to_numpy with no special tokens gives exactly encode_ordinary's tokens (a literal
+    <|endoftext|> in the text is plain text; encode() would raise on it) without building a Python
+    list: ~15% faster.
     """
     eot = np.array([_encoder.eot_token], dtype=np.uint32)
     pieces = []
@@ -192,7 +208,8 @@ def tokenize(texts):
 
 
 def locate(ends, position):
-    """(document, offset in it) of a token position in a batch whose documents end at `ends` (cumsum)."""
+    """(document, offset in it) of a token position
+    in a batch whose documents end at `ends` (cumsum)."""
     doc = int(np.searchsorted(ends, position, side="right"))
     return doc, int(position - (ends[doc - 1] if doc else 0))
 
@@ -213,18 +230,21 @@ def resolve(settings):
 
 
 def resume_point(progress_path, wanted):
-    """The sidecar of an earlier run (documents to skip, tokens of the next one to drop, shards done, done),
-    checked against the current settings and the shards on disk; None for a fresh start."""
+    """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
+    shards done, done), checked against the current settings and the shards on disk;
+    None for a fresh start."""
     if not os.path.exists(progress_path):
         leftovers = glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*_*.bin"))
         if leftovers:
-            raise SystemExit(f"error: {out_dir} already holds shards ({os.path.basename(leftovers[0])}, ...) "
+            raise SystemExit(f"error: {out_dir} already holds shards "
+                             f"({os.path.basename(leftovers[0])}, ...) "
                              f"but no progress.json: delete them or choose another --out_dir")
         return None
     try:
         with open(progress_path) as f:
             progress = json.load(f)
-        ok = isinstance(progress, dict) and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys()
+        ok = (isinstance(progress, dict)
+              and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys())
         ok = ok and isinstance(progress["settings"], dict)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ok = False
@@ -234,7 +254,8 @@ def resume_point(progress_path, wanted):
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
-        raise SystemExit(f"error: {progress_path} was written with other settings (name: (before, now)) {diff}; "
+        raise SystemExit(f"error: {progress_path} was written with other settings "
+                         f"(name: (before, now)) {diff}; "
                          f"rerun with the old values, or delete {out_dir} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
@@ -246,7 +267,8 @@ def resume_point(progress_path, wanted):
 
 
 def data_dir_arg(folder):
-    """`folder` as train_gpt2.py's --data_dir takes it: relative to the repo folder when inside it."""
+    """`folder` as train_gpt2.py's --data_dir takes it:
+    relative to the repo folder when inside it."""
     relative = os.path.relpath(folder, HERE)
     return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
@@ -266,13 +288,15 @@ def prepare(wanted):
     progress = resume_point(progress_path, wanted) or \
         dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
     if progress.get("done"):
-        print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} tokens): "
-              f"nothing to do. Delete {progress_path} to prepare again.")
+        print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} "
+              f"tokens): nothing to do. Delete {progress_path} to prepare again.")
         print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
         return progress
     from tqdm import tqdm
-    tokens_done = progress["shards"] * shard_size  # every complete shard holds exactly shard_size tokens
-    doc_index, drop = progress["documents"], progress["skip_tokens"]  # first document of the next batch
+    # every complete shard holds exactly shard_size tokens
+    tokens_done = progress["shards"] * shard_size
+    # first document of the next batch
+    doc_index, drop = progress["documents"], progress["skip_tokens"]
     batches = documents(skip=doc_index)  # reads the first batch: a file that cannot work stops here
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -280,16 +304,19 @@ def prepare(wanted):
         raise SystemExit(f"error: cannot create {out_dir}: {e.strerror or e}") from None
     enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
-        print(f"resuming after {progress['shards']} complete shards ({progress['documents']:,} documents)")
+        print(f"resuming after {progress['shards']} complete shards "
+              f"({progress['documents']:,} documents)")
 
-    def on_shard(path, used):  # the sidecar, after every complete shard: where the next shard starts
+    # the sidecar, after every complete shard: where the next shard starts
+    def on_shard(path, used):
         doc, offset = locate(ends, start + used)
         progress.update(documents=doc_index + doc, skip_tokens=offset, shards=writer.index)
         utils.atomic_write_json(progress_path, progress)
-    writer = data.ShardWriter(out_dir, prefix, shard_size, enc.n_vocab, first_index=progress["shards"],
-                              on_shard=on_shard)
+    writer = data.ShardWriter(out_dir, prefix, shard_size, enc.n_vocab,
+                              first_index=progress["shards"], on_shard=on_shard)
     t0, docs_start, docs_end, tokens_start = time.time(), doc_index, doc_index, tokens_done
-    bar = tqdm(total=max_tokens or None, initial=tokens_done, unit="tok", unit_scale=True, smoothing=0.1)
+    bar = tqdm(total=max_tokens or None, initial=tokens_done,
+               unit="tok", unit_scale=True, smoothing=0.1)
     processes = num_proc or os.cpu_count()
     pool = Pool(processes, initializer=init_worker, initargs=(tokenizer,)) if processes > 1 else None
     try:
@@ -319,14 +346,16 @@ def prepare(wanted):
     data.write_meta(out_dir, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                                   itos=None, unk=None))
     seconds = time.time() - t0
-    progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index, tokens=tokens_done)
+    progress.update(done=True, documents=docs_end, skip_tokens=0,
+                    shards=writer.index, tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
-    print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens this run "
-          f"({tokens_done:,} total) in {writer.index} shards under {out_dir}, {seconds:.1f} s, "
-          f"{rate:,.0f} tokens/s")
+    print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
+          f"this run ({tokens_done:,} total) in {writer.index} shards under {out_dir}, "
+          f"{seconds:.1f} s, {rate:,.0f} tokens/s")
     if writer.index == 1:
-        print("warning: everything fits in one shard, so there is no train split: lower --shard_size")
+        print("warning: everything fits in one shard, so there is no train split: "
+              "lower --shard_size")
     print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
     return progress
 
@@ -334,6 +363,7 @@ def prepare(wanted):
 if __name__ == "__main__":
     main(sys.argv[1:])
 
-# Expected sizes (GPT-2 tokens, EOT included): fineweb-edu sample-10BT ~9.9B tokens (9.67M documents) =
-# 100 shards of 100M (1 val + 99 train), ~19 GB; sample-100BT ~100B tokens, ~1,000 shards.
+# Expected sizes (GPT-2 tokens, EOT included): fineweb-edu sample-10BT ~9.9B tokens
+# (9.67M documents) = 100 shards of 100M (1 val + 99 train), ~19 GB;
+# sample-100BT ~100B tokens, ~1,000 shards.
 # TinyStories ~0.5B tokens, OpenWebText ~9B tokens.

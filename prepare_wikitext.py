@@ -1,25 +1,30 @@
-"""WikiText-2 / WikiText-103 (or any text file) -> train / val / test token shards, GPT-2, char or word level.
+"""WikiText-2 / WikiText-103 (or any text file) -> train / val / test token shards,
+GPT-2, char or word level.
 
-    python prepare_wikitext.py                                          # wikitext-2-raw-v1 from the hub, gpt2
+    python prepare_wikitext.py                              # wikitext-2-raw-v1 from the hub, gpt2
     python prepare_wikitext.py --source=wikitext-103-v1 --tokenizer=word --vocab_words=1000
     python prepare_wikitext.py --data_dir_in=path/to/wikitext-2 --tokenizer=char  # wiki.*.tokens files
     python prepare_wikitext.py --tokenizer=char --text_file=\
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
-Sources: the hub's wikitext configs wikitext-2-raw-v1, wikitext-2-v1, wikitext-103-raw-v1, wikitext-103-v1;
-a local folder (wiki.{train,valid,test}.{tokens,raw} or {train,valid,test}.txt); or one text file (or
-http(s) URL, downloaded once into cache_dir) whose last val_fraction becomes val (cut at a line end).
+Sources: the hub's wikitext configs wikitext-2-raw-v1, wikitext-2-v1, wikitext-103-raw-v1,
+wikitext-103-v1; a local folder (wiki.{train,valid,test}.{tokens,raw} or {train,valid,test}.txt);
+or one text file (or http(s) URL, downloaded once into cache_dir) whose last val_fraction becomes
+val (cut at a line end).
 
-out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches it in
-at the end, so an interrupted run leaves the old set whole. The last line printed is the --data_dir to
-train on.
+out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
+it in at the end, so an interrupted run leaves the old set whole.
+The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
-    gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream; meta eot = 50256)
-    char  the sorted characters of the train split, then one unknown id (unk) for characters unseen in train
-    word  whitespace-separated words: the vocab_words most frequent of train (ties: alphabetical), then
-          "<unk>" (every other word, and wikitext's own <unk>) and "<eos>" (one at the end of every line,
-          empty lines too, as PyTorch's word_language_model does). vocab_size <= vocab_words + 2.
+    gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream;
+          meta eot = 50256)
+    char  the sorted characters of the train split, then one unknown id (unk) for characters
+          unseen in train
+    word  whitespace-separated words: the vocab_words most frequent of train (ties: alphabetical),
+          then "<unk>" (every other word, and wikitext's own <unk>) and "<eos>" (one at the end of
+          every line, empty lines too, as PyTorch's word_language_model does).
+          vocab_size <= vocab_words + 2.
 """
 import array
 import collections
@@ -43,10 +48,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
 source = "wikitext-2-raw-v1"  # Salesforce/wikitext config on the hub (when data_dir_in and text_file are None)
-data_dir_in = None  # local folder with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt
+data_dir_in = None  # folder with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt
 text_file = None  # one local text file or http(s) URL: split into train / val by val_fraction
-text_sha256 = None  # optional sha256 of text_file (64 hex digits), checked after reading or downloading
-val_fraction = 0.1  # text_file only: the last 10% (cut at the next line end) is val; between 0 and 1
+text_sha256 = None  # sha256 of text_file (64 hex digits), checked after reading or downloading
+val_fraction = 0.1  # text_file only: the last 10% (cut at a line end) is val; between 0 and 1
 tokenizer = "gpt2"  # gpt2 | char | word
 vocab_words = 1000  # word tokenizer: number of most frequent train words kept (>= 1)
 out_dir = None  # output folder; None = data/{name}_{tokenizer}, relative to this script's folder
@@ -61,17 +66,20 @@ CHOICES = dict(source=SOURCES, tokenizer=TOKENIZERS)
 LOCAL_NAMES = {"train": ("wiki.train.tokens", "wiki.train.raw", "train.txt"),
                "val": ("wiki.valid.tokens", "wiki.valid.raw", "valid.txt", "val.txt"),
                "test": ("wiki.test.tokens", "wiki.test.raw", "test.txt")}
-# what a prepared folder holds; anything else in out_dir is someone else's, and a re-run replaces the folder
+# what a prepared folder holds; anything else in out_dir is someone else's,
+# and a re-run replaces the folder
 PREPARED_FILE = re.compile(r"meta\.json|.+_(train|val|test)_\d{6}\.(bin|npy)|\.tmp_.*")
 
 
 def check_settings():
     utils.require(text_file is None or data_dir_in is None,
                   "--text_file and --data_dir_in: give one of them, not both")
-    utils.require(text_sha256 is None or text_file is not None, "--text_sha256 checks --text_file: give both")
+    utils.require(text_sha256 is None or text_file is not None,
+                  "--text_sha256 checks --text_file: give both")
     utils.require(text_sha256 is None or re.fullmatch(r"[0-9a-fA-F]{64}", str(text_sha256)),
                   f"--text_sha256 must be 64 hex digits, got {text_sha256!r}")
-    utils.require(0 < val_fraction < 1, f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    utils.require(0 < val_fraction < 1,
+                  f"--val_fraction must be between 0 and 1, got {val_fraction}")
     utils.require(vocab_words >= 1, f"--vocab_words must be >= 1, got {vocab_words}")
     utils.require(shard_size >= 1, f"--shard_size must be >= 1, got {shard_size}")
 
@@ -97,8 +105,8 @@ def fetch(url):
         try:
             response = requests.get(url, timeout=60)
         except requests.RequestException as e:  # offline, DNS, timeout
-            raise SystemExit(f"error: cannot download {url} ({type(e).__name__}); offline, pass a local copy: "
-                             f"--text_file=path/to/file.txt") from None
+            raise SystemExit(f"error: cannot download {url} ({type(e).__name__}); "
+                             f"offline, pass a local copy: --text_file=path/to/file.txt") from None
         if response.status_code != 200 or not response.content:
             raise SystemExit(f"error: download of {url} failed: HTTP {response.status_code}, "
                              f"{len(response.content)} bytes")
@@ -109,11 +117,13 @@ def fetch(url):
 
 def check_sha256(where, content):
     if text_sha256 and hashlib.sha256(content).hexdigest() != text_sha256.lower():
-        raise SystemExit(f"error: {where}: sha256 {hashlib.sha256(content).hexdigest()} is not --text_sha256")
+        raise SystemExit(f"error: {where}: sha256 {hashlib.sha256(content).hexdigest()} "
+                         f"is not --text_sha256")
 
 
 def split_text(text, fraction):
-    """(train, val): val is the last `fraction` of the text, starting at a line start when there is one."""
+    """(train, val): val is the last `fraction` of the text,
+    starting at a line start when there is one."""
     cut = int(len(text) * (1 - fraction))
     if cut > 0 and text[cut - 1] != "\n":  # move to the next line start, if it leaves val non-empty
         line_end = text.find("\n", cut)
@@ -131,7 +141,8 @@ def load_splits():
         text = read_text(path)
         train, val = split_text(text, val_fraction)
         if not train or not val:
-            raise SystemExit(f"error: {path}: {len(text)} characters is too short to split into train and val")
+            raise SystemExit(f"error: {path}: {len(text)} characters is too short "
+                             f"to split into train and val")
         return {"train": train, "val": val}, os.path.splitext(os.path.basename(path))[0]
     if data_dir_in:
         found = {}
@@ -142,9 +153,10 @@ def load_splits():
                 found[split] = read_text(paths[0])
         if "train" not in found or "val" not in found:
             have = ", ".join(found) or "none"
-            raise SystemExit(f"error: {data_dir_in}: needs a train and a val file ("
-                             f"{' / '.join(LOCAL_NAMES['train'])}; {' / '.join(LOCAL_NAMES['val'])}), "
-                             f"found splits: {have}. To split one file into train and val instead, use "
+            raise SystemExit(f"error: {data_dir_in}: needs a train and a val file "
+                             f"({' / '.join(LOCAL_NAMES['train'])}; "
+                             f"{' / '.join(LOCAL_NAMES['val'])}), found splits: {have}. "
+                             f"To split one file into train and val instead, use "
                              f"--text_file={os.path.join(data_dir_in, 'valid.txt')}")
         return found, os.path.basename(os.path.normpath(data_dir_in))
     import datasets
@@ -153,9 +165,11 @@ def load_splits():
     except (ConnectionError, OSError, ValueError) as e:  # offline
         raise SystemExit(f"error: cannot load {HUB_DATASET} ({source}) from the Hugging Face hub: "
                          f"{type(e).__name__}: {e}\n  offline, use local files: "
-                         f"--data_dir_in=folder/with/wiki.train.tokens or --text_file=path") from None
-    # each row is one line with its newline, except the file's blank lines (" \n"), which the hub stores
-    # as "": restoring them gives back the original wiki.*.tokens / .raw file, as a local copy reads
+                         f"--data_dir_in=folder/with/wiki.train.tokens "
+                         f"or --text_file=path") from None
+    # each row is one line with its newline, except the file's blank lines (" \n"),
+    # which the hub stores as "": restoring them gives back the original wiki.*.tokens / .raw file,
+    # as a local copy reads
     return {s: "".join(line or " \n" for line in ds[hub]["text"])
             for s, hub in (("train", "train"), ("val", "validation"), ("test", "test"))}, source
 
@@ -163,8 +177,9 @@ def load_splits():
 # -----------------------------------------------------------------------------
 # tokenizers: each returns (encode function, meta dict)
 
-# Cut points for encoding a long text in pieces with exactly the tokens of one whole-text encode: between
-# an ASCII letter and " <letter>", GPT-2's pre-tokenizer always ends one piece and starts the next.
+# Cut points for encoding a long text in pieces with exactly the tokens of one whole-text encode:
+# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always ends one piece and starts
+# the next.
 SAFE_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
 
 
@@ -182,22 +197,27 @@ def gpt2_pieces(text, size=1 << 20):
 def gpt2_tokenizer(train):
     enc = data.tiktoken_encoding("gpt2")
 
-    def encode(text):  # pieces encoded on all cores (tiktoken releases the GIL), as arrays, not lists
+    # pieces encoded on all cores (tiktoken releases the GIL), as arrays, not lists
+    def encode(text):
         with ThreadPoolExecutor(os.cpu_count()) as threads:  # no special tokens = encode_ordinary
             ids = list(threads.map(lambda piece: enc.encode_to_numpy(piece, disallowed_special=()),
                                    gpt2_pieces(text)))
         return np.concatenate(ids or [np.zeros(0, np.uint32)]).astype(np.uint16)
-    return encode, dict(tokenizer="gpt2", vocab_size=enc.n_vocab, eot=enc.eot_token, itos=None, unk=None)
+    return encode, dict(tokenizer="gpt2", vocab_size=enc.n_vocab, eot=enc.eot_token,
+                        itos=None, unk=None)
 
 
 def char_tokenizer(train):
     chars = sorted(set(train))
-    codes = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted code points of the train set
+    # sorted code points of the train set
+    codes = np.array([ord(c) for c in chars], dtype=np.uint32)
     unk = len(chars)
 
-    def encode(text):  # vectorized: code points -> positions in the sorted train set, misses -> unk
+    # vectorized: code points -> positions in the sorted train set, misses -> unk
+    def encode(text):
         out = []
-        for i in range(0, len(text), 1 << 24):  # 16M characters at a time bounds the temporary arrays
+        # 16M characters at a time bounds the temporary arrays
+        for i in range(0, len(text), 1 << 24):
             points = np.frombuffer(text[i:i + (1 << 24)].encode("utf-32-le"), dtype=np.uint32)
             ids = np.searchsorted(codes, points)
             ids[ids == len(codes)] = 0  # past the end: a miss, caught by the comparison below
@@ -221,11 +241,13 @@ def word_tokenizer(train, k):
             ids.extend([stoi.get(w, unk) for w in line.split()])
             ids.append(eos)
         return np.frombuffer(ids, dtype=np.int32)
-    return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None, itos=itos, unk=unk, eos=eos)
+    return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None,
+                        itos=itos, unk=unk, eos=eos)
 
 
 def lines(text):
-    """Lines split at "\\n" only (str.splitlines also splits at \\x1c, \\u2028, ...); no empty last line."""
+    """Lines split at "\\n" only (str.splitlines also splits at \\x1c, \\u2028, ...);
+    no empty last line."""
     parts = text.split("\n")
     return parts[:-1] if parts and parts[-1] == "" else parts
 
@@ -241,8 +263,9 @@ def make_tokenizer(train):
 
 
 def remove_stale_sets(folder):
-    """Undo what a killed run left beside `folder`: its unfinished set ({folder}.tmp-<pid>) is deleted, and the
-    old set it had just moved aside ({folder}.old-<pid>) goes back in place when nothing replaced it."""
+    """Undo what a killed run left beside `folder`: its unfinished set ({folder}.tmp-<pid>) is
+    deleted, and the old set it had just moved aside ({folder}.old-<pid>) goes back in place when
+    nothing replaced it."""
     for kind in ("old", "tmp"):
         for path in glob.glob(f"{glob.escape(folder)}.{kind}-*"):
             pid = path.rsplit("-", 1)[-1]
@@ -255,7 +278,8 @@ def remove_stale_sets(folder):
 
 
 def check_out_dir(folder):
-    """Refuse an out_dir that holds anything but a prepared set: a re-run replaces the whole folder."""
+    """Refuse an out_dir that holds anything but a prepared set:
+    a re-run replaces the whole folder."""
     remove_stale_sets(folder)
     if not os.path.lexists(folder):
         return
@@ -264,13 +288,14 @@ def check_out_dir(folder):
     except OSError as e:
         utils.bad_setting(f"--out_dir={folder}: {e.strerror or e}")
     utils.require(not others, f"--out_dir={folder} holds files that are not shards or meta.json "
-                              f"({', '.join(others[:3])}): a re-run replaces the whole folder, so give it one of "
-                              f"its own")
+                              f"({', '.join(others[:3])}): a re-run replaces the whole folder, "
+                              f"so give it one of its own")
 
 
 def switch(new, folder):
-    """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one. Killed
-    between the two renames, the run leaves no folder, and the next run puts the old set back."""
+    """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one.
+    Killed between the two renames, the run leaves no folder, and the next run puts the old set
+    back."""
     old = f"{folder}.old-{os.getpid()}"
     try:
         if os.path.lexists(folder):
@@ -300,16 +325,19 @@ def main(argv):
     texts, name = load_splits()
     if not texts["train"]:
         raise SystemExit(f"error: the train split of {name} is empty")
-    out_dir = os.path.normpath(os.path.join(HERE, out_dir or os.path.join("data", f"{name}_{tokenizer}")))
+    default_dir = os.path.join("data", f"{name}_{tokenizer}")
+    out_dir = os.path.normpath(os.path.join(HERE, out_dir or default_dir))
     prefix = prefix or name
     folder = os.path.realpath(out_dir)  # an out_dir that is a symlink: the set goes where it points
     check_out_dir(folder)
     encode, meta = make_tokenizer(texts["train"])
-    new = f"{folder}.tmp-{os.getpid()}"  # the new set is written beside the old one, then switched in
+    # the new set is written beside the old one, then switched in
+    new = f"{folder}.tmp-{os.getpid()}"
     try:
         os.makedirs(new)
     except OSError as e:
-        raise SystemExit(f"error: cannot create {new} (beside --out_dir): {e.strerror or e}") from None
+        raise SystemExit(f"error: cannot create {new} (beside --out_dir): "
+                         f"{e.strerror or e}") from None
     try:
         counts = {}
         for split, text in texts.items():
@@ -319,9 +347,11 @@ def main(argv):
             paths = writer.close()
             counts[split] = len(tokens)
             unknown = int((tokens == meta["unk"]).sum()) if meta["unk"] is not None else 0
-            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} shard(s)"
+            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens "
+                  f"in {len(paths)} shard(s)"
                   + (f", {unknown:,} unknown" if meta["unk"] is not None else ""))
-        settings.pop("out_dir")  # where the folder is says nothing about what it holds, and it may move
+        # where the folder is says nothing about what it holds, and it may move
+        settings.pop("out_dir")
         meta.update(source=name, tokens=counts, settings=dict(settings, prefix=prefix))
         data.write_meta(new, meta)
         switch(new, folder)
@@ -331,7 +361,8 @@ def main(argv):
     if tokenizer == "gpt2":
         print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
     else:
-        print(f"train with: python train_lstm.py --data_dir={data_dir_arg(out_dir)} (or train_gpt2.py)")
+        print(f"train with: python train_lstm.py --data_dir={data_dir_arg(out_dir)} "
+              f"(or train_gpt2.py)")
     return out_dir, meta
 
 
