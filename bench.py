@@ -1,15 +1,17 @@
-"""Time train_gpt2.py's training step, the data loader and HellaSwag scoring; profile where a step's time goes.
+"""Time train_gpt2.py's training step, the data loader and HellaSwag scoring;
+profile where a step's time goes.
 
     python bench.py                                    # CPU: the tiny preset; CUDA: GPT-2 124M, B=32, T=1024
     python bench.py --variants=base,classic,adamw      # rows side by side
     python bench.py --profile=True                     # ms per step by kernel group, and the top kernels
     python bench.py --data_dir=data/fineweb10B --hellaswag=True   # add a loader row and a HellaSwag row
 
-A variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT and Muon,
-compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names with "+" to
-change several (classic+adamw). Steps run train_gpt2.train_step on synthetic tokens: the loss means nothing,
-the work is the real step's. Warm-up steps first (compilation), then each step timed alone (CUDA events, no
-host sync in between; perf_counter on CPU): the median and the interquartile range. Peak memory: CUDA only.
+A variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT and
+Muon, compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names
+with "+" to change several (classic+adamw). Steps run train_gpt2.train_step on synthetic tokens:
+the loss means nothing, the work is the real step's. Warm-up steps first (compilation), then each
+step timed alone (CUDA events, no host sync in between; perf_counter on CPU): the median and the
+interquartile range. Peak memory: CUDA only.
 """
 import collections
 import dataclasses
@@ -36,7 +38,7 @@ n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 64               # T, tokens
-vocab_size = 128              # synthetic tokens are drawn uniformly below this (char Shakespeare: 65 -> 128)
+vocab_size = 128              # synthetic tokens: uniform below this (char Shakespeare: 65 -> 128)
 pos_emb = "rope"              # rope | learned | none
 mlp = "swiglu"                # swiglu | gelu | silu | relu2
 norm = "rmsnorm"              # rmsnorm | layernorm | none
@@ -47,18 +49,18 @@ bias = False
 dropout = 0.0
 # step
 micro_batch_size = 12         # B, sequences per forward pass
-total_batch_size = 0          # tokens per optimizer step (a multiple of B*T); 0 = one micro-batch, no accumulation
+total_batch_size = 0          # tokens per optimizer step (a multiple of B*T); 0 = one micro-batch
 learning_rate = 1e-3          # constant; it does not change the work of a step
 weight_decay = 0.1
 grad_clip = 1.0               # 0 = no clipping (as train_gpt2.py)
 # run
 device = ""                   # "" = cuda, then mps, then cpu
-dtype = ""                    # base autocast dtype: "" = train_gpt2.py's choice (bf16 on CUDA, float32 on CPU)
+dtype = ""                    # base autocast; "" = as train_gpt2.py: bf16 on CUDA, float32 on CPU
 variants = "base"             # comma list of AXES names, each joined with + as it needs
 steps = 20                    # timed steps per variant
 warmup = 5                    # untimed steps first (compilation happens in the first one)
 seed = 1337
-profile = False               # also profile the first variant: ms per step by kernel group and the top kernels
+profile = False               # also profile the first variant: ms/step by kernel group, top kernels
 profile_steps = 5             # steps profiled (after the warm-up)
 data_dir = None               # shard folder: adds a row timing data.WindowLoader alone on the train split
 loader_batches = 200          # batches timed in the loader row
@@ -67,36 +69,41 @@ hellaswag_examples = 64       # synthetic examples scored (after one warm-up bat
 hellaswag_batch_size = 16     # examples per forward pass (4 rows each), as hellaswag.py
 json_out = None               # also write the table (and the profile) here, atomically
 
-CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS,
-               dtype=utils.DTYPES)
+CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS,
+               norm_pos=NORM_POSS, dtype=utils.DTYPES)
 PRESETS = {"tiny": {},
-           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, micro_batch_size=32)}
+           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                        micro_batch_size=32)}
 AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
         "float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-        "sdpa_flash": dict(sdpa="flash"), "sdpa_efficient": dict(sdpa="efficient"), "sdpa_math": dict(sdpa="math"),
-        "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),  # the rest of the model is AdamW's
+        "sdpa_flash": dict(sdpa="flash"), "sdpa_efficient": dict(sdpa="efficient"),
+        "sdpa_math": dict(sdpa="math"),
+        # the rest of the model is AdamW's
+        "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),
         "modern": dict(arch="modern"), "classic": dict(arch="classic")}  # model.STYLES
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH}
 MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in globals()]
 # the profile's kernel groups, matched on lower-cased kernel / op names in this order
 GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor")),
           ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
           ("loss", ("nll", "log_softmax", "cross_entropy")),
           ("norms", ("rsqrt", "layer_norm", "rms_norm", "rmsnorm")),
-          ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
-                      "aten::baddbmm")))
+          ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas",
+                      "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")))
 
 
 def base_setup(device_type, dtype):
     """The configuration train_gpt2.py would use on this device."""
-    return dict(compile=device_type == "cuda", dtype=utils.pick_dtype(dtype, device_type), sdpa="auto",
-                optimizer=train_gpt2.optimizer, arch="modern")
+    return dict(compile=device_type == "cuda", dtype=utils.pick_dtype(dtype, device_type),
+                sdpa="auto", optimizer=train_gpt2.optimizer, arch="modern")
 
 
 def parse_variant(name, base):
     setup = dict(base)
     for part in name.split("+"):
-        utils.require(part in AXES, f"--variants: unknown variant {part!r}; known: {', '.join(AXES)}")
+        utils.require(part in AXES,
+                      f"--variants: unknown variant {part!r}; known: {', '.join(AXES)}")
         setup.update(AXES[part])
     return setup
 
@@ -115,8 +122,9 @@ def unavailable(setup, device_type):
 
 
 def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
-    """(step(i) -> the step's loss, raw model) for one variant, on a fresh model: train_gpt2.train_step over a
-    few pre-made CPU batches (the loader has its own row), copied to the device as train_gpt2.py does."""
+    """(step(i) -> the step's loss, raw model) for one variant, on a fresh model:
+    train_gpt2.train_step over a few pre-made CPU batches (the loader has its own row),
+    copied to the device as train_gpt2.py does."""
     torch.manual_seed(seed)
     if setup["compile"]:
         torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
@@ -129,12 +137,14 @@ def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
     scaler = torch.amp.GradScaler(device_type, enabled=setup["dtype"] == "float16")
     autocast = utils.autocast_context(device_type, setup["dtype"])
     generator = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1), generator=generator)
+    tokens = [torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1),
+                            generator=generator)
               for _ in range(min(grad_accum_steps, 4))]
     batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
     def step(i):
-        feed = iter(batches[(i * grad_accum_steps + k) % len(batches)] for k in range(grad_accum_steps))
+        feed = iter(batches[(i * grad_accum_steps + k) % len(batches)]
+                    for k in range(grad_accum_steps))
         loss, _ = train_gpt2.train_step(model, raw_model, optimizers, scaler, lambda: next(feed),
                                         grad_accum_steps, learning_rate, autocast, dev, grad_clip)
         return loss
@@ -142,9 +152,11 @@ def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
 
 
 def time_steps(step, n, device_type, first=0):
-    """Milliseconds of each of n calls step(first + k): CUDA events (no host sync in between), or perf_counter."""
+    """Milliseconds of each of n calls step(first + k):
+    CUDA events (no host sync in between), or perf_counter."""
     if device_type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
         for k, (start, end) in enumerate(events):
             start.record()
             step(first + k)
@@ -160,7 +172,8 @@ def time_steps(step, n, device_type, first=0):
 
 
 def summary(times_ms):
-    q1, median, q3 = statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1 else times_ms * 3
+    q1, median, q3 = (statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1
+                      else times_ms * 3)
     return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms))
 
 
@@ -177,8 +190,9 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
         warmup_s = time.perf_counter() - t0
         times = time_steps(step, steps, device_type, first=warmup)
         loss_finite = bool(torch.isfinite(step(warmup + steps)))  # one more step, to check the loss
-    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s, loss_finite=loss_finite,
-               peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None)
+    peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
+    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s,
+               loss_finite=loss_finite, peak_mem_mb=peak_mem_mb)
     row["tokens_per_s"] = micro_batch_size * block_size * grad_accum_steps / (row["ms_median"] / 1000)
     row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], dev)
     return row
@@ -189,8 +203,9 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
 
 
 def kernel_group(names, device_type):
-    """The group of a kernel (CUDA) or op (CPU) from its name and the names of the ops around it, innermost
-    first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside Optimizer.step the optimizer's."""
+    """The group of a kernel (CUDA) or op (CPU) from its name and the names of the ops around it,
+    innermost first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside
+    Optimizer.step the optimizer's."""
     lowered = [n.lower() for n in names]
     for group, keys in GROUPS:
         if any(k in n for n in (lowered if group == "optimizer" else lowered[:1]) for k in keys):
@@ -202,7 +217,8 @@ def kernel_group(names, device_type):
 
 
 def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
-    """ms per step by kernel group (CUDA: kernel time on the GPU; CPU: each op's own CPU time) and the top 8."""
+    """ms per step by kernel group (CUDA: kernel time on the GPU; CPU: each op's own CPU time)
+    and the top 8."""
     step, _ = setup_step(setup, model_config, grad_accum_steps, dev, device_type)
     time_steps(step, warmup, device_type)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -225,12 +241,14 @@ def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_typ
             groups[kernel_group([kernel] + names, device_type)] += us / 1000 / profile_steps
             kernels[kernel] += us / 1000 / profile_steps
     total = sum(groups.values())
-    print(f"\nprofile of {name}: {'CUDA kernel time' if device_type == 'cuda' else 'CPU time of each op itself'}, "
-          f"ms per step over {profile_steps} steps")
-    print("\n".join(f"  {g:<12} {ms:8.2f}  {100 * ms / total:5.1f}%" for g, ms in groups.most_common()))
+    what = "CUDA kernel time" if device_type == "cuda" else "CPU time of each op itself"
+    print(f"\nprofile of {name}: {what}, ms per step over {profile_steps} steps")
+    print("\n".join(f"  {g:<12} {ms:8.2f}  {100 * ms / total:5.1f}%"
+                    for g, ms in groups.most_common()))
     print(f"  {'total':<12} {total:8.2f}\n  top kernels:")
     print("\n".join(f"  {ms:8.2f}  {k[:110]}" for k, ms in kernels.most_common(8)))
-    return dict(variant=name, ms_per_step=dict(groups.most_common()), total_ms=total, top=kernels.most_common(8))
+    return dict(variant=name, ms_per_step=dict(groups.most_common()), total_ms=total,
+                top=kernels.most_common(8))
 
 
 # -----------------------------------------------------------------------------
@@ -239,8 +257,8 @@ def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_typ
 
 def bench_loader(dev, device_type):
     try:
-        loader = data.WindowLoader(os.path.abspath(data_dir), "train", micro_batch_size, block_size, shuffle=True,
-                                   seed=seed)
+        loader = data.WindowLoader(os.path.abspath(data_dir), "train", micro_batch_size, block_size,
+                                   shuffle=True, seed=seed)
     except data.ShardError as e:
         raise SystemExit(f"error: --data_dir={data_dir}: {e}") from None
     for _ in range(min(5, loader_batches)):
@@ -250,7 +268,8 @@ def bench_loader(dev, device_type):
         t0 = time.perf_counter()
         x, y = loader.next_batch()
         if device_type == "cuda":  # what train_gpt2.py does with each batch before the forward
-            x, y = x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+            x = x.pin_memory().to(dev, non_blocking=True)
+            y = y.pin_memory().to(dev, non_blocking=True)
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
     row = dict(variant="loader", status="ok", **summary(times))
@@ -259,17 +278,21 @@ def bench_loader(dev, device_type):
 
 
 def synthetic_hellaswag(n, rng):
-    """n examples in HellaSwag's schema, random words of HellaSwag-like lengths (context ~40, endings ~20)."""
-    words = ("the a man woman is are then he she they it and to of with on in at person ball water car dog "
-             "takes puts walks runs jumps shows talks holds begins continues camera screen kitchen").split()
+    """n examples in HellaSwag's schema,
+    random words of HellaSwag-like lengths (context ~40, endings ~20)."""
+    words = ("the a man woman is are then he she they it and to of with on in at person ball water "
+             "car dog takes puts walks runs jumps shows talks holds begins continues camera screen "
+             "kitchen").split()
 
     def pick(k):
         return " ".join(words[int(i)] for i in torch.randint(len(words), (k,), generator=rng))
     examples = []
     for _ in range(n):
         ctx_a, ctx_b = pick(30).capitalize() + ".", pick(8)
-        examples.append(dict(activity_label="Synthetic", ctx_a=ctx_a, ctx_b=ctx_b, ctx=ctx_a + " " + ctx_b,
-                             endings=[pick(15 + int(k)) for k in torch.randint(10, (4,), generator=rng)],
+        examples.append(dict(activity_label="Synthetic", ctx_a=ctx_a, ctx_b=ctx_b,
+                             ctx=ctx_a + " " + ctx_b,
+                             endings=[pick(15 + int(k))
+                                      for k in torch.randint(10, (4,), generator=rng)],
                              label=int(torch.randint(4, (1,), generator=rng))))
     return examples
 
@@ -280,14 +303,18 @@ def bench_hellaswag(model_config, dev, device_type, precision):
     except SystemExit as e:  # offline without the BPE files
         return dict(variant="hellaswag", status="n/a", reason=str(e).removeprefix("error: ")[:90])
     torch.manual_seed(seed)
-    net = GPT(dataclasses.replace(model_config, vocab_size=max(model_config.vocab_size, 50304))).to(dev)
-    examples = synthetic_hellaswag(hellaswag_examples + hellaswag_batch_size, torch.Generator().manual_seed(seed))
+    config = dataclasses.replace(model_config, vocab_size=max(model_config.vocab_size, 50304))
+    net = GPT(config).to(dev)
+    examples = synthetic_hellaswag(hellaswag_examples + hellaswag_batch_size,
+                                   torch.Generator().manual_seed(seed))
     autocast, first = utils.autocast_context(device_type, precision), hellaswag_batch_size
-    hs.score_examples(net, examples[:first], enc, dev, autocast_ctx=autocast, batch_size=first)  # warm-up
+    # warm-up
+    hs.score_examples(net, examples[:first], enc, dev, autocast_ctx=autocast, batch_size=first)
     t0 = time.perf_counter()
     hs.score_examples(net, examples[first:], enc, dev, autocast_ctx=autocast, batch_size=first)
     seconds = time.perf_counter() - t0  # score_examples returns Python lists: synchronised already
-    return dict(variant="hellaswag", status="ok", dtype=precision, examples_per_s=hellaswag_examples / seconds)
+    return dict(variant="hellaswag", status="ok", dtype=precision,
+                examples_per_s=hellaswag_examples / seconds)
 
 
 def print_row(r):
@@ -296,8 +323,8 @@ def print_row(r):
     elif r["variant"] == "hellaswag":
         print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {r['examples_per_s']:.1f} examples/s")
     else:
-        setup = " ".join(f"{r.get(k, ''):<{w}}" for k, w in (("compile", 7), ("dtype", 8), ("sdpa", 9),
-                                                             ("optimizer", 9), ("arch", 7)))
+        widths = (("compile", 7), ("dtype", 8), ("sdpa", 9), ("optimizer", 9), ("arch", 7))
+        setup = " ".join(f"{r.get(k, ''):<{w}}" for k, w in widths)
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
         name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
@@ -310,8 +337,9 @@ def print_row(r):
 
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
-    utils.require(steps >= 1 and warmup >= 0 and profile_steps >= 1, "--steps and --profile_steps must be at "
-                  f"least 1 and --warmup at least 0, got {steps}, {profile_steps} and {warmup}")
+    utils.require(steps >= 1 and warmup >= 0 and profile_steps >= 1,
+                  "--steps and --profile_steps must be at least 1 and --warmup at least 0, "
+                  f"got {steps}, {profile_steps} and {warmup}")
     dev = utils.pick_device(device)
     device_type = dev.split(":")[0]
     chosen = ("gpt2" if device_type == "cuda" else "tiny") if preset == "auto" else preset
@@ -334,10 +362,13 @@ def main(argv):
     utils.require(setups, "--variants is empty")
 
     n_params = GPT(model_config).num_params()
-    header = (f"{utils.run_header(dev)['device']} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
-              f"preset {chosen}: {n_params / 1e6:.2f}M params, {model_config.n_layer}L {model_config.n_head}H "
-              f"{model_config.n_embd}C, B={micro_batch_size} T={block_size} x {grad_accum_steps} accumulation = "
-              f"{tokens_per_micro * grad_accum_steps:,} tokens/step | {warmup} warm-up + {steps} timed steps")
+    header = (f"{utils.run_header(dev)['device']} | torch {torch.__version__} | "
+              f"{torch.get_num_threads()} threads | "
+              f"preset {chosen}: {n_params / 1e6:.2f}M params, "
+              f"{model_config.n_layer}L {model_config.n_head}H {model_config.n_embd}C, "
+              f"B={micro_batch_size} T={block_size} x {grad_accum_steps} accumulation = "
+              f"{tokens_per_micro * grad_accum_steps:,} tokens/step | "
+              f"{warmup} warm-up + {steps} timed steps")
     print(header)
     rows, done = [], {}
     for name, setup in setups:
@@ -349,18 +380,20 @@ def main(argv):
             row = dict(done[key], variant=name, same_as=done[key]["variant"])
         else:
             try:
-                row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
-            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM; SDPA refusing a forced kernel here
+                row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps,
+                                                dev, device_type)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                # OOM; SDPA refusing a forced kernel here
                 row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
         rows.append(row)
-        print(f"  {name}: " + (f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]),
-              flush=True)
+        result = f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]
+        print(f"  {name}: " + result, flush=True)
     if data_dir:
         rows.append(bench_loader(dev, device_type))
     if hellaswag:
         rows.append(bench_hellaswag(model_config, dev, device_type, base["dtype"]))
-    print(f"\n{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<9} {'arch':<7} {'ms/step':>8} "
-          f"{'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
+    print(f"\n{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<9} {'arch':<7} "
+          f"{'ms/step':>8} {'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
     for row in rows:
         print_row(row)
     profiled = None
@@ -369,9 +402,9 @@ def main(argv):
         utils.require(runnable, "--profile: no variant of --variants runs on this device")
         profiled = profile_variant(*runnable[0], model_config, grad_accum_steps, dev, device_type)
     if json_out:
-        utils.atomic_write_json(json_out, dict(header=header, settings=settings, preset=chosen, device=dev,
-                                               grad_accum_steps=grad_accum_steps, params=n_params, rows=rows,
-                                               profile=profiled))
+        utils.atomic_write_json(json_out, dict(header=header, settings=settings, preset=chosen,
+                                               device=dev, grad_accum_steps=grad_accum_steps,
+                                               params=n_params, rows=rows, profile=profiled))
         print(f"wrote {json_out}")
     return rows
 

@@ -1,6 +1,8 @@
-"""Plumbing every script shares: settings overrides, atomic writes, devices and processes, checkpoints, the log.
+"""Plumbing every script shares: settings overrides, atomic writes, devices and processes,
+checkpoints, the log.
 
-What a researcher edits per job (the LR schedule, the training step, evaluation) lives in that job's script.
+What a researcher edits per job (the LR schedule, the training step, evaluation) lives in that
+job's script.
 """
 import contextlib
 import difflib
@@ -18,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 EXIT_BAD_SETTING = 2  # exit status of a run refused for a bad setting, before any work
-EXIT_DIVERGED = 3     # exit status of a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
+# exit status of a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
+EXIT_DIVERGED = 3
 
 # -----------------------------------------------------------------------------
 # settings: plain constants at the top of a script, overridden by --name=value (or --name value)
@@ -27,7 +30,8 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def bad_setting(message):
-    """Exit with status 2 and `error: message` on stderr: a setting (or a combination) that cannot work."""
+    """Exit with status 2 and `error: message` on stderr:
+    a setting (or a combination) that cannot work."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_SETTING)
 
@@ -100,7 +104,8 @@ def split_args(argv):
 
 
 def given_settings(argv):
-    """Names of the settings given on a command line (a resumed run takes the others from its checkpoint)."""
+    """Names of the settings given on a command line
+    (a resumed run takes the others from its checkpoint)."""
     return {name for name, _ in split_args(argv)}
 
 
@@ -115,7 +120,8 @@ def setting_comments(namespace):
 
 
 def usage(namespace, settings, choices):
-    """The script's docstring, then every setting with its default, its comment and its allowed values."""
+    """The script's docstring, then every setting
+    with its default, its comment and its allowed values."""
     comments, lines = setting_comments(namespace), []
     for name, value in settings.items():
         note = comments.get(name, "")
@@ -127,12 +133,14 @@ def usage(namespace, settings, choices):
 
 
 def apply_overrides(namespace, argv, choices=None):
-    """Apply --name=value (or --name value) arguments to the settings in `namespace` (a script's globals()).
+    """Apply --name=value (or --name value) arguments to the settings in `namespace`
+    (a script's globals()).
 
-    Values are parsed to the type of the constant; a setting listed in `choices` ({name: allowed values})
-    must take one of them. An unknown name (with a "did you mean"), an unparsable value or one outside its
-    choices exits with status 2. --help prints the docstring and every setting with its default, comment
-    and allowed values. Returns the dict of all settings after overriding, for logs and checkpoints.
+    Values are parsed to the type of the constant; a setting listed in `choices`
+    ({name: allowed values}) must take one of them. An unknown name (with a "did you mean"), an
+    unparsable value or one outside its choices exits with status 2. --help prints the docstring
+    and every setting with its default, comment and allowed values. Returns the dict of all
+    settings after overriding, for logs and checkpoints.
     """
     settings, choices = settings_of(namespace), choices or {}
     if any(arg in ("--help", "-h") for arg in argv):
@@ -142,7 +150,8 @@ def apply_overrides(namespace, argv, choices=None):
         if name not in settings:
             close = difflib.get_close_matches(name, settings, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
-            bad_setting(f"unknown setting --{name}{hint}. Settings: {', '.join(settings)} (--help explains each)")
+            bad_setting(f"unknown setting --{name}{hint}. "
+                        f"Settings: {', '.join(settings)} (--help explains each)")
         try:
             value = parse_value(name, text, settings[name])
         except ValueError as e:
@@ -154,9 +163,10 @@ def apply_overrides(namespace, argv, choices=None):
 
 
 def resume_settings(settings, saved, given, can_change):
-    """Settings of a resumed run: the checkpoint's (`saved`) for every name not given on the command line.
-    A given value that differs from the saved one is kept when its name is in `can_change`, refused (exit 2)
-    otherwise. Returns (settings, {name: (saved, now)} for the changes kept)."""
+    """Settings of a resumed run: the checkpoint's (`saved`) for every name not given on the
+    command line. A given value that differs from the saved one is kept when its name is in
+    `can_change`, refused (exit 2) otherwise.
+    Returns (settings, {name: (saved, now)} for the changes kept)."""
     merged, changed, refused = dict(settings), {}, {}
     for name, value in saved.items():
         if name not in merged:
@@ -166,9 +176,9 @@ def resume_settings(settings, saved, given, can_change):
         elif merged[name] != value:
             (changed if name in can_change else refused)[name] = (value, merged[name])
     if refused:
-        bad_setting(f"a resumed run keeps the settings its checkpoint was trained with; these differ (name: "
-                    f"checkpoint, now): {refused}. Drop them from the command line, or start a new run in "
-                    f"another --out_dir")
+        bad_setting(f"a resumed run keeps the settings its checkpoint was trained with; "
+                    f"these differ (name: checkpoint, now): {refused}. "
+                    f"Drop them from the command line, or start a new run in another --out_dir")
     return merged, changed
 
 
@@ -180,21 +190,25 @@ os.umask(UMASK)
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temporary file in the same folder, fsync it, then rename over `path`.
+    """Call write_fn(file) on a temporary file in the same folder, fsync it,
+    then rename over `path`.
 
-    A full disk or a folder that cannot be written ends the script with one line naming the path and the
-    cause (exit 1): the temporary file is removed and the file already at `path` is left as it was.
-    Temporary files of `path` left by a writer that was killed (kill -9) are removed first."""
+    A full disk or a folder that cannot be written ends the script with one line naming the path
+    and the cause (exit 1): the temporary file is removed and the file already at `path` is left
+    as it was. Temporary files of `path` left by a writer that was killed (kill -9) are removed
+    first."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
+        fd, tmp = tempfile.mkstemp(dir=folder,
+                                   prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files: give the usual permissions of a new file
+        # mkstemp makes 0600 files: give the usual permissions of a new file
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except OSError as e:
         remove_quietly(tmp)
@@ -215,9 +229,11 @@ def remove_quietly(path):
 
 
 def remove_stale_temporaries(path):
-    """Delete .tmp_<name>.<pid>.* files of `path` whose writing process is gone; a live writer's stay."""
+    """Delete .tmp_<name>.<pid>.* files of `path` whose writing process is gone;
+    a live writer's stay."""
     prefix = f".tmp_{os.path.basename(path)}."
-    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))), glob.escape(prefix) + "*")):
+    folder = glob.escape(os.path.dirname(os.path.abspath(path)))
+    for tmp in glob.glob(os.path.join(folder, glob.escape(prefix) + "*")):
         pid = os.path.basename(tmp)[len(prefix):].split(".")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             remove_quietly(tmp)
@@ -234,11 +250,13 @@ def process_alive(pid):
 
 
 def lock_folder(folder, what="run"):
-    """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released by the OS
-    when the process ends, kill -9 included: never a stale lock). A second process gets exit 1 with a
-    message naming the holder's PID. Returns the open lock file: keep it referenced."""
+    """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released
+    by the OS when the process ends, kill -9 included: never a stale lock). A second process gets
+    exit 1 with a message naming the holder's PID.
+    Returns the open lock file: keep it referenced."""
     path = os.path.join(folder, ".lock")
-    try:  # the first write into the folder: a folder that cannot be written is one line, not a traceback
+    # the first write into the folder: a folder that cannot be written is one line, not a traceback
+    try:
         os.makedirs(folder, exist_ok=True)
         handle = open(path, "a+")
     except OSError as e:
@@ -249,8 +267,8 @@ def lock_folder(folder, what="run"):
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise SystemExit(f"error: {folder} is in use by another {what} (PID {holder}): one {what} per folder. "
-                         f"Wait for it, stop it, or choose another folder") from None
+        raise SystemExit(f"error: {folder} is in use by another {what} (PID {holder}): one {what} "
+                         f"per folder. Wait for it, stop it, or choose another folder") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
@@ -291,9 +309,11 @@ def pick_device(device=""):
             kind = torch.device(device).type
         except RuntimeError as e:
             bad_setting(f"--device={device} is not a device torch knows ({e})")
-        available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+        available = {"cuda": torch.cuda.is_available,
+                     "mps": lambda: torch.backends.mps.is_available()}
         if kind in available and not available[kind]():
-            bad_setting(f"--device={device}, but this torch ({torch.__version__}) sees no {kind} device")
+            bad_setting(f"--device={device}, but this torch ({torch.__version__}) "
+                        f"sees no {kind} device")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -353,14 +373,16 @@ def all_reduce_sum(tensor):
 
 
 def track_nonfinite(first_bad_step, values, step):
-    """first_bad_step (a device tensor, -1 = none yet) set to `step` if any of `values` is NaN/inf: no host sync."""
+    """first_bad_step (a device tensor, -1 = none yet) set to `step` if any of `values` is NaN/inf:
+    no host sync."""
     bad = (first_bad_step < 0) & ~torch.isfinite(values.detach()).all()
     return torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
 
 
 def diverged_at(first_bad_step, step):
-    """This rank's first non-finite step (`step` if only another rank saw one), or None if no rank did.
-    A host sync and an all-reduce: call it only where a log line or a checkpoint needs one anyway."""
+    """This rank's first non-finite step (`step` if only another rank saw one),
+    or None if no rank did. A host sync and an all-reduce: call it only where a log line or a
+    checkpoint needs one anyway."""
     if all_reduce_sum((first_bad_step >= 0).float()).item() == 0:
         return None
     mine = int(first_bad_step.item())
@@ -398,18 +420,21 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {first_line}); is it a "
-                         f"checkpoint of this repo, complete, and not from an untrusted source?") from None
+        raise SystemExit(f"error: cannot read checkpoint {path} "
+                         f"({type(e).__name__}: {first_line}); is it a checkpoint of this repo, "
+                         f"complete, and not from an untrusted source?") from None
 
 
 def load_latest_checkpoint(out_dir, print_fn=print):
-    """(path, checkpoint) of the newest checkpoint in out_dir that loads, or (None, None) if there is none.
-    A newer one that does not load (truncated by a full disk, say) is skipped with a message naming it."""
+    """(path, checkpoint) of the newest checkpoint in out_dir that loads,
+    or (None, None) if there is none. A newer one that does not load (truncated by a full disk, say)
+    is skipped with a message naming it."""
     for path in reversed(checkpoint_paths(out_dir)):
         try:
             return path, load_checkpoint(path)
         except SystemExit as e:
-            print_fn(f"warning: skipping {path}, it does not load ({str(e).removeprefix('error: ')[:200]})")
+            reason = str(e).removeprefix("error: ")[:200]
+            print_fn(f"warning: skipping {path}, it does not load ({reason})")
     return None, None
 
 
@@ -424,8 +449,8 @@ def all_finite(tensors):
 
 
 class JsonlLog:
-    """Appends one JSON object per line; only the process that owns the log writes (rank 0). With a wandb run,
-    the numeric fields of each event go to Weights & Biases too."""
+    """Appends one JSON object per line; only the process that owns the log writes (rank 0).
+    With a wandb run, the numeric fields of each event go to Weights & Biases too."""
 
     def __init__(self, path, enabled=True, wandb_run=None):
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
@@ -440,14 +465,15 @@ class JsonlLog:
         except OSError as e:
             raise SystemExit(f"error: cannot write {self.path}: {e.strerror or e}") from None
         if self.wandb_run is not None:
-            numbers = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and k != "step"}
+            numbers = {k: v for k, v in fields.items()
+                       if isinstance(v, (int, float)) and k != "step"}
             if numbers:
                 self.wandb_run.log(numbers, step=fields.get("step"))
 
 
 def read_log(path):
-    """The events of a log.jsonl. A torn last line (the run died while writing it) is dropped with a warning;
-    a bad line elsewhere is an error naming the file and line."""
+    """The events of a log.jsonl. A torn last line (the run died while writing it) is dropped with
+    a warning; a bad line elsewhere is an error naming the file and line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     events = []
@@ -458,14 +484,16 @@ def read_log(path):
             events.append(json.loads(line))
         except json.JSONDecodeError:
             if any(rest.strip() for rest in lines[number:]):
-                raise SystemExit(f"error: {path}:{number} is not a JSON line; the log is damaged") from None
-            print(f"warning: {path}: dropped a torn last line (the run stopped while writing it)", file=sys.stderr)
+                raise SystemExit(f"error: {path}:{number} is not a JSON line; "
+                                 f"the log is damaged") from None
+            print(f"warning: {path}: dropped a torn last line (the run stopped while writing it)",
+                  file=sys.stderr)
     return events
 
 
 def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_norm"), title=None):
-    """Train/val loss (log scale) and HellaSwag (on a second axis) against step. Needs matplotlib; returns
-    png_path, or None when matplotlib is not installed."""
+    """Train/val loss (log scale) and HellaSwag (on a second axis) against step.
+    Needs matplotlib; returns png_path, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -486,7 +514,8 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
             ax2.set_ylabel("HellaSwag acc_norm")
         else:
             ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
-    ax.set_yscale("log")  # the first steps' loss would squash the rest of the curve on a linear axis
+    # the first steps' loss would squash the rest of the curve on a linear axis
+    ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))
