@@ -1,15 +1,17 @@
-"""Run a trainer once per point of a grid, of §2's ablation set, or of §3's FLOP-budgeted random search.
+"""Run a trainer once per point of a grid, of §2's ablation set,
+or of §3's FLOP-budgeted random search.
 
     python sweep.py --sweep_dir=sweeps/lr --max_lr=3e-4,1e-3,2e-3,3e-3 --micro_batch_size=128
     python sweep.py --mode=ablations --sweep_dir=sweeps/ablations --max_lr=1e-3,2e-3
     python sweep.py --mode=random --flop_budget=1e16 --n_samples=20 --sweep_dir=sweeps/search
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
-The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a grid axis (so
-no value can hold a comma), a single value goes to every run. Each run has a folder sweep_dir/<name>/ with
-run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged (NaN stop), oom, failed or
-interrupted, or is skipped before launch. A rerun skips finished runs, resumes interrupted ones from their last
-checkpoint and relaunches the others only with --retry_failed=True. One sweep.py at a time per sweep_dir.
+The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
+grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
+sweep_dir/<name>/ with run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged
+(NaN stop), oom, failed or interrupted, or is skipped before launch. A rerun skips finished runs,
+resumes interrupted ones from their last checkpoint and relaunches the others only with
+--retry_failed=True. One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
 import contextlib
@@ -40,21 +42,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
-script = "train_gpt2.py"      # trainer, relative to this folder (grids and ablations also run train_lstm.py)
+script = "train_gpt2.py"      # trainer in this folder (grids and ablations also run train_lstm.py)
 sweep_dir = "sweeps/default"  # one folder per run inside; relative to this folder
-mode = "grid"                 # grid | ablations (§2's named set, times the grid) | random (§3, train_gpt2.py)
+mode = "grid"                 # grid | ablations (§2, times the grid) | random (§3, train_gpt2.py)
 parallel = 1                  # runs at a time
-gpus = ""                     # e.g. "0,1,2,3": worker slot i runs with CUDA_VISIBLE_DEVICES=gpus[i % len]
-lr_scaling = "none"           # none | linear | sqrt: max_lr and min_lr times (batch / base_batch) ** (1 | 0.5)
-base_batch = 128              # batch (sequences per optimizer step) at which the given LRs are right
-min_lr_ratio = 0.0            # > 0: each run's min_lr = min_lr_ratio x its max_lr (0.1 as in §1), after scaling
-retry_failed = False          # relaunch failed, diverged and oom runs (finished runs are never rerun)
+gpus = ""                     # e.g. "0,1,2,3": slot i runs with CUDA_VISIBLE_DEVICES=gpus[i % len]
+lr_scaling = "none"           # none | linear | sqrt: LRs times (batch / base_batch) ** (1 | 0.5)
+base_batch = 128              # batch (sequences per optimizer step) the given LRs are right for
+min_lr_ratio = 0.0            # > 0: min_lr = this x the run's max_lr (0.1 as in §1), after scaling
+retry_failed = False          # relaunch failed, diverged and oom runs; finished runs never rerun
 dry_run = False               # print the runs and their overrides; launch and write nothing
 report_only = False           # only redraw results.md, results.csv and the plots of sweep_dir
 flop_budget = None            # FLOPs per run: random sets max_steps from it, grid/ablations pass it to the trainer
 # random search (§3): max_lr = 10 x min_lr, warmup = 10% of the steps; each range is inclusive
-n_samples = 20                # runs to launch; rejected draws are recorded as skipped and do not count
-random_seed = 0               # the same seed draws the same runs, so a rerun continues the same search
+n_samples = 20                # runs to launch; rejected draws are recorded as skipped, not counted
+random_seed = 0               # the same seed draws the same runs: a rerun continues the same search
 batch_lo = 32                 # sequences per optimizer step, a power of two from batch_lo...
 batch_hi = 512                # ...to batch_hi
 seq_len_lo = 32               # block_size in tokens, a power of two from seq_len_lo...
@@ -64,7 +66,7 @@ n_embd_hi = 512               # ...to n_embd_hi, rounded to a multiple of 16
 n_layer_lo = 2                # layers, uniform from n_layer_lo...
 n_layer_hi = 8                # ...to n_layer_hi
 n_head_lo = 2                 # heads, uniform over n_head_lo...
-n_head_hi = 8                 # ...n_head_hi that divide the width (into an even head size with RoPE)
+n_head_hi = 8                 # ...n_head_hi that divide the width (to an even head size with RoPE)
 min_lr_lo = 1e-5              # min_lr, log-uniform from min_lr_lo...
 min_lr_hi = 1e-3              # ...to min_lr_hi
 min_params = 0                # parameters (num_params, embeddings included) at least...
@@ -72,33 +74,42 @@ max_params = 50_000_000       # ...and at most; draws outside are skipped
 max_micro_batch = 0           # sequences per forward pass at most, the rest by gradient accumulation; 0 = no cap
 
 CHOICES = dict(mode=("grid", "ablations", "random"), lr_scaling=("none", "linear", "sqrt"))
-ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos": "post"},  # EXPERIMENTS.md §2:
-                 no_rope={"pos_emb": "none"}, silu_ffn={"mlp": "silu"})  # each changes one switch of the baseline
-RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")  # the random search's <name>_lo, _hi
+# EXPERIMENTS.md §2: each changes one switch of the baseline
+ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos": "post"},
+                 no_rope={"pos_emb": "none"}, silu_ffn={"mlp": "silu"})
+# the random search's <name>_lo, _hi
+RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
-INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130)  # exit statuses of a Ctrl-C'd or terminated run
-STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")  # table order
+# exit statuses of a Ctrl-C'd or terminated run
+INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130)
+# table order
+STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")
 SET_BY_SWEEP = ("out_dir", "resume")
-DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size", "min_lr", "max_lr",
-         "warmup_steps", "max_steps")  # set per run by the random search
-COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f", val_ppl=".2f",  # and formats
-               hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
+# set per run by the random search
+DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
+         "min_lr", "max_lr", "warmup_steps", "max_steps")
+COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f",  # and formats
+               val_ppl=".2f", hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
 
 
 def check_settings():
     utils.require(sweep_dir != "", "--sweep_dir must name a folder")
-    utils.require(os.path.isfile(os.path.join(HERE, script)), f"--script={script}: no such file in {HERE}")
+    utils.require(os.path.isfile(os.path.join(HERE, script)),
+                  f"--script={script}: no such file in {HERE}")
     for name, low in (("parallel", 1), ("base_batch", 1), ("n_samples", 1), ("max_micro_batch", 0),
                       ("min_params", 0)):
         utils.require(globals()[name] >= low, f"--{name}={globals()[name]}: want at least {low}")
-    utils.require(min_params <= max_params, f"--max_params={max_params}: want at least --min_params={min_params}")
+    utils.require(min_params <= max_params,
+                  f"--max_params={max_params}: want at least --min_params={min_params}")
     utils.require(0 <= min_lr_ratio <= 1, f"--min_lr_ratio={min_lr_ratio}: want 0 (off) to 1")
-    utils.require(flop_budget is None or (type(flop_budget) in (int, float) and 0 < flop_budget < math.inf),
+    utils.require(flop_budget is None
+                  or (type(flop_budget) in (int, float) and 0 < flop_budget < math.inf),
                   f"--flop_budget={flop_budget}: want a number of FLOPs above 0 (or leave it out)")
     utils.require(mode != "random" or flop_budget is not None, "--mode=random needs --flop_budget")
     for name in RANGES:
         lo, hi = globals()[f"{name}_lo"], globals()[f"{name}_hi"]
-        utils.require(0 < lo <= hi < math.inf, f"--{name}_lo={lo}, --{name}_hi={hi}: want 0 < lo <= hi")
+        utils.require(0 < lo <= hi < math.inf,
+                      f"--{name}_lo={lo}, --{name}_hi={hi}: want 0 < lo <= hi")
         utils.require(name not in ("batch", "seq_len") or 2 ** math.ceil(math.log2(lo)) <= hi,
                       f"--{name}_lo={lo}, --{name}_hi={hi}: the range holds no power of two")
 
@@ -116,7 +127,8 @@ def split_argv(argv):
 
 
 def trainer_overrides(passed):
-    """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text, each value checked."""
+    """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text,
+    each value checked."""
     spec = importlib.util.spec_from_file_location("sweep_trainer", os.path.join(HERE, script))
     trainer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trainer)  # defines its settings and CHOICES, trains nothing
@@ -124,19 +136,23 @@ def trainer_overrides(passed):
     axes = {k: [v.strip() for v in text.split(",")] for k, text in passed.items() if "," in text}
     for name, text in passed.items():
         utils.require(name in defaults and name not in SET_BY_SWEEP,
-                      f"--{name} is neither a sweep.py setting nor one of {script}'s that sweep.py passes on")
+                      f"--{name} is neither a sweep.py setting "
+                      f"nor one of {script}'s that sweep.py passes on")
         for v in axes.get(name, [text]):
             try:
                 value = utils.parse_value(name, v, defaults[name])
             except ValueError as e:
                 utils.bad_setting(f"cannot parse --{name}={v}: {e}")
-            utils.require(value in choices.get(name, [value]), f"--{name}={v}: allowed values are {choices.get(name)}")
+            utils.require(value in choices.get(name, [value]),
+                          f"--{name}={v}: allowed values are {choices.get(name)}")
     fixed = {k: v for k, v in passed.items() if k not in axes}
     if mode == "random":
-        utils.require(all(k in defaults for k in DRAWN), f"--mode=random: {script} lacks train_gpt2.py's settings")
+        utils.require(all(k in defaults for k in DRAWN),
+                      f"--mode=random: {script} lacks train_gpt2.py's settings")
         taken = [k for k in passed if k in DRAWN or k in axes]
-        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws {', '.join(DRAWN)} itself (set "
-                      f"their ranges instead) and takes no grid axes")
+        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws "
+                      f"{', '.join(DRAWN)} itself (set their ranges instead) "
+                      f"and takes no grid axes")
     elif flop_budget is not None:  # the trainer derives max_steps from it
         utils.require("flop_budget" in defaults, f"--flop_budget: {script} has no such setting")
         fixed["flop_budget"] = f"{flop_budget:g}"
@@ -144,8 +160,9 @@ def trainer_overrides(passed):
 
 
 def with_batch_and_lr(overrides, defaults):
-    """A batch-size point: micro_batch_size alone also sets total_batch_size (no accumulation); min_lr follows
-    min_lr_ratio; with lr_scaling linear | sqrt both LRs are multiplied by (batch / base_batch) ** (1 | 0.5)."""
+    """A batch-size point: micro_batch_size alone also sets total_batch_size (no accumulation);
+    min_lr follows min_lr_ratio; with lr_scaling linear | sqrt both LRs are multiplied by
+    (batch / base_batch) ** (1 | 0.5)."""
     ov = dict(overrides)
 
     def get(name):
@@ -163,7 +180,8 @@ def with_batch_and_lr(overrides, defaults):
 
 
 def run_name(parts):
-    """A folder name from overrides, e.g. max_lr=1e-3_micro_batch_size=32; a long one ends in a hash."""
+    """A folder name from overrides, e.g. max_lr=1e-3_micro_batch_size=32;
+    a long one ends in a hash."""
     name = re.sub(r"[^A-Za-z0-9_=.,+-]+", "-", "_".join(f"{k}={v}" for k, v in parts.items()))
     return name if len(name) <= 80 else name[:70] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
@@ -174,16 +192,19 @@ def plan_grid(fixed, axes, defaults):
     for variant, changes in (ABLATIONS if mode == "ablations" else {"": {}}).items():
         for point in itertools.product(*axes.values()):
             ax = dict(zip(axes, point, strict=True))
-            runs.append(dict(name="_".join(filter(None, [variant, run_name(ax)])) or "default", reason=None,
+            name = "_".join(filter(None, [variant, run_name(ax)])) or "default"
+            runs.append(dict(name=name, reason=None,
                              overrides=with_batch_and_lr({**fixed, **changes, **ax}, defaults)))
     return runs
 
 
 def plan_random(fixed, defaults):
-    """§3: draw configs until n_samples fit; max_steps = flop_budget // (flops_per_token x tokens per step)."""
+    """§3: draw configs until n_samples fit;
+    max_steps = flop_budget // (flops_per_token x tokens per step)."""
     cfg = {**defaults, **{k: utils.parse_value(k, v, defaults[k]) for k, v in fixed.items()}}
     if not cfg["vocab_size"]:  # as train_gpt2.py derives it from the data
-        cfg["vocab_size"] = train_gpt2.model_vocab_size(data.read_meta(os.path.join(HERE, cfg["data_dir"])))
+        meta = data.read_meta(os.path.join(HERE, cfg["data_dir"]))
+        cfg["vocab_size"] = train_gpt2.model_vocab_size(meta)
     cfg = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg}
     rng, runs, rope = random.Random(random_seed), [], cfg["pos_emb"] == "rope"
 
@@ -197,27 +218,34 @@ def plan_random(fixed, defaults):
             break
         L = rng.randint(n_layer_lo, n_layer_hi)
         C = min(n_embd_hi, max(n_embd_lo, 16 * round(log_uniform(n_embd_lo, n_embd_hi) / 16)))
-        heads = [h for h in range(n_head_lo, n_head_hi + 1) if C % h == 0 and not (rope and C // h % 2)]
-        H = rng.choice(heads) if heads else None  # only head counts that fit the width: no draw is wasted
+        heads = [h for h in range(n_head_lo, n_head_hi + 1)
+                 if C % h == 0 and not (rope and C // h % 2)]
+        # only head counts that fit the width: no draw is wasted
+        H = rng.choice(heads) if heads else None
         B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
         lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
         micro = max(d for d in range(1, min(B, max_micro_batch or B) + 1) if B % d == 0)
         name = f"L{L}_H{H}_C{C}_B{B}_T{T}_lr{lr}"
         if any(r["name"] == name for r in runs):
             continue
-        ov = dict(fixed, n_layer=str(L), n_head=str(H), n_embd=str(C), block_size=str(T), micro_batch_size=str(micro),
-                  total_batch_size=str(B * T), min_lr=lr, max_lr=f"{10 * float(lr):.3g}")
+        ov = dict(fixed, n_layer=str(L), n_head=str(H), n_embd=str(C), block_size=str(T),
+                  micro_batch_size=str(micro), total_batch_size=str(B * T),
+                  min_lr=lr, max_lr=f"{10 * float(lr):.3g}")
         reason = None
         if H is None:
-            reason = f"no n_head in [{n_head_lo}, {n_head_hi}] divides n_embd {C}" + " into even heads" * rope
+            reason = (f"no n_head in [{n_head_lo}, {n_head_hi}] divides n_embd {C}"
+                      + " into even heads" * rope)
         else:
             try:
-                config = GPTConfig(**{**cfg, "n_layer": L, "n_head": H, "n_embd": C, "block_size": T})
-            except ValueError as e:  # drawn values always fit: a fixed setting is wrong for every draw
+                config = GPTConfig(**{**cfg, "n_layer": L, "n_head": H, "n_embd": C,
+                                      "block_size": T})
+            except ValueError as e:
+                # drawn values always fit: a fixed setting is wrong for every draw
                 utils.bad_setting(str(e))
             with torch.device("meta"):  # shapes only: no memory, no init time
                 model = GPT(config)
-            params, steps = model.num_params(), int(flop_budget // (model.flops_per_token() * B * T))
+            params = model.num_params()
+            steps = int(flop_budget // (model.flops_per_token() * B * T))
             ov.update(max_steps=str(steps), warmup_steps=str(steps // 10))
             if not min_params <= params <= max_params:
                 reason = f"{params:,} params outside [{min_params:,}, {max_params:,}]"
@@ -225,7 +253,8 @@ def plan_random(fixed, defaults):
                 reason = f"flop_budget {flop_budget:g} buys no step of {B * T} tokens"
         runs.append(dict(name=name, overrides=ov, reason=reason))
     if sum(r["reason"] is None for r in runs) < n_samples:
-        print(f"warning: only {sum(r['reason'] is None for r in runs)} of {n_samples} runs fit the ranges")
+        print(f"warning: only {sum(r['reason'] is None for r in runs)} of {n_samples} runs "
+              f"fit the ranges")
     return runs
 
 
@@ -240,10 +269,12 @@ def read_json(path):
 
 
 def read_events(run_dir):
-    """log.jsonl's events. A line that does not parse (a running run's half-written last one) is left out
-    quietly: utils.read_log would warn on stderr, and redirecting stderr is not safe in worker threads."""
+    """log.jsonl's events. A line that does not parse (a running run's half-written last one) is
+    left out quietly: utils.read_log would warn on stderr, and redirecting stderr is not safe in
+    worker threads."""
     events = []
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "log.jsonl"), errors="replace") as f:
+    path = os.path.join(run_dir, "log.jsonl")
+    with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):
                 events.append(json.loads(line))
@@ -251,14 +282,16 @@ def read_events(run_dir):
 
 
 def classify(rc, run_dir):
-    """finished | interrupted | diverged | oom | failed, from the exit status, log.jsonl and stdout.log."""
+    """finished | interrupted | diverged | oom | failed,
+    from the exit status, log.jsonl and stdout.log."""
     if rc == 0:
         return "finished"
     if rc in INTERRUPTED:
         return "interrupted"
     if rc == utils.EXIT_DIVERGED or any(e.get("event") == "diverged" for e in read_events(run_dir)):
         return "diverged"
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, "stdout.log"), errors="replace") as f:
+    path = os.path.join(run_dir, "stdout.log")
+    with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         tail = f.read()[-65536:].lower()  # a traceback is at the end
         return "oom" if "out of memory" in tail or "outofmemoryerror" in tail else "failed"
     return "failed"
@@ -272,22 +305,28 @@ def launch(run, gpu):
     command = [sys.executable, os.path.join(HERE, script), f"--out_dir={run_dir}"]
     command += [f"--{k}={v}" for k, v in run["overrides"].items()] + ["--resume=True"] * resume
     env = dict(os.environ, PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
-    if "OMP_NUM_THREADS" not in os.environ:  # parallel runs share the cores instead of each taking all of them
+    # parallel runs share the cores instead of each taking all of them
+    if "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-    record = dict(name=run["name"], overrides=run["overrides"], command=command, state="running", exit_code=None,
-                  runtime_s=None, gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    record = dict(name=run["name"], overrides=run["overrides"], command=command,
+                  state="running", exit_code=None, runtime_s=None,
+                  gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
-    print(f"   launched {run['name']}" + f" on GPU {gpu}" * bool(gpu) + " (resumed)" * resume, flush=True)
+    print(f"   launched {run['name']}" + f" on GPU {gpu}" * bool(gpu) + " (resumed)" * resume,
+          flush=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
         try:
-            rc = subprocess.run(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(command, cwd=HERE, env=env,
+                                stdout=out, stderr=subprocess.STDOUT).returncode
         except OSError as e:  # it could not even start: this run failed, the sweep goes on
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
-    record.update(state=classify(rc, run_dir), exit_code=rc, runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
+    record.update(state=classify(rc, run_dir), exit_code=rc,
+                  runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
-    print(f"{record['state']:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)", flush=True)
+    print(f"{record['state']:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)",
+          flush=True)
 
 
 def run_all(runs):
@@ -316,16 +355,20 @@ def run_all(runs):
 
 
 def summarize(run_dir):
-    """One table row, plus max_lr, batch and the train loss curve for the plots, from run.json and log.jsonl."""
+    """One table row, plus max_lr, batch and the train loss curve for the plots,
+    from run.json and log.jsonl."""
     rec, events = read_json(os.path.join(run_dir, "run.json")), read_events(run_dir)
     start = next((e for e in events if e.get("event") == "start"), {})
     s = start.get("settings", {})
     curve = [(e["step"], e["train_loss"]) for e in events if "train_loss" in e]
-    best = min((e["val_loss"] for e in events if "val_loss" in e and math.isfinite(e["val_loss"])), default=None)
+    best = min((e["val_loss"] for e in events if "val_loss" in e and math.isfinite(e["val_loss"])),
+               default=None)
     hellaswag = [e["hellaswag_acc_norm"] for e in events if e.get("hellaswag_acc_norm") is not None]
     bad = [e["step"] for e in events if e.get("event") == "diverged"]
-    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad], default=0)  # the diverging step included
-    # sequences per step: train_gpt2.py's total_batch_size / block_size, train_lstm.py's streams x processes
+    # the diverging step included
+    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad], default=0)
+    # sequences per step: train_gpt2.py's total_batch_size / block_size,
+    # train_lstm.py's streams x processes
     batch = s["total_batch_size"] // s["block_size"] if s.get("total_batch_size") else (
         s.get("micro_batch_size", 0) * start.get("world_size", 1))
     note = rec.get("reason") or (f"NaN/inf at step {bad[0]}" if bad else "") or (
@@ -333,28 +376,36 @@ def summarize(run_dir):
     return dict(run=rec["name"], overrides=rec["overrides"], params=start.get("params"),
                 tokens=steps * batch * s.get("block_size", 0) or None, best_val_loss=best,
                 val_ppl=math.exp(best) if best is not None and best < 700 else None,
-                hellaswag_acc_norm=hellaswag[-1] if hellaswag else None, runtime_s=rec.get("runtime_s"),
-                state=rec["state"], note=note, max_lr=s.get("max_lr"), batch=batch or None, curve=curve)
+                hellaswag_acc_norm=hellaswag[-1] if hellaswag else None,
+                runtime_s=rec.get("runtime_s"), state=rec["state"], note=note,
+                max_lr=s.get("max_lr"), batch=batch or None, curve=curve)
 
 
 def report(folder):
-    """results.md and results.csv (finished runs first, by best val loss) and the plots; an error without runs."""
+    """results.md and results.csv (finished runs first, by best val loss) and the plots;
+    an error without runs."""
     dirs = os.listdir(folder) if os.path.isdir(folder) else []
     dirs = sorted(d for d in dirs if os.path.isfile(os.path.join(folder, d, "run.json")))
     if not dirs:
         raise SystemExit(f"error: no runs found in {folder}")
     rows = sorted((summarize(os.path.join(folder, d)) for d in dirs), key=lambda r: (
-        STATES.index(r["state"]), math.inf if r["best_val_loss"] is None else r["best_val_loss"], r["run"]))
-    # the Markdown table shows the overrides that differ between runs (all if none do); the CSV has all
+        STATES.index(r["state"]),
+        math.inf if r["best_val_loss"] is None else r["best_val_loss"],
+        r["run"]))
+    # the Markdown table shows the overrides that differ between runs (all if none do);
+    # the CSV has all
     every = {k for r in rows for k in r["overrides"]}
     varying = {k for k in every if len({r["overrides"].get(k) for r in rows}) > 1} or every
 
     def cells(r, keys):
-        return {**r, "overrides": " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k in keys)}
+        shown = " ".join(f"{k}={v}" for k, v in r["overrides"].items() if k in keys)
+        return {**r, "overrides": shown}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"] + [
-        "| " + " | ".join("" if r[c] is None else f"{r[c]:{f}}".replace("|", "/") for c, f in COLUMNS.items()) + " |"
+        "| " + " | ".join("" if r[c] is None else f"{r[c]:{f}}".replace("|", "/")
+                          for c, f in COLUMNS.items()) + " |"
         for r in (cells(r, varying) for r in rows)]
-    utils.atomic_write(os.path.join(folder, "results.md"), lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+    utils.atomic_write(os.path.join(folder, "results.md"),
+                       lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
     def write_csv(f):
         out = csv.DictWriter(f, list(COLUMNS), extrasaction="ignore", lineterminator="\n")
@@ -365,20 +416,25 @@ def report(folder):
 
 
 def plot(folder, rows):
-    """Best val loss vs max LR (a line per batch size) and vs batch size, and every train loss curve. A plot
-    with one x value (one LR, one batch size) would be a bare vertical line: it is skipped."""
+    """Best val loss vs max LR (a line per batch size) and vs batch size, and every train loss
+    curve. A plot with one x value (one LR, one batch size) would be a bare vertical line:
+    it is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "no plots: matplotlib is not installed (pip install matplotlib)"
-    done = [r for r in rows if r["state"] == "finished" and r["best_val_loss"] is not None and r["batch"]]
+    done = [r for r in rows
+            if r["state"] == "finished" and r["best_val_loss"] is not None and r["batch"]]
     by_batch = {f"batch {b}": [(r["max_lr"], r["best_val_loss"]) for r in done if r["batch"] == b]
                 for b in sorted({r["batch"] for r in done})}
-    figures = [("val_loss_vs_lr.png", "max LR", 10, by_batch),  # the batch plot has one line: LRs may be scaled
-               ("val_loss_vs_batch.png", "batch size", 2, {"": [(r["batch"], r["best_val_loss"]) for r in done]}),
-               ("train_loss.png", "step", None, {f"{r['run']} ({r['state']})": r["curve"] for r in rows})]
+    # the batch plot has one line: LRs may be scaled
+    figures = [("val_loss_vs_lr.png", "max LR", 10, by_batch),
+               ("val_loss_vs_batch.png", "batch size", 2,
+                {"": [(r["batch"], r["best_val_loss"]) for r in done]}),
+               ("train_loss.png", "step", None,
+                {f"{r['run']} ({r['state']})": r["curve"] for r in rows})]
     said = []
     for name, xlabel, log_base, series in figures:
         xs = {x for points in series.values() for x, _ in points}
@@ -387,7 +443,8 @@ def plot(folder, rows):
             continue
         fig, ax = plt.subplots(figsize=(8, 5))
         for label, points in series.items():
-            ax.plot(*zip(*sorted(points), strict=True), marker="o" if len(points) < 50 else None, label=label or None)
+            ax.plot(*zip(*sorted(points), strict=True), marker="o" if len(points) < 50 else None,
+                    label=label or None)
         if log_base:
             ax.set_xscale("log", base=log_base)
         ax.set(xlabel=xlabel, ylabel="best val loss" if log_base else "train loss",
@@ -396,7 +453,8 @@ def plot(folder, rows):
         if 0 < len(ax.get_legend_handles_labels()[1]) <= 20:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        utils.atomic_write(os.path.join(folder, name), lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
+        utils.atomic_write(os.path.join(folder, name),
+                           lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         said.append(name)
     return "plots: " + ", ".join(said)
@@ -415,38 +473,50 @@ def main(argv):
         return
     defaults, fixed, axes = trainer_overrides(passed)
     runs = plan_random(fixed, defaults) if mode == "random" else plan_grid(fixed, axes, defaults)
-    utils.require(len({r["name"] for r in runs}) == len(runs), "two runs would share a folder: a value is repeated")
-    for path in sorted({os.path.join(HERE, r["overrides"].get("data_dir", defaults.get("data_dir", ".")))
-                        for r in runs}):  # resolved as the trainers do: relative to this folder
+    utils.require(len({r["name"] for r in runs}) == len(runs),
+                  "two runs would share a folder: a value is repeated")
+    # resolved as the trainers do: relative to this folder
+    data_dirs = {os.path.join(HERE, r["overrides"].get("data_dir", defaults.get("data_dir", ".")))
+                 for r in runs}
+    for path in sorted(data_dirs):
         if not os.path.isdir(path):
-            print(f"warning: the data folder {path} does not exist: prepare it first, or set --data_dir")
+            print(f"warning: the data folder {path} does not exist: "
+                  f"prepare it first, or set --data_dir")
     lock = None if dry_run else utils.lock_folder(folder, "sweep")
     todo, kept = [], []
     for run in runs:
         run["dir"] = os.path.join(folder, run["name"])
-        old = read_json(os.path.join(run["dir"], "run.json")) or {"state": "new", "overrides": run["overrides"]}
+        old = (read_json(os.path.join(run["dir"], "run.json"))
+               or {"state": "new", "overrides": run["overrides"]})
         changed = sorted(k for k in {**old["overrides"], **run["overrides"]}
                          if old["overrides"].get(k) != run["overrides"].get(k))
-        utils.require(not changed, f"{run['dir']} was run with other values of {changed}: use another --sweep_dir")
+        utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
+                      f"use another --sweep_dir")
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
-            print(f"{run['name']} ({old['state']}): " + (f"skipped, {run['reason']}" if run["reason"] else what))
+            status = f"skipped, {run['reason']}" if run["reason"] else what
+            print(f"{run['name']} ({old['state']}): " + status)
         elif run["reason"]:
-            utils.atomic_write_json(os.path.join(run["dir"], "run.json"), dict(
-                name=run["name"], overrides=run["overrides"], state="skipped", reason=run["reason"]))
+            utils.atomic_write_json(os.path.join(run["dir"], "run.json"),
+                                    dict(name=run["name"], overrides=run["overrides"],
+                                         state="skipped", reason=run["reason"]))
         elif old["state"] == "finished" or (old["state"] in RETRYABLE and not retry_failed):
-            kept.append(f"{old['state']:>11} {run['name']}" + " (--retry_failed=True relaunches it)" * (
-                old["state"] != "finished"))
-        else:  # new, interrupted (continues from its last checkpoint if it has one), or retried from scratch
+            hint = " (--retry_failed=True relaunches it)" * (old["state"] != "finished")
+            kept.append(f"{old['state']:>11} {run['name']}" + hint)
+        else:
+            # new, interrupted (continues from its last checkpoint if it has one),
+            # or retried from scratch
             interrupted = old["state"] in ("running", "interrupted")
-            run["resume"] = interrupted and "resume" in defaults and bool(utils.checkpoint_paths(run["dir"]))
+            run["resume"] = (interrupted and "resume" in defaults
+                             and bool(utils.checkpoint_paths(run["dir"])))
             run["runtime_s"] = (old.get("runtime_s") or 0) if run["resume"] else 0
             os.makedirs(run["dir"], exist_ok=True)
             todo.append(run)
     if dry_run:
         return
+    skipped = sum(r["reason"] is not None for r in runs)
     print("\n".join(kept + [f"{len(todo)} runs to launch, {len(kept)} kept from before, "
-                            f"{sum(r['reason'] is not None for r in runs)} skipped before launch"]), flush=True)
+                            f"{skipped} skipped before launch"]), flush=True)
     run_all(todo)
     report(folder)
     lock.close()
