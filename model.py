@@ -23,11 +23,14 @@ import torch.nn.functional as F
 
 # ---- config ----
 
-POS_EMBS = ("rope", "learned", "none")  # how positions enter: rotary on q/k, a learned table, or not at all
+# how positions enter: rotary on q/k, a learned table, or not at all
+POS_EMBS = ("rope", "learned", "none")
 MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
 NORMS = ("rmsnorm", "layernorm", "none")
-NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
-NORM_EPS = 1e-5  # epsilon of every norm; 1e-5 is GPT-2's LayerNorm epsilon (needed for weight parity)
+# pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
+NORM_POSS = ("pre", "post")
+# epsilon of every norm; 1e-5 is GPT-2's LayerNorm epsilon (needed for weight parity)
+NORM_EPS = 1e-5
 
 # model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
 SIZES = {
@@ -38,8 +41,10 @@ SIZES = {
 }
 # architectures
 STYLES = {
-    "modern": dict(pos_emb="rope", mlp="swiglu", norm="rmsnorm", norm_pos="pre", tie_embeddings=True, bias=False),
-    "classic": dict(pos_emb="learned", mlp="gelu", norm="layernorm", norm_pos="pre", tie_embeddings=True, bias=True),
+    "modern": dict(pos_emb="rope", mlp="swiglu", norm="rmsnorm", norm_pos="pre",
+                   tie_embeddings=True, bias=False),
+    "classic": dict(pos_emb="learned", mlp="gelu", norm="layernorm", norm_pos="pre",
+                    tie_embeddings=True, bias=True),
 }
 
 
@@ -65,24 +70,29 @@ class GPTConfig:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS), ("norm_pos", NORM_POSS)):
+        for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS),
+                              ("norm_pos", NORM_POSS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; allowed: {', '.join(allowed)}")
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; "
+                                 f"allowed: {', '.join(allowed)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} "
+                             f"must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"GPTConfig: pos_emb='rope' needs an even head size (n_embd/n_head), "
                              f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden < 0:
-            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
+            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), "
+                             f"got {self.mlp_hidden}")
 
     @property
     def mlp_hidden_size(self):
-        # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3 gives
-        # the same 8*C^2; rounded up to a multiple of 64 for matmul efficiency (768 -> exactly 2048). For tiny
-        # widths the rounding overshoots (32 -> 128, not 85): set mlp_hidden to match exactly.
+        # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3
+        # gives the same 8*C^2; rounded up to a multiple of 64 for matmul efficiency
+        # (768 -> exactly 2048). For tiny widths the rounding overshoots (32 -> 128, not 85):
+        # set mlp_hidden to match exactly.
         if self.mlp_hidden:
             return self.mlp_hidden
         if self.mlp == "swiglu":
@@ -91,11 +101,14 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name, style="modern", **overrides):
-        """GPTConfig.preset("gpt2", style="classic", block_size=512): a size from SIZES, a style from STYLES."""
+        """GPTConfig.preset("gpt2", style="classic", block_size=512):
+        a size from SIZES, a style from STYLES."""
         if name not in SIZES:
-            raise ValueError(f"GPTConfig.preset: unknown size {name!r}; allowed: {', '.join(SIZES)}")
+            raise ValueError(f"GPTConfig.preset: unknown size {name!r}; "
+                             f"allowed: {', '.join(SIZES)}")
         if style not in STYLES:
-            raise ValueError(f"GPTConfig.preset: unknown style {style!r}; allowed: {', '.join(STYLES)}")
+            raise ValueError(f"GPTConfig.preset: unknown style {style!r}; "
+                             f"allowed: {', '.join(STYLES)}")
         return cls(**{**STYLES[style], **SIZES[name], **overrides})
 
 
@@ -110,9 +123,10 @@ def make_norm(config, dim):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict. Eager, it runs
-    RMSNormFunction: autograd's own backward of rms_norm is a chain of ~15 small kernels, which made RMSNorm
-    3x slower than LayerNorm in an eager CPU step. Compiled, torch's rms_norm: inductor fuses its autograd."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict.
+    Eager, it runs RMSNormFunction: autograd's own backward of rms_norm is a chain of ~15 small
+    kernels, which made RMSNorm 3x slower than LayerNorm in an eager CPU step.
+    Compiled, torch's rms_norm: inductor fuses its autograd."""
 
     def __init__(self, dim, eps=NORM_EPS):
         super().__init__()
@@ -126,17 +140,20 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has no fused kernel). RMSNorm is LayerNorm
-    with the mean fixed at 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd computes x_hat = x * rstd,
-    dweight = sum(g * x_hat) and dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The
-    last term comes from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
+    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has no fused kernel).
+    RMSNorm is LayerNorm with the mean fixed at 0, so LayerNorm's backward given mean 0 and
+    RMSNorm's rstd computes x_hat = x * rstd, dweight = sum(g * x_hat) and
+    dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The last term comes
+    from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
     Computed in float32 (as CUDA autocast runs norms), returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         x32, C = x.float(), x.size(-1)
-        # three passes over x: its norm (one fused reduction; the rest is on (..., 1)), then two multiplies
-        rstd = torch.rsqrt(torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(C).add_(eps))
+        # three passes over x: its norm (one fused reduction; the rest is on (..., 1)),
+        # then two multiplies
+        mean_square = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(C)
+        rstd = torch.rsqrt(mean_square.add_(eps))
         ctx.save_for_backward(x, weight, rstd)
         return (x32 * rstd).mul_(weight).to(x.dtype)
 
@@ -146,14 +163,16 @@ class RMSNormFunction(torch.autograd.Function):
         C, grad, weight32 = x.size(-1), grad.float().contiguous(), weight.float()
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
             grad, x.float(), [C], torch.zeros_like(rstd), rstd, weight32, None, [True, True, False])
-        grad_x += rstd * (grad @ weight32).unsqueeze(-1) / C  # + rstd * mean(g * weight): (..., 1), broadcast
+        # + rstd * mean(g * weight): (..., 1), broadcast
+        grad_x += rstd * (grad @ weight32).unsqueeze(-1) / C
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 
 
 def rope_tables(T, head_size, base):
-    """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2]) turns by the angle
-    pos * base^(-2i/hs); `cos` holds each pair's cosine in both halves and `sin` holds (-sin, +sin), so the
-    rotation is one multiply-add: x * cos + swap_halves(x) * sin. The middle dimension broadcasts over heads."""
+    """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2])
+    turns by the angle pos * base^(-2i/hs); `cos` holds each pair's cosine in both halves and `sin`
+    holds (-sin, +sin), so the rotation is one multiply-add: x * cos + swap_halves(x) * sin.
+    The middle dimension broadcasts over heads."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, hs/2)
     cos, sin = angles.cos(), angles.sin()
@@ -161,11 +180,12 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by the angles of its positions: the halves x1, x2 become x1 cos - x2 sin and
-    x2 cos + x1 sin (pairs (x[i], x[i + hs/2]): the GPT-NeoX / Llama layout). A rotation by angle(m) on q and
-    angle(n) on k leaves q.k depending only on m - n. It runs in the (B, T, heads, hs) layout the qkv matmul
-    produces, before the transpose for attention, so neither pass (nor a compiled backward) reads or writes
-    with strides; its gradient is the same rotation by minus the angle (RotaryFunction)."""
+    """Rotate x (B, T, heads, hs) by the angles of its positions: the halves x1, x2 become
+    x1 cos - x2 sin and x2 cos + x1 sin (pairs (x[i], x[i + hs/2]): the GPT-NeoX / Llama layout).
+    A rotation by angle(m) on q and angle(n) on k leaves q.k depending only on m - n. It runs in
+    the (B, T, heads, hs) layout the qkv matmul produces, before the transpose for attention, so
+    neither pass (nor a compiled backward) reads or writes with strides; its gradient is the same
+    rotation by minus the angle (RotaryFunction)."""
     return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -188,10 +208,12 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys and values of the positions seen so far, per layer, preallocated for max_len positions.
-    Allocated at the first update so it takes the dtype/device of the keys (e.g. bf16 under autocast)."""
+    Allocated at the first update so it takes the dtype/device of the keys
+    (e.g. bf16 under autocast)."""
 
     def __init__(self, n_layer, max_len):
-        self.max_len, self.pos = max_len, 0  # pos: positions already stored (GPT.forward advances it)
+        # pos: positions already stored (GPT.forward advances it)
+        self.max_len, self.pos = max_len, 0
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
     def update(self, layer, k, v):
@@ -210,7 +232,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.layer_idx, self.dropout = config.n_head, layer_idx, config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
@@ -223,7 +246,8 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh)  # the heads of q, k and v side by side
         qk, v = qkv.split([2 * nh, nh], dim=2)  # (B, T, 2nh, hs), (B, T, nh, hs)
-        if self.qk_norm:  # per-head RMSNorm, each of q and k with its own gain; SDPA needs one dtype
+        if self.qk_norm:
+            # per-head RMSNorm, each of q and k with its own gain; SDPA needs one dtype
             q, k = qk.split(nh, dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)
         if rope is not None:
@@ -239,7 +263,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # several new tokens after a cached prefix: is_causal would align the mask top-left, so be explicit
+        else:
+            # several new tokens after a cached prefix: is_causal would align the mask top-left,
+            # so be explicit
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -250,7 +276,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.kind, hidden = config.mlp, config.mlp_hidden_size
-        n_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
+        # swiglu: gate and up in one matmul
+        n_out = 2 * hidden if config.mlp == "swiglu" else hidden
         self.c_fc = nn.Linear(config.n_embd, n_out, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
@@ -261,7 +288,8 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation; exact GELU breaks weight parity
+            # GPT-2 used the tanh approximation; exact GELU breaks weight parity
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "silu":
             h = F.silu(h)
         else:  # relu2: squared ReLU (Primer, modded-nanogpt)
@@ -297,23 +325,26 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        # for post-norm the last block already ends in a norm; ln_f is then redundant but harmless and keeps
-        # the state-dict keys the same for both placements
+        # for post-norm the last block already ends in a norm; ln_f is then redundant but harmless
+        # and keeps the state-dict keys the same for both placements
         modules["ln_f"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-            # load_state_dict(assign=True) replaces Parameters and would silently untie them: re-tie afterwards
+            # load_state_dict(assign=True) replaces Parameters and would silently untie them:
+            # re-tie afterwards
             self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
         if config.pos_emb == "rope":
             # non-persistent: derived from the config, so kept out of checkpoints
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head,
+                                   config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # residual outputs: keep the residual stream's variance O(1) in depth
+            if name.endswith("c_proj.weight"):
+                # residual outputs: keep the residual stream's variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _tie(self):
@@ -334,19 +365,21 @@ class GPT(nn.Module):
         (but counts a tied lm_head, which does real matmul work)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= sum(p.numel() for name, p in self.transformer.named_parameters() if name.startswith(("wte.", "wpe.")))
+            n -= sum(p.numel() for name, p in self.transformer.named_parameters()
+                     if name.startswith(("wte.", "wpe.")))
             if self.config.tie_embeddings:
                 n += self.lm_head.weight.numel()
         return n
 
     def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
-        """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored targets,
-        or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag scores with those).
-        Without targets: the last position's logits (B, 1, V) and None."""
+        """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored
+        targets, or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag
+        scores with those). Without targets: the last position's logits (B, 1, V) and None."""
         B, T = idx.size()
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens exceeds block_size={self.config.block_size}")
+            raise ValueError(f"sequence of {pos0 + T} tokens "
+                             f"exceeds block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
@@ -368,15 +401,18 @@ class GPT(nn.Module):
         return logits, (loss.view(B, T) if reduction == "none" else loss)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None, generator=None,
-                 n_vocab=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
+                 generator=None, n_vocab=None):
         """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
-        temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling reproducible.
-        With eos_token, stops once every row has produced it; finished rows are padded with eos_token.
-        n_vocab: only ids below it are drawn (the rows a vocabulary is padded with to a multiple of 64 are no text).
-        Uses a KV cache, so each new token costs one position's work. Once the sequence is longer than
-        block_size every position would shift, so from then on each step recomputes the last block_size
-        tokens without a cache (exactly what a no-cache loop that crops the context does).
+        temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling
+        reproducible.
+        With eos_token, stops once every row has produced it; finished rows are padded with
+        eos_token. n_vocab: only ids below it are drawn (the rows a vocabulary is padded with to a
+        multiple of 64 are no text).
+        Uses a KV cache, so each new token costs one position's work. Once the sequence is longer
+        than block_size every position would shift, so from then on each step recomputes the
+        last block_size tokens without a cache (exactly what a no-cache loop that crops the
+        context does).
         Leaves train/eval mode alone: call model.eval() first so dropout is off."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -393,7 +429,8 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_tok = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+                probs = F.softmax(logits, dim=-1)
+                next_tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             if eos_token is not None:
                 next_tok = next_tok.masked_fill(done[:, None], eos_token)
                 done |= next_tok[:, 0] == eos_token
@@ -402,31 +439,37 @@ class GPT(nn.Module):
                 break
         return idx
 
-    def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4, betas=(0.9, 0.95),
-                             eps=1e-8, device_type="cpu", muon_split_qkv=False):
+    def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
+                             betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
         """List of optimizers covering every parameter once (a tied weight is one parameter).
-        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and norm gains.
-        muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices, so the
-        embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one learning_rate
-        serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt)."""
+        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings),
+        none on biases and norm gains.
+        muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices,
+        so the embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one
+        learning_rate serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three
+        matrices (modded-nanogpt)."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        hidden = {name: p for name, p in params.items() if name.startswith("transformer.h.") and p.dim() == 2}
+        hidden = {name: p for name, p in params.items()
+                  if name.startswith("transformer.h.") and p.dim() == 2}
         muon_groups = []
         if optimizer == "muon" and muon_split_qkv:
             qkv = [p for name, p in hidden.items() if name.endswith("attn.c_attn.weight")]
             rest = [p for name, p in hidden.items() if not name.endswith("attn.c_attn.weight")]
             muon_groups = [dict(params=qkv, pieces=3), dict(params=rest)]
         elif optimizer == "muon":
-            muon_groups = [dict(params=list(hidden.values()))]  # one group, as checkpoints of earlier runs hold
+            # one group, as checkpoints of earlier runs hold
+            muon_groups = [dict(params=list(hidden.values()))]
         in_muon = {id(p) for g in muon_groups for p in g["params"]}
         decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        groups = [dict(params=decay, weight_decay=weight_decay),
+                  dict(params=no_decay, weight_decay=0.0)]
         groups = [g for g in groups if g["params"]]
-        # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU (~5% faster
-        # steps here); it needs every parameter on that one device type, so a partly offloaded model is unfused
+        # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU
+        # (~5% faster steps here); it needs every parameter on that one device type, so a partly
+        # offloaded model is unfused
         kinds = {p.device.type for p in params.values()}
         fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and device_type in kinds
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
@@ -436,16 +479,18 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6*N + 12*n_layer*n_embd*block_size. N = parameters of the blocks and ln_f plus the lm_head matrix
-        (its V x C matmul runs even when tied); wte/wpe are table lookups and cost no FLOPs.
+        6*N + 12*n_layer*n_embd*block_size. N = parameters of the blocks and ln_f plus the lm_head
+        matrix (its V x C matmul runs even when tied); wte/wpe are table lookups and cost no FLOPs.
         The attention term counts the full T x T score matrix (causal masking is not discounted)."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
-        n += sum(p.numel() for p in self.transformer.ln_f.parameters()) + self.lm_head.weight.numel()
+        n += sum(p.numel() for p in self.transformer.ln_f.parameters())
+        n += self.lm_head.weight.numel()
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_sec, device):
-        """Model FLOPs utilisation against the GPU's peak dense bf16 rate; None off CUDA or for unknown GPUs."""
+        """Model FLOPs utilisation against the GPU's peak dense bf16 rate;
+        None off CUDA or for unknown GPUs."""
         device = torch.device(device)
         if device.type != "cuda":
             return None
@@ -454,12 +499,15 @@ class GPT(nn.Module):
 
     # ---- GPT-2 weights (Hugging Face layout) ----
 
-    # HF's GPT-2 uses Conv1D, which stores these weights as (in, out): transpose them to/from nn.Linear
-    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # HF's GPT-2 uses Conv1D, which stores these weights as (in, out):
+    # transpose them to/from nn.Linear
+    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
+                     "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
     def from_hf_state_dict(cls, sd, config):
-        """GPT(config) holding a Hugging Face GPT-2 state dict (GPT2LMHeadModel or GPT2Model keys)."""
+        """GPT(config) holding a Hugging Face GPT-2 state dict
+        (GPT2LMHeadModel or GPT2Model keys)."""
         _check_gpt2_compatible(config)
         model = cls(config)
         ours = {}
@@ -477,40 +525,52 @@ class GPT(nn.Module):
         return model
 
     def to_hf_state_dict(self):
-        """State dict in Hugging Face GPT2LMHeadModel layout (Conv1D weights transposed back to (in, out))."""
+        """State dict in Hugging Face GPT2LMHeadModel layout
+        (Conv1D weights transposed back to (in, out))."""
         _check_gpt2_compatible(self.config)
-        return {k: (v.t().contiguous() if k.endswith(self.HF_TRANSPOSED) else v) for k, v in self.state_dict().items()}
+        return {k: (v.t().contiguous() if k.endswith(self.HF_TRANSPOSED) else v)
+                for k, v in self.state_dict().items()}
 
     @classmethod
     def from_pretrained(cls, name, dropout=0.0):
         """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl").
-        Needs `transformers` and network access (or its local cache); vocab stays 50257 (not padded)."""
+        Needs `transformers` and network access (or its local cache);
+        vocab stays 50257 (not padded)."""
         if name not in SIZES:
-            raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: {', '.join(SIZES)}")
+            raise ValueError(f"from_pretrained: unknown model {name!r}; "
+                             f"allowed: {', '.join(SIZES)}")
         try:
-            from transformers import GPT2LMHeadModel  # imported here: training never needs transformers
+            # imported here: training never needs transformers
+            from transformers import GPT2LMHeadModel
         except ImportError as e:
-            raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: pip install transformers") from e
+            raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
+                               "pip install transformers") from e
         try:
             sd = GPT2LMHeadModel.from_pretrained(name).state_dict()
         except OSError as e:
-            raise RuntimeError(f"could not load {name!r} from the Hugging Face hub or its cache (offline?): {e}") from e
-        config = GPTConfig.preset(name, style="classic", vocab_size=50257, block_size=1024, dropout=dropout)
+            raise RuntimeError(f"could not load {name!r} from the Hugging Face hub or its cache "
+                               f"(offline?): {e}") from e
+        config = GPTConfig.preset(name, style="classic", vocab_size=50257, block_size=1024,
+                                  dropout=dropout)
         return cls.from_hf_state_dict(sd, config)
 
 
 def _check_gpt2_compatible(config):
-    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF allows untied heads
+    # HF allows untied heads
+    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}
     wanted["qk_norm"] = False
-    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})" for k, v in wanted.items() if getattr(config, k) != v]
+    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})"
+             for k, v in wanted.items() if getattr(config, k) != v]
     if config.mlp_hidden_size != 4 * config.n_embd:
         wrong.append(f"mlp_hidden={config.mlp_hidden} (GPT-2: 0 or {4 * config.n_embd})")
     if wrong:
-        raise ValueError("the GPT-2 weight layout needs the classic style; config has " + ", ".join(wrong))
+        raise ValueError("the GPT-2 weight layout needs the classic style; config has "
+                         + ", ".join(wrong))
 
 
-# peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole words in
-# torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100", and "L4" never hits "L40S")
+# peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole
+# words in torch.cuda.get_device_name(), first match wins
+# (so "H100 PCIe" before "H100", and "L4" never hits "L40S")
 PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -528,7 +588,8 @@ PEAK_FLOPS = (
 def peak_flops(device_name):
     """Peak dense bf16 FLOP/s for a GPU name like "NVIDIA H100 80GB HBM3", or None if unknown."""
     for key, flops in PEAK_FLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE):
+        pattern = rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])"
+        if re.search(pattern, device_name, re.IGNORECASE):
             return flops
     return None
 
@@ -536,29 +597,33 @@ def peak_flops(device_name):
 # ---- Muon ----
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: momentum, then the update orthogonalised by a Newton-Schulz iteration. The update
-    of torch.optim.Muon (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one shape are
-    orthogonalised together in one batched call, and under DDP each rank orthogonalises only its share of them
-    and the results are all-gathered (as modded-nanogpt does), instead of every rank doing every matrix.
+    """Muon for 2-D weights: momentum, then the update orthogonalised by a Newton-Schulz iteration.
+    The update of torch.optim.Muon (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one
+    shape are orthogonalised together in one batched call, and under DDP each rank orthogonalises
+    only its share of them and the results are all-gathered (as modded-nanogpt does), instead of
+    every rank doing every matrix.
 
-    For a parameter p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
-        m <- momentum * m + (1 - momentum) * g;   u = g + momentum * (m - g)   (Nesterov; else u = m)
+    For a parameter p (A x B) with gradient g and momentum buffer m
+    (the state torch.optim.Muon keeps):
+        m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
         p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
-    0.2 * sqrt(max(A, B)) gives the orthogonalised update AdamW's RMS, so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices (q, k and v).
-    NS runs in bfloat16 on CUDA (as torch.optim.Muon and modded-nanogpt) and in float32 elsewhere: CPUs
-    without bf16 matrix units run bf16 matmuls ~10x slower than float32."""
+    0.2 * sqrt(max(A, B)) gives the orthogonalised update AdamW's RMS,
+    so one LR serves Muon and AdamW.
+    A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices
+    (q, k and v).
+    NS runs in bfloat16 on CUDA (as torch.optim.Muon and modded-nanogpt) and in float32 elsewhere:
+    CPUs without bf16 matrix units run bf16 matmuls ~10x slower than float32."""
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
-                 pieces=1):
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
+                 eps=1e-7, pieces=1):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, eps=eps, pieces=pieces)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2 or p.size(0) % group["pieces"]:
-                    raise ValueError(f"Muon takes 2-D parameters whose rows split into {group['pieces']} "
-                                     f"pieces, got shape {tuple(p.shape)}")
+                    raise ValueError(f"Muon takes 2-D parameters whose rows split into "
+                                     f"{group['pieces']} pieces, got shape {tuple(p.shape)}")
 
     def __setstate__(self, state):  # a state dict saved by torch.optim.Muon lacks our group options
         super().__setstate__(state)
@@ -568,16 +633,19 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # 1. momentum for every parameter (every rank keeps the full state, so rank 0's checkpoint has it all)
+        # 1. momentum for every parameter (every rank keeps the full state, so rank 0's
+        # checkpoint has it all)
         blocks = {}  # (shape, device, ns_steps, eps) -> [(param, group, piece index, update block)]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            updates = (torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"]
+                       else bufs)
             for p, u in zip(params, updates):
                 for i, block in enumerate(u.chunk(group["pieces"], dim=0)):
                     key = (tuple(block.shape), p.device, group["ns_steps"], group["eps"])
@@ -587,10 +655,12 @@ class Muon(torch.optim.Optimizer):
         done = {}  # id(param) -> list of its orthogonalised blocks
         for (shape, _, ns_steps, eps), items in blocks.items():
             stack = torch.stack([block for *_, block in items])  # (n, A, B)
-            per_rank = -(-len(items) // world)  # ceil(n / world); the last rank's share is padded with zeros
+            # ceil(n / world); the last rank's share is padded with zeros
+            per_rank = -(-len(items) // world)
             if per_rank * world > len(items):
                 stack = torch.cat([stack, stack.new_zeros(per_rank * world - len(items), *shape)])
-            ortho = zeropower_via_newtonschulz5(stack[rank * per_rank:(rank + 1) * per_rank], ns_steps, eps)
+            mine = stack[rank * per_rank:(rank + 1) * per_rank]
+            ortho = zeropower_via_newtonschulz5(mine, ns_steps, eps)
             if world > 1:  # every rank gets every update (in bf16 on CUDA: half the bytes)
                 gathered = ortho.new_empty(per_rank * world, *shape)
                 dist.all_gather_into_tensor(gathered, ortho.contiguous())
@@ -610,20 +680,23 @@ class Muon(torch.optim.Optimizer):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
-    """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed into ~[0.7, 1.2])
-    by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X, p(S) = a + b S + c S^2, batched.
+    """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
+    into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
+    p(S) = a + b S + c S^2, batched.
 
-    bfloat16 on CUDA (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix (m x k, k >= 2m)
-    takes the same iteration in its Gram form: every step multiplies by a polynomial of S = X X^T, so all
-    steps together are one m x m matrix P, and S follows as S <- S p(S)^2 (polynomials of S commute); X is
-    touched twice instead of ten times. Same result to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
+    bfloat16 on CUDA (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix
+    (m x k, k >= 2m) takes the same iteration in its Gram form: every step multiplies by a
+    polynomial of S = X X^T, so all steps together are one m x m matrix P, and S follows as
+    S <- S p(S)^2 (polynomials of S commute); X is touched twice instead of ten times. Same result
+    to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
     (In bfloat16 the Gram form doubles the error, so CUDA keeps the plain iteration.)"""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the m x m Gram matrix is the smaller one
         X = X.mT
-    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # X / norm: spectral norm <= Frobenius norm = 1
+    # X / norm: spectral norm <= Frobenius norm = 1
+    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     if X.dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
         S, P = (X @ X.mT) / norm.square(), None  # the scaling goes to the m x m matrices, not to X
         for k in range(steps):
@@ -647,18 +720,24 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 # The recurrent language models of EXPERIMENTS.md §4 and §5.
 #
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
-# nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN blocks on the
-#                LSTM output whose parameters step only every C_k optimizer steps (the trainer accumulates their
-#                gradients over the chunk and scales their LR by 1/C_k), each with a "surprise" head.
-# context_vector §5: a stack of layers that each carry a context vector c from token to token and pass it up.
+# nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN
+#                blocks on the LSTM output whose parameters step only every C_k optimizer steps
+#                (the trainer accumulates their gradients over the chunk and scales their LR by
+#                1/C_k), each with a "surprise" head.
+# context_vector §5: a stack of layers that each carry a context vector c from token to token
+#                and pass it up.
 #
-# Every model: forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux)
+# Every model:
+#   forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux)
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
-#   state / new_state = tuple of (n_layer, B, width) tensors (None = zeros); the caller detaches new_state;
-#   reset_token: an id (EOT) before which a row's state is zeroed, exactly per token (document boundaries);
-#   aux = dict of extra scalars: those named in model.aux_weights are added to the loss with that weight
-#   by the trainer, all of them are logged.
-# init_state(batch_size, device), level_params() -> one list of parameters per update level, num_params().
+#   state / new_state = tuple of (n_layer, B, width) tensors (None = zeros);
+#   the caller detaches new_state;
+#   reset_token: an id (EOT) before which a row's state is zeroed, exactly per token
+#   (document boundaries);
+#   aux = dict of extra scalars: those named in model.aux_weights are added to the loss with that
+#   weight by the trainer, all of them are logged.
+# init_state(batch_size, device), level_params() -> one list of parameters per update level,
+# num_params().
 
 
 @dataclass
@@ -674,9 +753,10 @@ class LSTMConfig:
     ffn_hidden: int = 192              # nested_lstm: hidden width of each slow level's FFN
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
-    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector", vocab_size=1000,
-    # n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True (3.41M params; the §5 log
-    # says 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
+    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector",
+    # vocab_size=1000, n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True
+    # (3.41M params; the §5 log says 2.74M for its own, unpublished layer: ours has a gate,
+    # see ContextLayer)
 
 
 def cross_entropy(logits, targets, reduction="mean"):
@@ -687,8 +767,9 @@ def cross_entropy(logits, targets, reduction="mean"):
 
 def run_lstm(lstm, x, state, idx, reset_token):
     """nn.LSTM over x (B, T, C) from state (h, c), zeroing a row's state before each position where
-    idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every column
-    holding a reset token (rare: document boundaries) and run piece by piece: exact per-token resets."""
+    idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every
+    column holding a reset token (rare: document boundaries) and run piece by piece:
+    exact per-token resets."""
     if reset_token is None:
         return lstm(x, state)
     is_reset = idx == reset_token  # (B, T)
@@ -714,8 +795,8 @@ class RecurrentLM(nn.Module):
         nn.init.normal_(self.wte.weight, std=0.02)
         if cfg.tie_embeddings:
             if cfg.n_embd != head_width:
-                raise ValueError(f"tie_embeddings needs n_embd ({cfg.n_embd}) == the head's input width "
-                                 f"({head_width})")
+                raise ValueError(f"tie_embeddings needs n_embd ({cfg.n_embd}) "
+                                 f"== the head's input width ({head_width})")
             self.lm_head.weight = self.wte.weight
         self.aux_weights = {}  # aux name -> weight in the training loss
 
@@ -727,7 +808,8 @@ class RecurrentLM(nn.Module):
         return [list(self.parameters())]
 
     def init_state(self, batch_size, device):
-        return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device) for w in self.state_widths)
+        return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device)
+                     for w in self.state_widths)
 
 
 class LSTMLM(RecurrentLM):
@@ -755,11 +837,11 @@ class LSTMLM(RecurrentLM):
 class SlowLevel(nn.Module):
     """A residual FFN block on the LSTM output, plus its surprise head.
 
-    Surprise (our definition): the per-token cross-entropy of level 1 alone (the LSTM output through the
-    head, computed without gradient), i.e. how surprised the fast path is by the next token. Each slow
-    level predicts it from its own FFN hidden activation with a linear head; the auxiliary loss is the
-    MSE against the detached target, so the gradient trains the head, the level's first FFN layer and
-    (through its input) the LSTM to represent how predictable the next token is.
+    Surprise (our definition): the per-token cross-entropy of level 1 alone (the LSTM output through
+    the head, computed without gradient), i.e. how surprised the fast path is by the next token.
+    Each slow level predicts it from its own FFN hidden activation with a linear head; the auxiliary
+    loss is the MSE against the detached target, so the gradient trains the head, the level's first
+    FFN layer and (through its input) the LSTM to represent how predictable the next token is.
     """
 
     def __init__(self, width, ffn_hidden, vocab_size):
@@ -768,9 +850,11 @@ class SlowLevel(nn.Module):
         self.c_fc = nn.Linear(width, ffn_hidden)
         self.c_proj = nn.Linear(ffn_hidden, width)
         self.surprise = nn.Linear(ffn_hidden, 1)
-        nn.init.zeros_(self.c_proj.weight)  # a new level starts as the identity: it can only add to level 1
+        # a new level starts as the identity: it can only add to level 1
+        nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
-        nn.init.constant_(self.surprise.bias, math.log(vocab_size))  # a uniform guess's surprise, in nats
+        # a uniform guess's surprise, in nats
+        nn.init.constant_(self.surprise.bias, math.log(vocab_size))
 
     def forward(self, y):
         a = F.gelu(self.c_fc(self.ln(y)))  # (B, T, ffn_hidden)
@@ -782,11 +866,13 @@ class NestedLSTM(LSTMLM):
         super().__init__(cfg)
         chunks, weights = tuple(cfg.chunk_sizes), tuple(cfg.surprise_weights)
         if len(chunks) < 1 or chunks[0] != 1 or any(int(c) < 1 for c in chunks):
-            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), got {chunks}")
+            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), "
+                             f"got {chunks}")
         if len(weights) != len(chunks) - 1:
-            raise ValueError(f"surprise_weights needs one weight per slow level ({len(chunks) - 1}), "
-                             f"got {weights}")
-        self.levels = nn.ModuleList(SlowLevel(cfg.n_hidden, cfg.ffn_hidden, cfg.vocab_size) for _ in chunks[1:])
+            raise ValueError(f"surprise_weights needs one weight per slow level "
+                             f"({len(chunks) - 1}), got {weights}")
+        self.levels = nn.ModuleList(SlowLevel(cfg.n_hidden, cfg.ffn_hidden, cfg.vocab_size)
+                                    for _ in chunks[1:])
         self.aux_weights = {f"surprise{k + 2}": float(w) for k, w in enumerate(weights)}
 
     def level_params(self):
@@ -817,10 +903,10 @@ class ContextLayer(nn.Module):
         h_t = tanh(W_u u_t + W_c c_{t-1} + b)                        (n_hidden)
         z_t = sigmoid(W_z h_t + b_z),  g_t = tanh(W_g h_t + b_g)      (context_dim each)
         c_t = (1 - z_t) * c_{t-1} + z_t * g_t                        (context_dim)
-    c_t goes to the next token (recurrence) and up to the next layer. The gate z lets a layer keep or
-    overwrite its context: without it, a tanh recurrence trained on persistent states locks into one
-    attractor and a fresh state (evaluation) is far worse. W_u u runs for the whole window in one
-    matmul; only W_c c and W_z, W_g h run per token."""
+    c_t goes to the next token (recurrence) and up to the next layer. The gate z lets a layer keep
+    or overwrite its context: without it, a tanh recurrence trained on persistent states locks into
+    one attractor and a fresh state (evaluation) is far worse. W_u u runs for the whole window in
+    one matmul; only W_c c and W_z, W_g h run per token."""
 
     def __init__(self, n_in, n_hidden, context_dim):
         super().__init__()
@@ -842,9 +928,9 @@ class ContextLayer(nn.Module):
 
 
 class ContextVectorLM(RecurrentLM):
-    """Layers stacked with residual connections: u_{l+1} = u_l + c_l (from the first layer whose input
-    already has width context_dim), so the head and every layer see the embedding directly; without
-    them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
+    """Layers stacked with residual connections: u_{l+1} = u_l + c_l (from the first layer whose
+    input already has width context_dim), so the head and every layer see the embedding directly;
+    without them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
 
     def __init__(self, cfg):
         super().__init__()
