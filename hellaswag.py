@@ -35,8 +35,9 @@ from contextlib import nullcontext
 import torch
 
 import data
+import sample
 import utils
-from model import GPT, GPTConfig
+from model import GPT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -334,24 +335,13 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None
 
 
 def load_checkpoint(path, device):
-    """A GPT from a train_gpt2.py checkpoint, on `device`."""
-    # weights_only=True; a clear exit for a missing or unreadable file
-    ckpt = utils.load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise SystemExit(f"error: --checkpoint={path}: not a train_gpt2.py checkpoint "
-                         f"(needs 'model' and 'model_config')")
-    vocab_size = ckpt["model_config"].get("vocab_size", 0)
-    if vocab_size < 50257:
-        raise SystemExit(f"error: --checkpoint={path}: its vocabulary has {vocab_size} ids; "
-                         f"HellaSwag is scored in GPT-2 BPE tokens, "
-                         f"so it needs a model trained on GPT-2 BPE data")
-    try:
-        net = GPT(GPTConfig(**ckpt["model_config"]))
-        net.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        # unknown/invalid config fields, shape mismatches
-        raise SystemExit(f"error: --checkpoint={path}: "
-                         f"model_config and weights do not fit model.py ({e})") from None
+    """A GPT from a train_gpt2.py checkpoint (sample.load_gpt: one-line errors for every bad file), on
+    `device`. HellaSwag is scored in GPT-2 BPE tokens, so the model must have been trained on them."""
+    net = sample.load_gpt(utils.load_checkpoint(path), path)
+    if net.config.vocab_size < 50257:
+        raise SystemExit(f"error: --checkpoint={path}: its vocabulary has {net.config.vocab_size} ids; "
+                         f"HellaSwag is scored in GPT-2 BPE tokens, so it needs a model trained on "
+                         f"GPT-2 BPE data")
     return net.to(device)
 
 

@@ -75,7 +75,7 @@ def load_gpt(ckpt, ckpt_path):
         # load_state_dict lists keys over several lines
         raise SystemExit(f"error: {ckpt_path}: its weights do not fit a GPT of its model_config "
                          f"({' '.join(str(e).split())[:300]})") from None
-    return model.eval(), checkpoint_meta(ckpt, ckpt_path)
+    return model.eval()
 
 
 def checkpoint_meta(ckpt, ckpt_path):
@@ -114,7 +114,7 @@ def load_model(name_or_path, folder):
         if ckpt_path is None:
             raise SystemExit(f"error: no checkpoint (ckpt_*.pt) in {resolve(folder)}: train with "
                              f"train_gpt2.py --out_dir={folder}, or name one with --checkpoint")
-    return *load_gpt(ckpt, ckpt_path), ckpt_path
+    return load_gpt(ckpt, ckpt_path), checkpoint_meta(ckpt, ckpt_path), ckpt_path
 
 
 # -----------------------------------------------------------------------------

@@ -264,9 +264,7 @@ def main(argv):
         merged, changed = utils.resume_settings(utils.settings_of(globals()), saved, given,
                                                 RESUME_CAN_CHANGE)
         globals().update(merged)
-        if changed:
-            print0("resume: changed "
-                   + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items()))
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
 
     # ---- device, precision, data, derived settings -----------------------------------------------
     precision = utils.pick_dtype(dtype, device_type)
@@ -313,12 +311,13 @@ def main(argv):
     if ckpt is not None:
         # the LR a resumed run trains its first step at, under the old and the new settings
         at, saved = ckpt["step"], ckpt["settings"]
+        print0(f"resumed from {ckpt_path} at step {at} with its settings"
+               + (f"; {changes}" if changes else ""))
         lr_then = get_lr(at, saved["max_lr"], saved["min_lr"], saved["warmup_steps"],
                          saved["max_steps"], saved["lr_schedule"], saved["decay_steps"])
         lr_now = get_lr(at, max_lr, min_lr, warmup_steps, steps, lr_schedule, decay_steps)
         if not math.isclose(lr_then, lr_now, rel_tol=1e-9):
-            print0(f"resume: the LR schedule changes: "
-                   f"step {at} trains at {lr_now:.3e}, not {lr_then:.3e}")
+            print0(f"{changes} moves the LR at step {at} from {lr_then:.3e} to {lr_now:.3e}")
     if warmup_steps >= steps and lr_schedule != "constant":
         print0(f"warning: warmup_steps {warmup_steps} >= max_steps {steps}: the LR never decays")
     optimizers = raw_model.configure_optimizers(optimizer, weight_decay, max_lr, (beta1, beta2),
@@ -344,7 +343,6 @@ def main(argv):
         start_step = ckpt["step"]
         if master:  # events logged after the checkpoint was taken will be logged again
             utils.truncate_log(log_path, start_step)
-        print0(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt
     model = torch.compile(raw_model) if compile and device_type == "cuda" else raw_model
     if world_size > 1:

@@ -178,7 +178,7 @@ def resumed_settings(settings, ckpt_path, ckpt, argv):
     def describe(names):
         return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items() if k in names)
     changes = describe(set(RESUME_CAN_CHANGE) - set(PER_RUN))
-    message = (f"resuming from {ckpt_path} at step {step} with its settings"
+    message = (f"resumed from {ckpt_path} at step {step} with its settings"
                + (f"; {changes}" if changes else ""))
     old_lr, new_lr = lr_at(step, {**merged, **saved}), lr_at(step, merged)
     if old_lr != new_lr:

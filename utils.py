@@ -516,6 +516,9 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
             ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
     # the first steps' loss would squash the rest of the curve on a linear axis
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, 4, not 4 x 10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))

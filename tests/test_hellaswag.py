@@ -493,7 +493,7 @@ def test_bad_checkpoints_give_clear_messages(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         hs.load_checkpoint(str(tmp_path / "missing.pt"), "cpu")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="not a train_gpt2.py checkpoint"):
+    with pytest.raises(SystemExit, match="not a checkpoint of train_gpt2.py"):
         hs.load_checkpoint(str(tmp_path / "other.pt"), "cpu")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read"):

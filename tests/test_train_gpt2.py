@@ -243,8 +243,8 @@ def test_resume_with_only_out_dir_takes_the_checkpoints_settings(shakespeare, tm
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(full) == losses(split)  # the data, model and schedule of the first run, not the defaults
     result = subprocess.run(bare + ["--max_steps=10"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "--max_steps 6 -> 10" in result.stdout
-    assert "the LR schedule changes: step 6 trains at" in result.stdout and max(losses(split)) == 9
+    assert result.returncode == 0 and "at step 6 with its settings; max_steps 6 -> 10" in result.stdout
+    assert "max_steps 6 -> 10 moves the LR at step 6 from" in result.stdout and max(losses(split)) == 9
     for change, message in (("--n_embd=64", "different model config"), ("--seed=5", "'seed': (1337, 5)")):
         result = subprocess.run(bare + [change], capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
