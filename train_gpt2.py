@@ -115,8 +115,8 @@ def check_settings():
     for name in ("beta1", "beta2"):
         utils.require(0 <= globals()[name] < 1,
                       f"--{name} must be in [0, 1), got {globals()[name]}")
-    utils.require(flop_budget is None
-                  or (isinstance(flop_budget, (int, float)) and flop_budget > 0),
+    utils.require(flop_budget is None or (isinstance(flop_budget, (int, float))
+                                          and math.isfinite(flop_budget) and flop_budget > 0),
                   f"--flop_budget must be a positive number of FLOPs (or None), "
                   f"got {flop_budget!r}")
     utils.require(stop_step >= -1, f"--stop_step must be a step or -1 (never), got {stop_step}")
