@@ -279,6 +279,7 @@ def test_one_run_per_out_dir(shakespeare, tmp_path):
 
 @pytest.mark.parametrize("bad, name", [("--max_lr=-1", "max_lr"), ("--max_lr=nan", "max_lr"),
                                        ("--val_steps=0", "val_steps"), ("--flop_budget=abc", "flop_budget"),
+                                       ("--flop_budget=inf", "flop_budget"),
                                        ("--seed=-1", "seed"), ("--eval_interval=-5", "eval_interval"),
                                        ("--beta2=1.5", "beta2"), ("--optimizer=sgd", "optimizer")])
 def test_bad_numbers_exit_2_naming_the_setting(shakespeare, tmp_path, bad, name):
