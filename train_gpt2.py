@@ -173,8 +173,7 @@ def train_step(model, raw_model, optimizers, scaler, next_batch, grad_accum_step
             scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.unscale_(opt)  # a no-op unless float16
-    max_norm = clip if clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    grad_norm = utils.clip_grads(raw_model.parameters(), clip)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr

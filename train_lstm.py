@@ -471,8 +471,7 @@ def main(argv):
             scaler.unscale_(opt)  # a no-op unless float16
         # level 1: clip this step's gradient, step every step
         # (GradScaler skips it on inf/nan in float16)
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(levels[0], max_norm)
+        grad_norm = utils.clip_grads(levels[0], grad_clip)
         # slow levels: add this step's gradient to the chunk's sum, step at the end of the chunk
         norm_all = add_to_chunk_sums(levels[1:], accum, grad_norm,
                                      skip_overflow=scaler.is_enabled())

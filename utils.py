@@ -372,6 +372,16 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def clip_grads(params, clip):
+    """The global norm of the gradients of `params` (the NaN watch reads it), scaled down to at most `clip`
+    when clip > 0. With clipping off only the norm is computed: no pass that multiplies every gradient by 1."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
 def track_nonfinite(first_bad_step, values, step):
     """first_bad_step (a device tensor, -1 = none yet) set to `step` if any of `values` is NaN/inf:
     no host sync."""
