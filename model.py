@@ -145,26 +145,29 @@ class RMSNormFunction(torch.autograd.Function):
     RMSNorm's rstd computes x_hat = x * rstd, dweight = sum(g * x_hat) and
     dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The last term comes
     from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
-    Computed in float32 (as CUDA autocast runs norms), returned in x's dtype."""
+    Computed in float32 (as CUDA autocast runs norms; float64 inputs in float64), returned in x's
+    dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32, C = x.float(), x.size(-1)
+        wide = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
+        xw, C = x.to(wide), x.size(-1)
         # three passes over x: its norm (one fused reduction; the rest is on (..., 1)),
         # then two multiplies
-        mean_square = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(C)
+        mean_square = torch.linalg.vector_norm(xw, dim=-1, keepdim=True).square_().div_(C)
         rstd = torch.rsqrt(mean_square.add_(eps))
         ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd).mul_(weight).to(x.dtype)
+        return (xw * rstd).mul_(weight.to(wide)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        C, grad, weight32 = x.size(-1), grad.float().contiguous(), weight.float()
+        wide, C = rstd.dtype, x.size(-1)
+        grad, weight_w = grad.to(wide).contiguous(), weight.to(wide)
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
-            grad, x.float(), [C], torch.zeros_like(rstd), rstd, weight32, None, [True, True, False])
+            grad, x.to(wide), [C], torch.zeros_like(rstd), rstd, weight_w, None, [True, True, False])
         # + rstd * mean(g * weight): (..., 1), broadcast
-        grad_x += rstd * (grad @ weight32).unsqueeze(-1) / C
+        grad_x += rstd * (grad @ weight_w).unsqueeze(-1) / C
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 
 
@@ -611,25 +614,30 @@ class Muon(torch.optim.Optimizer):
     so one LR serves Muon and AdamW.
     A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices
     (q, k and v).
-    NS runs in bfloat16 on CUDA (as torch.optim.Muon and modded-nanogpt) and in float32 elsewhere:
-    CPUs without bf16 matrix units run bf16 matmuls ~10x slower than float32."""
+    NS runs in bfloat16 on GPUs with native bf16 (as torch.optim.Muon and modded-nanogpt) and in
+    float32 elsewhere: CPUs without bf16 matrix units, and pre-Ampere GPUs, run bf16 matmuls far slower
+    than float32. adjust_lr_fn: as torch.optim.Muon's (lr_scale)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
-                 eps=1e-7, pieces=1):
+                 eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, eps=eps, pieces=pieces)
+                        ns_steps=ns_steps, eps=eps, pieces=pieces, adjust_lr_fn=adjust_lr_fn)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2 or p.size(0) % group["pieces"]:
                     raise ValueError(f"Muon takes 2-D parameters whose rows split into "
                                      f"{group['pieces']} pieces, got shape {tuple(p.shape)}")
+            lr_scale(group, 1, 1)  # an unknown adjust_lr_fn is refused here, not at the first step
 
-    def __setstate__(self, state):  # a state dict saved by torch.optim.Muon lacks our group options
+    def __setstate__(self, state):
+        # a state dict saved by torch.optim.Muon lacks our group options; its adjust_lr_fn (None =
+        # torch's "original" scaling) is kept, so a run it trained keeps its effective LR
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            lr_scale(group, 1, 1)
 
     @torch.no_grad()
     def step(self):
@@ -641,8 +649,10 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    for p in params]
+            for p in params:  # allocated once, not a zero-filled tensor per parameter per step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
             updates = (torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"]
                        else bufs)
@@ -676,7 +686,26 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 A, B = done[id(p)][0].shape
                 update = torch.cat(done[id(p)]) if group["pieces"] > 1 else done[id(p)][0]
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(A, B)))
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * lr_scale(group, A, B))
+
+
+def lr_scale(group, A, B):
+    """What Muon multiplies the LR by for an A x B matrix, by the group's adjust_lr_fn as
+    torch.optim.Muon defines it: "match_rms_adamw" 0.2 * sqrt(max(A, B)) (AdamW's update RMS; ours),
+    "original" or None sqrt(max(1, A / B)) (torch's default)."""
+    kind = group["adjust_lr_fn"]
+    if kind == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(A, B))
+    if kind in (None, "original"):
+        return math.sqrt(max(1, A / B))
+    raise ValueError(f"Muon: adjust_lr_fn={kind!r} in the optimizer state is unknown; "
+                     f"allowed: 'match_rms_adamw', 'original' (or None)")
+
+
+def native_bf16(device):
+    """Whether `device` multiplies bfloat16 in hardware: CUDA from Ampere on. Pre-Ampere GPUs (V100,
+    T4) emulate it slowly, which torch.cuda.is_bf16_supported() counts unless told not to."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
@@ -684,14 +713,14 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
     p(S) = a + b S + c S^2, batched.
 
-    bfloat16 on CUDA (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix
+    bfloat16 on GPUs with native bf16 (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix
     (m x k, k >= 2m) takes the same iteration in its Gram form: every step multiplies by a
     polynomial of S = X X^T, so all steps together are one m x m matrix P, and S follows as
     S <- S p(S)^2 (polynomials of S commute); X is touched twice instead of ten times. Same result
     to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
     (In bfloat16 the Gram form doubles the error, so CUDA keeps the plain iteration.)"""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the m x m Gram matrix is the smaller one
         X = X.mT

@@ -323,11 +323,12 @@ def pick_device(device=""):
 
 
 def pick_dtype(dtype, device_type):
-    """'' = bfloat16 on GPUs that have it, float16 on GPUs that don't, float32 on CPU."""
+    """'' = bfloat16 on GPUs that have it natively (Ampere on), float16 + GradScaler on older ones (whose
+    bf16 is emulated, slowly), bfloat16 on MPS, float32 on CPU."""
     if dtype:
         return dtype
     if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return "bfloat16" if device_type == "mps" else "float32"
 
 

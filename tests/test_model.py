@@ -1,5 +1,6 @@
 """Tests for the GPT in model.py (CPU, offline, tiny models)."""
 
+import copy
 import itertools
 import shutil
 import sys
@@ -578,6 +579,7 @@ def muon_rank(rank, world, init_file, out_file):
         muon.step()
     if rank == 0:
         torch.save([p.detach() for p in muon_matrices(model)], out_file)
+    torch.distributed.barrier()  # gloo's teardown aborts a rank whose peer left first
     torch.distributed.destroy_process_group()
 
 
@@ -635,3 +637,72 @@ def test_torch_compile_whole_graph_forward_and_backward():
     assert torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(loss, ref_loss, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---- numerics of the multi-GPU paths ----
+
+def test_rmsnorm_function_keeps_float64():
+    """Float64 in, float64 math: gradcheck of the hand-written backward passes (it failed when the function
+    computed in float32 whatever the input)."""
+    from model import RMSNormFunction
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, w))
+    ref = torch.nn.functional.rms_norm(x, (8,), w, 1e-5)
+    assert RMSNormFunction.apply(x, w, 1e-5).dtype == torch.float64
+    torch.testing.assert_close(RMSNormFunction.apply(x, w, 1e-5), ref, atol=1e-12, rtol=1e-12)
+
+
+def test_muon_allocates_its_momentum_buffers_once(monkeypatch):
+    model = GPT(tiny(n_layer=2))
+    muon = model.configure_optimizers("muon", learning_rate=1e-2)[0]
+    calls, real = [], torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda *a, **k: calls.append(None) or real(*a, **k))
+    for _ in range(3):
+        for p in muon_matrices(model):
+            p.grad = torch.randn_like(p)
+        muon.step()
+    assert len(calls) == len(muon_matrices(model))  # the first step's buffers, nothing after
+
+
+def test_muon_honours_torch_muons_adjust_lr_fn(monkeypatch):
+    """A torch.optim.Muon state dict with torch's default scaling ("original", saved as None) keeps it: our
+    next steps equal torch's. An adjust_lr_fn we do not know is refused, naming the field."""
+    import torch.optim._muon as torch_muon
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", lambda g, coefficients, steps, eps:
+                        naive_newton_schulz(g, steps, eps))
+    ref = GPT(tiny(n_layer=2))
+    ours = GPT(tiny(n_layer=2))
+    ours.load_state_dict(ref.state_dict())
+    torch_opt = torch.optim.Muon(muon_matrices(ref), lr=1e-2, weight_decay=0.1)  # adjust_lr_fn=None
+    idx = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    ref(idx[:, :-1], targets=idx[:, 1:])[1].backward()
+    torch_opt.step()
+    torch_opt.zero_grad(set_to_none=True)
+    ours.load_state_dict(ref.state_dict())
+    muon = ours.configure_optimizers("muon", weight_decay=0.1, learning_rate=1e-2)[0]
+    muon.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # load_state_dict shares the tensors
+    assert muon.param_groups[0]["adjust_lr_fn"] is None
+    before = [p.detach().clone() for p in muon_matrices(ours)]
+    for model, opt in ((ours, muon), (ref, torch_opt)):
+        model(idx[:, :-1], targets=idx[:, 1:])[1].backward()
+        opt.step()
+    for a, b, a0 in zip(muon_matrices(ours), muon_matrices(ref), before):
+        assert (a - a0).abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    state = torch_opt.state_dict()
+    state["param_groups"][0]["adjust_lr_fn"] = "spectral"
+    with pytest.raises(ValueError, match="adjust_lr_fn='spectral'"):
+        muon.load_state_dict(state)
+
+
+def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """A V100 or T4 'supports' bf16 by emulation: training picks float16 + GradScaler there, and Muon's
+    Newton-Schulz stays in float32."""
+    import utils
+    from model import native_bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert utils.pick_dtype("", "cuda") == "float16"
+    assert not native_bf16(torch.device("cuda")) and not native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert utils.pick_dtype("", "cuda") == "bfloat16" and native_bf16(torch.device("cuda"))
