@@ -116,6 +116,12 @@ def list_shards(data_dir, split):
     return paths
 
 
+def model_vocab_size(meta):
+    """The model's vocabulary for a shard folder's meta.json: its size rounded up to a multiple of
+    64 (faster matmuls); llm.c's shards come without meta.json and hold GPT-2 tokens: 50304."""
+    return 64 * -(-meta["vocab_size"] // 64) if meta else 50304
+
+
 def shard_name(data_dir, prefix, split, index):
     return os.path.join(data_dir, f"{prefix}_{split}_{index:06d}.bin")
 

@@ -34,7 +34,6 @@ import time
 import torch
 
 import data
-import train_gpt2
 import utils
 from model import GPT, GPTConfig
 
@@ -122,7 +121,7 @@ def split_argv(argv):
     """(sweep.py's own arguments, the trainer's {name: text}); --help is sweep.py's."""
     if "--help" in argv or "-h" in argv:
         return ["--help"], {}
-    own, pairs = utils.settings_of(globals()), utils.split_args(argv)
+    own, (pairs, _) = utils.settings_of(globals()), utils.split_args(argv)
     return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
 
 
@@ -204,7 +203,7 @@ def plan_random(fixed, defaults):
     cfg = {**defaults, **{k: utils.parse_value(k, v, defaults[k]) for k, v in fixed.items()}}
     if not cfg["vocab_size"]:  # as train_gpt2.py derives it from the data
         meta = data.read_meta(os.path.join(HERE, cfg["data_dir"]))
-        cfg["vocab_size"] = train_gpt2.model_vocab_size(meta)
+        cfg["vocab_size"] = data.model_vocab_size(meta)
     cfg = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg}
     rng, runs, rope = random.Random(random_seed), [], cfg["pos_emb"] == "rope"
 

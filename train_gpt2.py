@@ -216,12 +216,6 @@ def resolve(path):
     return path if os.path.isabs(path) else os.path.join(HERE, path)
 
 
-def model_vocab_size(meta):
-    """The model's vocabulary for a shard folder's meta.json: its size rounded up to a multiple of
-    64 (faster matmuls); llm.c's shards come without meta.json and hold GPT-2 tokens: 50304."""
-    return 64 * math.ceil(meta["vocab_size"] / 64) if meta else 50304
-
-
 def duration(seconds):
     hours, minutes = divmod(round(seconds / 60), 60)
     return (f"{hours}h{minutes:02d}m" if hours
@@ -280,7 +274,7 @@ def main(argv):
     data_path = resolve(data_dir)
     try:
         meta = data.read_meta(data_path)
-        vocab = vocab_size or model_vocab_size(meta)
+        vocab = vocab_size or data.model_vocab_size(meta)
         utils.require(not meta or meta["vocab_size"] <= vocab,
                       f"--vocab_size {vocab} is below the data's vocabulary "
                       f"({meta and meta['vocab_size']} in {data_path}/meta.json)")

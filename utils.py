@@ -1,16 +1,19 @@
-"""Plumbing every script shares: settings overrides, atomic writes, devices and processes,
-checkpoints, the log.
+"""Plumbing every script shares: settings (constants, config files, --name=value), paths, atomic
+writes and folder locks, devices and processes, checkpoint files, the log.
 
-What a researcher edits per job (the LR schedule, the training step, evaluation) lives in that
-job's script.
+A training run's lifecycle (resume, saving, signals, the NaN watch) is training.py's.
 """
+import ast
 import contextlib
+import dataclasses
 import difflib
 import fcntl
 import glob
+import inspect
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,25 @@ import torch.distributed as dist
 EXIT_BAD_SETTING = 2  # exit status of a run refused for a bad setting, before any work
 # exit status of a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
 EXIT_DIVERGED = 3
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# paths: one rule in every script. Folders a setting names (data_dir, out_dir, cache_dir, sweep_dir)
+# are relative to the repo folder, so a run reads and writes the same places from any working
+# directory; files you name (--checkpoint, --text_file, --data_file, a config file) are read as given.
+
+
+def in_repo(folder):
+    """A folder setting as a path: relative to the repo folder (an absolute one stays)."""
+    return os.path.join(REPO, os.path.expanduser(folder))
+
+
+def repo_relative(folder):
+    """How a folder is passed back as a setting (prepare scripts print the --data_dir to train on):
+    relative to the repo folder when inside it, shell-quoted."""
+    relative = os.path.relpath(folder, REPO)
+    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
+
 
 # -----------------------------------------------------------------------------
 # settings: plain constants at the top of a script, overridden by --name=value (or --name value)
@@ -40,6 +62,18 @@ def require(ok, message):
     """bad_setting(message) unless ok: one line per check where a script validates its settings."""
     if not ok:
         bad_setting(message)
+
+
+FIELD_COMMENTS = {}  # setting name -> the comment of the dataclass field it comes from (--help)
+
+
+def fields_of(config_class):
+    """{field: default} of a config dataclass, for a script whose settings include every field of it
+    (train_gpt2.py and bench.py take GPTConfig's this way: a new field is a setting everywhere)."""
+    source = inspect.getsource(config_class).splitlines()
+    FIELD_COMMENTS.update({m.group(1): m.group(2).strip() for m in
+                           (re.match(r"^\s+(\w+)\s*:.*?#\s*(.*)$", line) for line in source) if m})
+    return {f.name: f.default for f in dataclasses.fields(config_class)}
 
 
 def settings_of(namespace):
@@ -86,13 +120,76 @@ def parse_value(name, text, current):
     return text
 
 
+def coerce(name, value, current):
+    """A config file's literal value as the type of the setting's current value (as parse_value does
+    for text): an int is a float where a float is wanted, 5e3 an int where an int is; None is None."""
+    kind, given = type(current), type(value)
+    if value is None or kind is type(None) or given is kind:
+        return value
+    if kind is float and given is int:
+        return float(value)
+    if kind is int and given is float and value.is_integer():
+        return int(value)
+    raise ValueError(f"{name} wants {kind.__name__ if kind is not bool else 'a bool'}, "
+                     f"got {value!r}")
+
+
+def read_config(path, settings):
+    """{name: value} from a config file: Python syntax, one `name = literal` per statement (comments
+    and a docstring allowed), read with ast and never run: an import, a call, an unknown name or a
+    value of the wrong type exits 2 naming the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        hint = (f" (the repo has {os.path.join(REPO, path)}: give that path)"
+                if not os.path.isabs(path) and os.path.isfile(os.path.join(REPO, path)) else "")
+        bad_setting(f"config file {path}: {getattr(e, 'strerror', None) or e}{hint}")
+    try:
+        tree = ast.parse(source, path)
+    except SyntaxError as e:
+        bad_setting(f"{path}:{e.lineno}: not Python syntax ({e.msg})")
+    values = {}
+    for k, node in enumerate(tree.body):
+        if k == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        where, text = f"{path}:{node.lineno}", ast.get_source_segment(source, node)
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            bad_setting(f"{where}: {text!r}: a config file holds only `name = value` lines "
+                        f"(it is read, never run)")
+        name = node.targets[0].id
+        if name not in settings:
+            close = difflib.get_close_matches(name, settings, n=1)
+            bad_setting(f"{where}: unknown setting {name}"
+                        + (f" (did you mean {close[0]}?)" if close else ""))
+        try:
+            value = ast.literal_eval(node.value)
+            if type(value) not in SETTING_TYPES:
+                raise ValueError
+        except ValueError:
+            bad_setting(f"{where}: {text!r}: the value must be a literal number, string, "
+                        f"True/False or None (a config file is read, never run)")
+        try:
+            values[name] = coerce(name, value, settings[name])
+        except ValueError as e:
+            bad_setting(f"{where}: {e}")
+    return values
+
+
 def split_args(argv):
-    """[(name, text)] from --name=value and --name value arguments; exit 2 on anything else."""
-    pairs, i = [], 0
+    """([(name, text)] from --name=value and --name value arguments, [config files]); a config file
+    is any other argument ending in .py; exit 2 on anything else."""
+    pairs, files, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
+        if arg.endswith(".py") and not arg.startswith("--"):
+            files.append(arg)
+            i += 1
+            continue
         if not arg.startswith("--") or arg == "--":
-            bad_setting(f"unexpected argument {arg!r}: settings are given as --name=value")
+            bad_setting(f"unexpected argument {arg!r}: settings are given as --name=value, "
+                        f"config files as path/to/file.py")
         name, sep, text = arg[2:].partition("=")
         if not sep:  # --name value
             if i + 1 == len(argv) or argv[i + 1].startswith("--"):
@@ -100,13 +197,15 @@ def split_args(argv):
             text, i = argv[i + 1], i + 1
         pairs.append((name, text))
         i += 1
-    return pairs
+    return pairs, files
 
 
-def given_settings(argv):
-    """Names of the settings given on a command line
+def given_settings(argv, settings=None):
+    """Names of the settings given on a command line, by --name=value or in a config file
     (a resumed run takes the others from its checkpoint)."""
-    return {name for name, _ in split_args(argv)}
+    pairs, files = split_args(argv)
+    from_files = {n for f in files for n in read_config(f, settings)} if settings else set()
+    return {name for name, _ in pairs} | from_files
 
 
 def setting_comments(namespace):
@@ -122,31 +221,46 @@ def setting_comments(namespace):
 def usage(namespace, settings, choices):
     """The script's docstring, then every setting
     with its default, its comment and its allowed values."""
-    comments, lines = setting_comments(namespace), []
+    comments, lines = {**FIELD_COMMENTS, **setting_comments(namespace)}, []
     for name, value in settings.items():
         note = comments.get(name, "")
         if name in choices and not all(str(c) in note for c in choices[name] if c):
             note = f"one of {' | '.join(map(repr, choices[name]))}" + (f"; {note}" if note else "")
         lines.append(f"  --{name}={value!r}" + (f"  # {note}" if note else ""))
     doc = (namespace.get("__doc__") or "").strip()
-    return f"{doc}\n\nsettings (--name=value or --name value; defaults shown):\n" + "\n".join(lines)
+    return (f"{doc}\n\nsettings (config files first, then --name=value or --name value; "
+            f"defaults shown):\n" + "\n".join(lines))
 
 
 def apply_overrides(namespace, argv, choices=None):
-    """Apply --name=value (or --name value) arguments to the settings in `namespace`
-    (a script's globals()).
+    """Apply config files, then --name=value (or --name value) arguments, to the settings in
+    `namespace` (a script's globals()).
 
-    Values are parsed to the type of the constant; a setting listed in `choices`
+    python train_gpt2.py config/shakespeare_char.py --max_steps=500: each config file (an argument
+    ending in .py, read_config) sets settings in order, then each --name=value, so the command line
+    wins. Values are parsed to the type of the constant; a setting listed in `choices`
     ({name: allowed values}) must take one of them. An unknown name (with a "did you mean"), an
     unparsable value or one outside its choices exits with status 2. --help prints the docstring
-    and every setting with its default, comment and allowed values. Returns the dict of all
-    settings after overriding, for logs and checkpoints.
+    and every setting with its default, comment and allowed values; --help=json prints the settings
+    and choices as JSON (sweep.py reads a trainer's this way, without importing it). Returns the
+    dict of all settings after overriding, for logs and checkpoints.
     """
     settings, choices = settings_of(namespace), choices or {}
+    if "--help=json" in argv:
+        print(json.dumps({"settings": settings,
+                          "choices": {k: list(v) for k, v in choices.items()}}))
+        sys.exit(0)
     if any(arg in ("--help", "-h") for arg in argv):
         print(usage(namespace, settings, choices))
         sys.exit(0)
-    for name, text in split_args(argv):
+    pairs, files = split_args(argv)
+    for path in files:
+        for name, value in read_config(path, settings).items():
+            if name in choices and value not in choices[name]:
+                bad_setting(f"{path}: {name} = {value!r}: allowed values are "
+                            f"{', '.join(map(str, choices[name]))}")
+            namespace[name] = settings[name] = value
+    for name, text in pairs:
         if name not in settings:
             close = difflib.get_close_matches(name, settings, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
@@ -404,13 +518,19 @@ def diverged_at(first_bad_step, step):
 # checkpoints: ckpt_{step:06d}.pt in out_dir, written atomically, the newest `keep` kept
 
 
+CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt")
+
+
 def checkpoint_paths(out_dir):
-    return sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt_[0-9]*.pt")))
+    """The checkpoints in out_dir, oldest step first: ordered by the step, not the name
+    (ckpt_1000000.pt comes after ckpt_999995.pt)."""
+    found = glob.glob(os.path.join(glob.escape(out_dir), "ckpt_[0-9]*.pt"))
+    steps = {path: CHECKPOINT.fullmatch(os.path.basename(path)) for path in found}
+    return sorted((p for p, m in steps.items() if m), key=lambda p: int(steps[p].group(1)))
 
 
-def latest_checkpoint(out_dir):
-    paths = checkpoint_paths(out_dir)
-    return paths[-1] if paths else None
+def checkpoint_step(path):
+    return int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1))
 
 
 def save_checkpoint(out_dir, step, payload, keep=3):
