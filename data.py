@@ -13,6 +13,7 @@ into text.
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ MAGIC = 20240520
 HEADER_INTS = 256  # header size in int32
 TOKEN_DTYPES = {1: np.uint16, 2: np.uint32}
 SPLITS = ("train", "val", "test")
+
+
+# control characters (C0, DEL, C1) but newline and tab: no vocabulary entry may hold one
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class ShardError(ValueError):
@@ -164,6 +169,11 @@ def meta_problem(meta):
         return "itos must be a list of strings (or null)"
     if itos is not None and len(itos) > vocab_size:
         return f"itos has {len(itos)} entries, more than vocab_size {vocab_size}"
+    if itos is not None:  # samples print these: an escape sequence would reach the terminal raw
+        bad = next((k for k, piece in enumerate(itos) if CONTROL.search(piece)), None)
+        if bad is not None:
+            return (f"itos[{bad}] = {itos[bad]!r} holds a control character "
+                    f"(only newline and tab may appear in a vocabulary)")
     for key in ("eot", "unk", "eos"):
         value = meta.get(key)
         if value is not None and (type(value) is not int or not 0 <= value < vocab_size):

@@ -381,3 +381,16 @@ def test_read_meta_reads_what_write_meta_wrote(tmp_path):
             "eot": None, "tokens": {"train": 10}}
     data.write_meta(str(tmp_path), meta)
     assert data.read_meta(str(tmp_path)) == meta
+
+
+def test_meta_refuses_control_characters_in_the_vocabulary(tmp_path):
+    """sample.py prints decoded text: an escape sequence in a vocabulary entry would reach the terminal raw.
+    Newline and tab are text; ESC, BEL, NUL, DEL and C1 controls are refused, naming the entry."""
+    ok = {"tokenizer": "char", "vocab_size": 4, "itos": ["a", "\n", "\t", "é"]}
+    assert data.meta_problem(ok) is None
+    for bad in ("\x1b[2J", "\x07", "\x00", "\x7f", "\x9b"):
+        problem = data.meta_problem({**ok, "itos": ["a", bad]})
+        assert problem and "itos[1]" in problem and "control character" in problem, bad
+    data.write_meta(tmp_path, {**ok, "itos": ["a", "\x1b]0;pwned\x07"]})
+    with pytest.raises(SystemExit, match="control character"):
+        data.read_meta(str(tmp_path))
