@@ -8,7 +8,7 @@ profile where a step's time goes.
 
 A variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT and
 Muon, compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names
-with "+" to change several (classic+adamw). Steps run train_gpt2.train_step on synthetic tokens:
+with "+" to change several (classic+adamw). Steps run training.train_step on synthetic tokens:
 the loss means nothing, the work is the real step's. Warm-up steps first (compilation), then each
 step timed alone (CUDA events, no host sync in between; perf_counter on CPU): the median and the
 interquartile range. Peak memory: CUDA only.
@@ -26,28 +26,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import hellaswag as hs  # "hellaswag" is a setting here
-import train_gpt2
+import training
 import utils
 from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
 preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (below) | gpt2 (124M, B=32, T=1024)
-# model (train_gpt2.py's names); tiny = nanoGPT's Tiny Shakespeare char-level CPU run
+# model: every field of model.GPTConfig is a setting (train_gpt2.py's names), with GPTConfig's
+# default unless set here; tiny = nanoGPT's Tiny Shakespeare char-level CPU run
+globals().update(utils.fields_of(GPTConfig))
 n_layer = 4
 n_head = 4
 n_embd = 128
 block_size = 64               # T, tokens
 vocab_size = 128              # synthetic tokens: uniform below this (char Shakespeare: 65 -> 128)
-pos_emb = "rope"              # rope | learned | none
-mlp = "swiglu"                # swiglu | gelu | silu | relu2
-norm = "rmsnorm"              # rmsnorm | layernorm | none
-norm_pos = "pre"              # pre | post
-qk_norm = False
-tie_embeddings = True
-bias = False
-dropout = 0.0
 # step
+optimizer = "muon"            # muon | adamw: the base variant's (train_gpt2.py's default)
 micro_batch_size = 12         # B, sequences per forward pass
 total_batch_size = 0          # tokens per optimizer step (a multiple of B*T); 0 = one micro-batch
 learning_rate = 1e-3          # constant; it does not change the work of a step
@@ -55,7 +50,7 @@ weight_decay = 0.1
 grad_clip = 1.0               # 0 = no clipping (as train_gpt2.py)
 # run
 device = ""                   # "" = cuda, then mps, then cpu
-dtype = ""                    # base autocast; "" = as train_gpt2.py: bf16 on CUDA, float32 on CPU
+dtype = ""                    # base autocast; "" = as train_gpt2.py (utils.pick_dtype): bf16 on CUDA, float32 on CPU
 variants = "base"             # comma list of AXES names, each joined with + as it needs
 steps = 20                    # timed steps per variant
 warmup = 5                    # untimed steps first (compilation happens in the first one)
@@ -70,7 +65,7 @@ hellaswag_batch_size = 16     # examples per forward pass (4 rows each), as hell
 json_out = None               # also write the table (and the profile) here, atomically
 
 CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS,
-               norm_pos=NORM_POSS, dtype=utils.DTYPES)
+               norm_pos=NORM_POSS, dtype=utils.DTYPES, optimizer=("muon", "adamw"))
 PRESETS = {"tiny": {},
            "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                         micro_batch_size=32)}
@@ -83,7 +78,7 @@ AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
         "modern": dict(arch="modern"), "classic": dict(arch="classic")}  # model.STYLES
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH}
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig) if f.name in globals()]
+MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 # the profile's kernel groups, matched on lower-cased kernel / op names in this order
 GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor")),
           ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -96,7 +91,7 @@ GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor"
 def base_setup(device_type, dtype):
     """The configuration train_gpt2.py would use on this device."""
     return dict(compile=device_type == "cuda", dtype=utils.pick_dtype(dtype, device_type),
-                sdpa="auto", optimizer=train_gpt2.optimizer, arch="modern")
+                sdpa="auto", optimizer=optimizer, arch="modern")
 
 
 def parse_variant(name, base):
@@ -123,7 +118,7 @@ def unavailable(setup, device_type):
 
 def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
     """(step(i) -> the step's loss, raw model) for one variant, on a fresh model:
-    train_gpt2.train_step over a few pre-made CPU batches (the loader has its own row),
+    training.train_step over a few pre-made CPU batches (the loader has its own row),
     copied to the device as train_gpt2.py does."""
     torch.manual_seed(seed)
     if setup["compile"]:
@@ -145,8 +140,9 @@ def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
     def step(i):
         feed = iter(batches[(i * grad_accum_steps + k) % len(batches)]
                     for k in range(grad_accum_steps))
-        loss, _ = train_gpt2.train_step(model, raw_model, optimizers, scaler, lambda: next(feed),
-                                        grad_accum_steps, learning_rate, autocast, dev, grad_clip)
+        loss, _ = training.train_step(model, optimizers, lambda: next(feed), 1.0,
+                                      accum_steps=grad_accum_steps, scaler=scaler,
+                                      autocast=autocast, device=dev, grad_clip=grad_clip)
         return loss
     return step, raw_model
 

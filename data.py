@@ -10,6 +10,7 @@ vocab_size, eot (document separator id or null), itos (id -> string, null for ti
 (unknown id or null), eos (word level: the end-of-line id); decode(tokens, meta) turns ids back
 into text.
 """
+import difflib
 import glob
 import json
 import os
@@ -108,17 +109,56 @@ def read_shard(path, vocab_size=None):
     return tokens
 
 
+def check_ids(paths, vocab_size, rank=0, world_size=1):
+    """Every token of every shard below vocab_size (one vectorised pass over each file), each shard
+    read once among the processes: with a process group of world_size ranks, rank r reads shards r,
+    r + world_size, ... (start-up does not grow with ranks x data). A bad shard stops every rank
+    with the same message naming it."""
+    split = world_size > 1 and utils.world_size() == world_size
+    problem = None
+    for path in paths[rank::world_size] if split else paths:
+        try:
+            read_shard(path, vocab_size)
+        except ShardError as e:
+            problem = str(e)
+            break
+    problems = [p for p in (utils.all_gather_objects(problem) if split else [problem]) if p]
+    if problems:
+        raise ShardError(problems[0])
+
+
+def shard_set(paths, lengths):
+    """What a loader's position refers to: [[shard name, tokens], ...]; resume compares it."""
+    return [[os.path.basename(p), int(n)] for p, n in zip(paths, lengths, strict=True)]
+
+
 def list_shards(data_dir, split):
     """The shards of one split in a folder, sorted by name; a clear error when there are none."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")) +
-                   glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
-    if not paths:
-        raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}: "
-                         f"run prepare_fineweb.py or prepare_wikitext.py first (see README), "
-                         f"or set --data_dir")
-    return paths
+    paths = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"*_{split}_*.bin")) +
+                   glob.glob(os.path.join(glob.escape(data_dir), f"*_{split}_*.npy")))
+    if paths:
+        return paths
+    if os.path.isfile(data_dir):
+        kind = ("a text file: tokenize it first, e.g. python prepare_wikitext.py "
+                f"--text_file={data_dir} --tokenizer=char, and pass the folder it prints"
+                if data_dir.endswith(".txt") else "a file, not a folder of shards")
+        raise ShardError(f"{data_dir!r} is {kind}")
+    if not os.path.isdir(data_dir):
+        parent = os.path.dirname(os.path.normpath(data_dir))
+        near = difflib.get_close_matches(os.path.basename(os.path.normpath(data_dir)),
+                                         os.listdir(parent) if os.path.isdir(parent) else [], n=3)
+        raise ShardError(f"there is no folder {data_dir!r}"
+                         + (f" (did you mean {', '.join(near)}?)" if near else "")
+                         + ": run prepare_fineweb.py or prepare_wikitext.py first (see README), "
+                           "or set --data_dir")
+    held = sorted(os.listdir(data_dir))
+    raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}"
+                     + (f", which holds {', '.join(held[:4])}{' ...' * (len(held) > 4)}"
+                        if held else ", an empty folder")
+                     + ": run prepare_fineweb.py or prepare_wikitext.py first (see README), "
+                       "or set --data_dir")
 
 
 def model_vocab_size(meta):
@@ -234,6 +274,12 @@ class ShardWriter:
         return path
 
 
+def printable(text):
+    """Text for a terminal: control characters (but newline and tab) escaped, never sent raw (a
+    model can sample the byte of an escape sequence)."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def tiktoken_encoding(name="gpt2"):
     """tiktoken's encoding,
     or a clear exit when its BPE files can be neither found nor downloaded."""
@@ -305,7 +351,7 @@ class WindowLoader:
     either the natural one (shard by shard) or a permutation of all windows of all shards drawn from
     (seed, epoch), so every epoch is reshuffled and any rank can compute it alone. When fewer than
     B * world_size windows are left, the next epoch starts. The state is just (epoch, cursor).
-    With vocab_size, every shard's largest id is checked when the loader opens it.
+    With vocab_size, every shard's largest id is checked when the loader opens it (check_ids).
     """
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
@@ -313,8 +359,10 @@ class WindowLoader:
         self.paths = list_shards(data_dir, split)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        # every header and id, up front
-        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]
+        lengths = [shard_length(p) for p in self.paths]  # every header, up front
+        if vocab_size is not None:
+            check_ids(self.paths, vocab_size, rank, world_size)
+        self.shards = shard_set(self.paths, lengths)
         windows = [max(0, (n - 1) // T) for n in lengths]
         self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
@@ -325,7 +373,7 @@ class WindowLoader:
         self.epoch, self.cursor, self.order = 0, 0, None
 
     def state_dict(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "shards": self.shards}
 
     def load_state_dict(self, state):
         self.epoch, self.cursor, self.order = int(state["epoch"]), int(state["cursor"]), None
@@ -376,7 +424,7 @@ class StreamLoader:
     r*B .. r*B + B-1. Every stream advances T tokens per batch in lockstep (a window needs T+1
     tokens: targets shift by one), across shard boundaries; when the segments are used up all
     streams restart at their segment starts.
-    With vocab_size, every shard's largest id is checked when the loader opens it.
+    With vocab_size, every shard's largest id is checked when the loader opens it (check_ids).
 
     next_batch() -> (x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the
     streams just restarted (the caller zeroes its states: the text no longer continues).
@@ -385,8 +433,10 @@ class StreamLoader:
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
         self.paths = list_shards(data_dir, split)
-        # every header and id, up front
-        lengths = [len(read_shard(p, vocab_size)) for p in self.paths]
+        lengths = [shard_length(p) for p in self.paths]  # every header, up front
+        if vocab_size is not None:
+            check_ids(self.paths, vocab_size, rank, world_size)
+        self.shards = shard_set(self.paths, lengths)
         self.shard_start = np.cumsum([0] + lengths)
         self.B, self.T = B, T
         n_streams = B * world_size
@@ -400,7 +450,7 @@ class StreamLoader:
         self.window = 0  # next window of every stream
 
     def state_dict(self):
-        return {"window": self.window, "seg_len": self.seg_len}
+        return {"window": self.window, "seg_len": self.seg_len, "shards": self.shards}
 
     def load_state_dict(self, state):
         if int(state["seg_len"]) != self.seg_len:

@@ -330,6 +330,31 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None
                 correct=correct, correct_norm=correct_norm, total=total, style=style)
 
 
+def for_training(meta, data_file, limit, local_rank, world_size, device, print0):
+    """(examples, GPT-2 encoding) for scoring inside training, or None after one line saying why.
+    GPT-2 BPE data only. A file the run names is read as given; otherwise the cache, which local
+    rank 0 of each node downloads once while the other ranks wait for it. Every rank scores or none
+    does: evaluate's all-reduce would hang otherwise."""
+    if meta.get("tokenizer") != "gpt2":
+        print0(f"HellaSwag: skipped, it needs GPT-2 BPE tokens and the data holds "
+               f"{meta['tokenizer']} tokens")
+        return None
+    path, enc = data_file or default_path(), None
+    try:
+        enc = data.tiktoken_encoding("gpt2")
+        if not data_file and local_rank == 0:
+            ensure_data()  # downloads and verifies it, if it is not there yet
+    except SystemExit as e:
+        print0(f"HellaSwag: skipped: {str(e).removeprefix('error: ')}")
+    utils.barrier()  # the downloads are done (or failed) on every node
+    ready = torch.tensor(float(enc is not None and os.path.exists(path)), device=device)
+    if utils.all_reduce_sum(ready).item() < world_size:
+        print0(f"HellaSwag: skipped, {path} is not there on every rank "
+               f"(python hellaswag.py downloads it)")
+        return None
+    return load_examples(path, limit=limit), enc
+
+
 # -----------------------------------------------------------------------------
 # standalone CLI
 

@@ -450,7 +450,8 @@ class GPT(nn.Module):
         muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices,
         so the embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one
         learning_rate serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three
-        matrices (modded-nanogpt)."""
+        matrices (modded-nanogpt). Every param group has a `kind` and its `initial_lr`, which the
+        LR schedule multiplies."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -460,16 +461,19 @@ class GPT(nn.Module):
         if optimizer == "muon" and muon_split_qkv:
             qkv = [p for name, p in hidden.items() if name.endswith("attn.c_attn.weight")]
             rest = [p for name, p in hidden.items() if not name.endswith("attn.c_attn.weight")]
-            muon_groups = [dict(params=qkv, pieces=3), dict(params=rest)]
+            muon_groups = [dict(params=qkv, pieces=3, kind="qkv"), dict(params=rest, kind="hidden")]
         elif optimizer == "muon":
-            # one group, as checkpoints of earlier runs hold
-            muon_groups = [dict(params=list(hidden.values()))]
+            muon_groups = [dict(params=list(hidden.values()), kind="hidden")]
         in_muon = {id(p) for g in muon_groups for p in g["params"]}
         decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
         no_decay = [p for p in params.values() if p.dim() < 2]
-        groups = [dict(params=decay, weight_decay=weight_decay),
-                  dict(params=no_decay, weight_decay=0.0)]
+        groups = [dict(params=decay, weight_decay=weight_decay, kind="matrices"),
+                  dict(params=no_decay, weight_decay=0.0, kind="gains")]
         groups = [g for g in groups if g["params"]]
+        # each group trains at initial_lr x the schedule's factor (training.set_lr): give a group
+        # (the embeddings, the head, ...) its own LR scale here, and the loop needs no change
+        for group in muon_groups + groups:
+            group["initial_lr"] = learning_rate
         # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU
         # (~5% faster steps here); it needs every parameter on that one device type, so a partly
         # offloaded model is unfused

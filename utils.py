@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 
@@ -52,9 +51,10 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def bad_setting(message):
-    """Exit with status 2 and `error: message` on stderr:
-    a setting (or a combination) that cannot work."""
-    print(f"error: {message}", file=sys.stderr)
+    """Exit with status 2 and `error: message` on stderr: a setting (or a combination) that cannot
+    work. Under torchrun every rank exits and only rank 0 says why: one line, not one per GPU."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_SETTING)
 
 
@@ -242,14 +242,13 @@ def apply_overrides(namespace, argv, choices=None):
     ({name: allowed values}) must take one of them. An unknown name (with a "did you mean"), an
     unparsable value or one outside its choices exits with status 2. --help prints the docstring
     and every setting with its default, comment and allowed values; --help=json prints the settings
-    and choices as JSON (sweep.py reads a trainer's this way, without importing it). Returns the
+    (after the config files and overrides given with it) and the choices as JSON: sweep.py reads a
+    trainer's this way, without importing it. Returns the
     dict of all settings after overriding, for logs and checkpoints.
     """
     settings, choices = settings_of(namespace), choices or {}
-    if "--help=json" in argv:
-        print(json.dumps({"settings": settings,
-                          "choices": {k: list(v) for k, v in choices.items()}}))
-        sys.exit(0)
+    as_json = "--help=json" in argv
+    argv = [arg for arg in argv if arg != "--help=json"]
     if any(arg in ("--help", "-h") for arg in argv):
         print(usage(namespace, settings, choices))
         sys.exit(0)
@@ -273,27 +272,10 @@ def apply_overrides(namespace, argv, choices=None):
         if name in choices and value not in choices[name]:
             bad_setting(f"--{name}={text}: allowed values are {', '.join(map(str, choices[name]))}")
         namespace[name] = settings[name] = value
+    if as_json:  # the settings as config files and --name=value leave them, and the choices
+        print(json.dumps({"settings": settings, "choices": {k: list(v) for k, v in choices.items()}}))
+        sys.exit(0)
     return settings
-
-
-def resume_settings(settings, saved, given, can_change):
-    """Settings of a resumed run: the checkpoint's (`saved`) for every name not given on the
-    command line. A given value that differs from the saved one is kept when its name is in
-    `can_change`, refused (exit 2) otherwise.
-    Returns (settings, {name: (saved, now)} for the changes kept)."""
-    merged, changed, refused = dict(settings), {}, {}
-    for name, value in saved.items():
-        if name not in merged:
-            continue  # a setting this version of the script no longer has
-        if name not in given:
-            merged[name] = value
-        elif merged[name] != value:
-            (changed if name in can_change else refused)[name] = (value, merged[name])
-    if refused:
-        bad_setting(f"a resumed run keeps the settings its checkpoint was trained with; "
-                    f"these differ (name: checkpoint, now): {refused}. "
-                    f"Drop them from the command line, or start a new run in another --out_dir")
-    return merged, changed
 
 
 # -----------------------------------------------------------------------------
@@ -353,6 +335,15 @@ def remove_stale_temporaries(path):
             remove_quietly(tmp)
 
 
+def remove_stale_temporaries_in(folder):
+    """Delete the .tmp_<name>.<pid>.* files in `folder` of every writer that is gone (a checkpoint
+    write killed half-way leaves one of 1.5 GB at 124M)."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp_*")):
+        pid = os.path.basename(tmp).split(".")[-2]  # .tmp_<name>.<pid>.<mkstemp's random part>
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            remove_quietly(tmp)
+
+
 def process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -391,23 +382,14 @@ def lock_folder(folder, what="run"):
 
 
 # -----------------------------------------------------------------------------
-# a run describes itself: versions, device and git commit at the top of its log
-
-
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+# a run describes itself: versions and device at the top of its log
 
 
 def run_header(device):
+    """Versions, the device's name and the command line (the source: training.provenance)."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-            "device": name, "git_commit": git_commit(), "argv": sys.argv}
+            "device": name, "argv": sys.argv}
 
 
 # -----------------------------------------------------------------------------
@@ -463,6 +445,10 @@ def setup_distributed(device):
         return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.startswith("cuda") and per_node > gpus:
+        require(False, f"torchrun --nproc_per_node={per_node}, but this machine has {gpus} "
+                       f"GPU{'s' * (gpus != 1)}: one process per GPU")
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -480,38 +466,29 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] in one process)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_sum(tensor):
     """Sum over ranks in place (a no-op in one process). ReduceOp.AVG does not exist on gloo."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def clip_grads(params, clip):
-    """The global norm of the gradients of `params` (the NaN watch reads it), scaled down to at most `clip`
-    when clip > 0. With clipping off only the norm is computed: no pass that multiplies every gradient by 1."""
-    params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-    return norm
-
-
-def track_nonfinite(first_bad_step, values, step):
-    """first_bad_step (a device tensor, -1 = none yet) set to `step` if any of `values` is NaN/inf:
-    no host sync."""
-    bad = (first_bad_step < 0) & ~torch.isfinite(values.detach()).all()
-    return torch.where(bad, torch.full_like(first_bad_step, step), first_bad_step)
-
-
-def diverged_at(first_bad_step, step):
-    """This rank's first non-finite step (`step` if only another rank saw one),
-    or None if no rank did. A host sync and an all-reduce: call it only where a log line or a
-    checkpoint needs one anyway."""
-    if all_reduce_sum((first_bad_step >= 0).float()).item() == 0:
-        return None
-    mine = int(first_bad_step.item())
-    return mine if mine >= 0 else step
 
 
 # -----------------------------------------------------------------------------
@@ -533,14 +510,6 @@ def checkpoint_step(path):
     return int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1))
 
 
-def save_checkpoint(out_dir, step, payload, keep=3):
-    """torch.save to a temporary file, fsync, rename; then delete all but the newest `keep`."""
-    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
-    atomic_write(path, lambda f: torch.save(payload, f))
-    if keep > 0:
-        for old in checkpoint_paths(out_dir)[:-keep]:
-            remove_quietly(old)
-    return path
 
 
 def load_checkpoint(path, map_location="cpu"):

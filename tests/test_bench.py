@@ -103,16 +103,16 @@ def test_synthetic_hellaswag_has_the_schema():
 
 
 def test_timed_step_is_train_gpt2_step(monkeypatch):
-    """bench times train_gpt2.train_step itself; and that step (2 micro-steps of accumulation, clipping, AdamW)
-    is the one written out by hand here."""
+    """bench times training.train_step, train_gpt2.py's step, itself; and that step (2 micro-steps of
+    accumulation, clipping, AdamW) is the one written out by hand here."""
     calls = []
-    real = bench.train_gpt2.train_step
-    monkeypatch.setattr(bench.train_gpt2, "train_step", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = bench.training.train_step
+    monkeypatch.setattr(bench.training, "train_step", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setattr(bench, "micro_batch_size", 2)
     monkeypatch.setattr(bench, "block_size", 8)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)
     step, _ = bench.setup_step(bench.base_setup("cpu", ""), cfg, 2, "cpu", "cpu")
-    assert torch.isfinite(step(0)) and len(calls) == 1 and calls[0][5] == 2  # grad_accum_steps
+    assert torch.isfinite(step(0)) and len(calls) == 1 and calls[0]["accum_steps"] == 2
 
     torch.manual_seed(0)
     batches = [(torch.randint(32, (2, 8)), torch.randint(32, (2, 8))) for _ in range(2)]
@@ -123,7 +123,8 @@ def test_timed_step_is_train_gpt2_step(monkeypatch):
     opts = model.configure_optimizers("adamw", weight_decay=0.1, learning_rate=1e-2)
     feed = iter(batches)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, norm = real(model, model, opts, scaler, lambda: next(feed), 2, 1e-2, nullcontext(), "cpu", 0.05)
+    loss, norm = real(model, opts, lambda: next(feed), 1.0, accum_steps=2, scaler=scaler,
+                      autocast=nullcontext(), device="cpu", grad_clip=0.05)  # 1.0 x the groups' 1e-2
 
     params = dict(ref.named_parameters())
     decay = [p for p in params.values() if p.dim() >= 2]

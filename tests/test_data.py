@@ -236,7 +236,8 @@ def test_loader_state_dict_resumes_exactly(tmp_path):
     for _ in range(8):  # 29 windows = 9 steps per epoch: the resume point is near the epoch end
         a.next_batch()
     state = a.state_dict()
-    assert set(state) == {"epoch", "cursor"}
+    assert set(state) == {"epoch", "cursor", "shards"}  # the position, and the shards it refers to
+    assert state["shards"] == [["t_train_000000.bin", 90], ["t_train_000001.bin", 61]]
     expected = [a.next_batch() for _ in range(4)]  # crosses into epoch 1
     b = data.WindowLoader(str(tmp_path), "train", B=3, T=5, shuffle=True)
     b.load_state_dict(state)
@@ -244,7 +245,7 @@ def test_loader_state_dict_resumes_exactly(tmp_path):
         bx, by = b.next_batch()
         assert (bx == x).all() and (by == y).all()
     b.reset()
-    assert b.state_dict() == {"epoch": 0, "cursor": 0}
+    assert b.state_dict() == {"epoch": 0, "cursor": 0, "shards": state["shards"]}
 
 
 def test_loader_errors(tmp_path):

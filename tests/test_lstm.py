@@ -20,6 +20,7 @@ import torch
 import corpus
 import data
 import train_lstm
+import training
 import utils
 from model import LSTMConfig, build_recurrent
 
@@ -371,9 +372,9 @@ def test_char_level_bpc_falls_and_the_start_line_says_what_it_costs(tmp_path, ch
     params = sum(t.numel() for t in ckpt(out, 120)["model"].values())  # no tied weights here
     assert printed.startswith(f"nested_lstm: {params:,} parameters | 512 tokens per step"), printed[:200]
     lines = printed.splitlines()
-    estimate = next(k for k, line in enumerate(lines) if line.startswith("est. "))
-    assert re.fullmatch(r"est\. \d+(s|m\d\ds) for 120 steps at \d+\.\d\d s/step", lines[estimate])
-    assert lines[estimate - 1].startswith("step     10 | loss")  # the first log line after 5 steps
+    estimate = next(k for k, line in enumerate(lines) if "s/step: about" in line)  # after the first step
+    assert re.fullmatch(r"step      0 \| \d+\.\d\d s/step: about \d+ (s|min) for the remaining 119 steps "
+                        r"\(evaluations not counted\)", lines[estimate]), lines[estimate]
 
 
 def test_char_level_wikitext_bpc_falls(tmp_path, shared_dir):
@@ -422,7 +423,7 @@ def test_a_nan_gradient_or_weight_under_a_finite_loss_never_reaches_a_checkpoint
     still finite: the run stops before writing ckpt 3 and names ckpt 2, which is finite."""
     calls = []
     if poison == "gradient":
-        real_clip = utils.clip_grads
+        real_clip = training.clip_grads
 
         def clip(params, max_norm):
             params = list(params)
@@ -430,7 +431,7 @@ def test_a_nan_gradient_or_weight_under_a_finite_loss_never_reaches_a_checkpoint
             if len(calls) == 3:
                 params[0].grad.fill_(float("nan"))
             return real_clip(params, max_norm)
-        monkeypatch.setattr(utils, "clip_grads", clip)
+        monkeypatch.setattr(training, "clip_grads", clip)
     else:
         real_step = torch.optim.AdamW.step
 

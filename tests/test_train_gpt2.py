@@ -173,10 +173,11 @@ def test_flop_budget_sets_max_steps(shakespeare, tmp_path):
 
 
 def test_lr_schedule_corners():
-    import train_gpt2
+    import training
 
-    def lr(step, **kw):
-        return train_gpt2.get_lr(step, 1.0, 0.1, 10, 101, **kw)
+    def lr(step, schedule="cosine", decay_steps=0):  # max_lr 1: the factor is the LR
+        return training.lr_factor(step, dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=101,
+                                             lr_schedule=schedule, decay_steps=decay_steps))
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)      # linear warmup
     assert lr(10) == pytest.approx(1.0) and lr(100) == pytest.approx(0.1)   # cosine from max to min
     assert lr(55) == pytest.approx(0.55)                                     # halfway: the mean
@@ -216,7 +217,8 @@ def test_hellaswag_and_gpt2_samples_inside_training(tmp_path, gpt2_enc):
                    f"--hellaswag_file={hs_file}", "--sample_tokens=5", "--sample_prompt=The")
     events = utils.read_log(out / "log.jsonl")
     scores = [e for e in events if "hellaswag_acc_norm" in e]
-    assert [e["step"] for e in scores] == [0, 1] and all(0 <= e["hellaswag_acc_norm"] <= 1 for e in scores)
+    # steps 0 and 1, and after the last update (step 2): the weights the last checkpoint holds
+    assert [e["step"] for e in scores] == [0, 1, 2] and all(0 <= e["hellaswag_acc_norm"] <= 1 for e in scores)
     assert "hellaswag acc_norm" in result.stdout and "/6, completion style" in result.stdout
     samples = [e["sample"] for e in events if "sample" in e]
     assert samples and all(s.startswith("The") for s in samples)
