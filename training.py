@@ -292,7 +292,8 @@ class Run:
             self.source = self.record_source()
             self.log.wandb_run = self.start_wandb()
         self.log.write(event="start", step=start, settings=settings, **utils.run_header(device),
-                       params=model.num_params(), world_size=self.world_size, **(details or {}),
+                       params=sum(p.numel() for p in model.parameters()), world_size=self.world_size,
+                       **(details or {}),
                        resumed_from=self.ckpt_path,
                        source=self.source and {k: v for k, v in self.source.items() if k != "diff"})
         if ckpt is not None:
