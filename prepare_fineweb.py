@@ -25,7 +25,6 @@ import gzip
 import itertools
 import json
 import os
-import shlex
 import sys
 import time
 from multiprocessing import Pool
@@ -36,8 +35,6 @@ import tiktoken
 import data
 import utils
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
 dataset = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset id (ignored when data_files is set)
@@ -45,7 +42,7 @@ name = "sample-10BT"  # dataset config / subset name (None for datasets without 
 split = "train"  # dataset split to read
 text_column = "text"  # column holding each document's text
 data_files = None  # local files, not the hub: comma-separated globs; .parquet, .jsonl/.json, .txt
-out_dir = "data/fineweb10B"  # output folder, relative to this script's folder unless absolute
+out_dir = "data/fineweb10B"  # output folder, relative to the repo folder unless absolute
 prefix = None  # shard name prefix; None = "edufineweb" for fineweb-edu, else the dataset name
 shard_size = 100_000_000  # tokens per shard (100M = 200 MB as uint16), >= 1
 max_tokens = 0  # 0 = the whole dataset; > 0 = stop after this many tokens (streams hub datasets)
@@ -218,25 +215,24 @@ def locate(ends, position):
 # the job
 
 
-def resolve(settings):
-    """Absolute out_dir and the derived prefix (stored back in the settings for the sidecar)."""
-    global out_dir, prefix
-    out_dir = os.path.join(HERE, out_dir)  # an absolute out_dir stays as it is
-    if prefix is None:
-        prefix = "edufineweb" if "fineweb-edu" in dataset and not data_files else \
-            os.path.basename(dataset if not data_files else "local").lower()
-    settings.update(out_dir=out_dir, prefix=prefix)
-    return {k: settings[k] for k in OUTPUT_SETTINGS}
+def default_prefix():
+    """The shard name prefix when --prefix is None: llm.c's "edufineweb" for FineWeb-Edu,
+    else the dataset's name ("local" for local files)."""
+    if data_files:
+        return "local"
+    return "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
 
 
-def resume_point(progress_path, wanted):
+def resume_point(folder, shard_prefix, wanted):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
     shards done, done), checked against the current settings and the shards on disk;
     None for a fresh start."""
+    progress_path = os.path.join(folder, "progress.json")
     if not os.path.exists(progress_path):
-        leftovers = glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*_*.bin"))
+        leftovers = glob.glob(os.path.join(glob.escape(folder),
+                                           f"{glob.escape(shard_prefix)}_*_*.bin"))
         if leftovers:
-            raise SystemExit(f"error: {out_dir} already holds shards "
+            raise SystemExit(f"error: {folder} already holds shards "
                              f"({os.path.basename(leftovers[0])}, ...) "
                              f"but no progress.json: delete them or choose another --out_dir")
         return None
@@ -250,47 +246,46 @@ def resume_point(progress_path, wanted):
         ok = False
     if not ok:
         raise SystemExit(f"error: {progress_path} is not a readable progress file of this script: "
-                         f"delete {out_dir} to start over")
+                         f"delete {folder} to start over")
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
         raise SystemExit(f"error: {progress_path} was written with other settings "
                          f"(name: (before, now)) {diff}; "
-                         f"rerun with the old values, or delete {out_dir} to start over")
+                         f"rerun with the old values, or delete {folder} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
-            data.shard_length(data.shard_name(out_dir, prefix, "val" if k == 0 else "train", k))
+            data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",
+                                              k))
     except data.ShardError as e:
         raise SystemExit(f"error: {e}; {progress_path} counts {progress['shards']} shards: "
-                         f"delete {out_dir} to start over") from None
+                         f"delete {folder} to start over") from None
     return progress
-
-
-def data_dir_arg(folder):
-    """`folder` as train_gpt2.py's --data_dir takes it:
-    relative to the repo folder when inside it."""
-    relative = os.path.relpath(folder, HERE)
-    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
 
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
+    # the settings stay as given; what they mean for this run is worked out here
+    folder = utils.in_repo(out_dir)
+    shard_prefix = default_prefix() if prefix is None else prefix
+    # the sidecar records the prefix the shards are named with, not None
+    wanted = dict({k: settings[k] for k in OUTPUT_SETTINGS}, prefix=shard_prefix)
     try:
-        return prepare(resolve(settings))
+        return prepare(folder, shard_prefix, wanted)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: rerun the same command to continue after the last complete "
                          "shard") from None
 
 
-def prepare(wanted):
-    progress_path = os.path.join(out_dir, "progress.json")
-    progress = resume_point(progress_path, wanted) or \
+def prepare(folder, shard_prefix, wanted):
+    progress_path = os.path.join(folder, "progress.json")
+    progress = resume_point(folder, shard_prefix, wanted) or \
         dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
     if progress.get("done"):
-        print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} "
+        print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
               f"tokens): nothing to do. Delete {progress_path} to prepare again.")
-        print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
+        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
         return progress
     from tqdm import tqdm
     # every complete shard holds exactly shard_size tokens
@@ -299,9 +294,9 @@ def prepare(wanted):
     doc_index, drop = progress["documents"], progress["skip_tokens"]
     batches = documents(skip=doc_index)  # reads the first batch: a file that cannot work stops here
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: cannot create {out_dir}: {e.strerror or e}") from None
+        raise SystemExit(f"error: cannot create {folder}: {e.strerror or e}") from None
     enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
         print(f"resuming after {progress['shards']} complete shards "
@@ -312,7 +307,7 @@ def prepare(wanted):
         doc, offset = locate(ends, start + used)
         progress.update(documents=doc_index + doc, skip_tokens=offset, shards=writer.index)
         utils.atomic_write_json(progress_path, progress)
-    writer = data.ShardWriter(out_dir, prefix, shard_size, enc.n_vocab,
+    writer = data.ShardWriter(folder, shard_prefix, shard_size, enc.n_vocab,
                               first_index=progress["shards"], on_shard=on_shard)
     t0, docs_start, docs_end, tokens_start = time.time(), doc_index, doc_index, tokens_done
     bar = tqdm(total=max_tokens or None, initial=tokens_done,
@@ -343,20 +338,20 @@ def prepare(wanted):
         if pool is not None:
             pool.terminate()  # stop the workers even on Ctrl-C; every shard on disk is complete
     writer.close()
-    data.write_meta(out_dir, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
-                                  itos=None, unk=None))
+    data.write_meta(folder, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
+                                 itos=None, unk=None))
     seconds = time.time() - t0
     progress.update(done=True, documents=docs_end, skip_tokens=0,
                     shards=writer.index, tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
-          f"this run ({tokens_done:,} total) in {writer.index} shards under {out_dir}, "
+          f"this run ({tokens_done:,} total) in {writer.index} shards under {folder}, "
           f"{seconds:.1f} s, {rate:,.0f} tokens/s")
     if writer.index == 1:
         print("warning: everything fits in one shard, so there is no train split: "
               "lower --shard_size")
-    print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
+    print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
     return progress
 
 

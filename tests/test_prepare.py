@@ -186,7 +186,7 @@ def test_fineweb_txt_and_parquet_files(pf, tmp_path, gpt2_enc):
 
 
 def test_fineweb_prints_the_data_dir_relative_to_the_repo(pf, docs_jsonl, tmp_path, monkeypatch, capsys, gpt2_enc):
-    monkeypatch.setattr(pf, "HERE", str(tmp_path))  # relative folders resolve against the script's folder
+    monkeypatch.setattr(utils, "REPO", str(tmp_path))  # relative folders resolve against the repo folder
     pf.main([f"--data_files={docs_jsonl}", "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"])
     assert data.list_shards(str(tmp_path / "data" / "mine"), "train")
     assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
