@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,15 @@ def exits(main, argv, capsys):
 def snapshot(folder):
     """{file name: bytes} of a folder: two prepared sets are the same set exactly when these are equal."""
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def copy_of_the_repo(folder, script):
+    """`script` and the modules it imports, copied into `folder`: a repo folder of its own, so that a run
+    writes its repo-relative folders there and not into this checkout."""
+    folder.mkdir()
+    for name in ("utils.py", "data.py", script):
+        shutil.copy(os.path.join(REPO, name), folder)
+    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +200,23 @@ def test_fineweb_prints_the_data_dir_relative_to_the_repo(pf, docs_jsonl, tmp_pa
     pf.main([f"--data_files={docs_jsonl}", "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"])
     assert data.list_shards(str(tmp_path / "data" / "mine"), "train")
     assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
+
+
+def test_fineweb_reads_data_files_from_the_working_directory(tmp_path, gpt2_enc):
+    """From another working directory: a relative --data_files is read there, a relative --out_dir is the repo
+    folder's (a copy of the scripts stands in for the repo, so nothing is written into this checkout)."""
+    repo, cwd = copy_of_the_repo(tmp_path / "repo", "prepare_fineweb.py"), tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    result = subprocess.run([sys.executable, str(repo / "prepare_fineweb.py"), "--data_files=docs.jsonl",
+                             "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"],
+                            capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
+    out = str(repo / "data" / "mine")
+    paths = data.list_shards(out, "val") + data.list_shards(out, "train")
+    np.testing.assert_array_equal(np.concatenate([data.read_shard(p) for p in paths]), expected_stream(gpt2_enc, DOCS))
+    assert os.listdir(cwd) == ["docs.jsonl"]
 
 
 def test_fineweb_local_file_errors(pf, tmp_path):
@@ -351,7 +378,7 @@ def test_wikitext_local_folder(pw, tmp_path, monkeypatch, capsys):
     for split, text in [("train", " = A = \n the cat sat \n"), ("valid", " the dog \n"),
                         ("test", " a cat \n")]:
         (src / f"wiki.{split}.tokens").write_text(text)
-    monkeypatch.setattr(pw, "HERE", str(tmp_path))  # the default out_dir is relative to the script
+    monkeypatch.setattr(utils, "REPO", str(tmp_path))  # the default out_dir is relative to the repo folder
     pw.main([f"--data_dir_in={src}", "--tokenizer=word", "--vocab_words=3"])
     out = str(tmp_path / "data" / "wt_word")  # data/{name}_{tokenizer}
     meta = data.read_meta(out)
@@ -378,6 +405,34 @@ def test_text_file_prints_the_data_dir_the_trainer_needs(tmp_path, play_txt):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == \
         f"train with: python train_lstm.py --data_dir={tmp_path}/prepared (or train_gpt2.py)"
+
+
+def test_wikitext_folders_are_relative_to_the_repo_and_files_to_the_working_directory(tmp_path):
+    """Run from another working directory: a relative --text_file is read there, while --data_dir_in and
+    --out_dir (the default one too) are relative to the repo folder; nothing is written where the command
+    runs, and the --data_dir printed is the one the trainers take."""
+    import corpus  # tests/corpus.py
+    repo, cwd = copy_of_the_repo(tmp_path / "repo", "prepare_wikitext.py"), tmp_path / "cwd"
+    cwd.mkdir()
+    (repo / "corpus").mkdir()
+    for split in ("train", "valid"):
+        (repo / "corpus" / f"wiki.{split}.tokens").write_text(corpus.play(3_000))
+    book = corpus.play(20_000)
+    (cwd / "book.txt").write_text(book)
+
+    def run(*args):
+        result = subprocess.run([sys.executable, str(repo / "prepare_wikitext.py"), "--tokenizer=char", *args],
+                                capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[-1]
+    assert run("--data_dir_in=corpus") == \
+        "train with: python train_lstm.py --data_dir=data/corpus_char (or train_gpt2.py)"
+    assert data.read_meta(str(repo / "data" / "corpus_char"))["tokens"] == {"train": 3_000, "val": 3_000}
+    assert run("--text_file=book.txt", "--out_dir=data/book") == \
+        "train with: python train_lstm.py --data_dir=data/book (or train_gpt2.py)"
+    meta = data.read_meta(str(repo / "data" / "book"))
+    assert meta["source"] == "book" and sum(meta["tokens"].values()) == len(book)
+    assert os.listdir(cwd) == ["book.txt"]
 
 
 def test_text_file_url_is_fetched_once(pw, tmp_path, monkeypatch):
