@@ -226,7 +226,7 @@ def default_prefix():
 def resume_point(folder, shard_prefix, wanted):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
     shards done, done), checked against the current settings and the shards on disk;
-    None for a fresh start."""
+    a fresh one when there is none."""
     progress_path = os.path.join(folder, "progress.json")
     if not os.path.exists(progress_path):
         leftovers = glob.glob(os.path.join(glob.escape(folder),
@@ -235,7 +235,7 @@ def resume_point(folder, shard_prefix, wanted):
             raise SystemExit(f"error: {folder} already holds shards "
                              f"({os.path.basename(leftovers[0])}, ...) "
                              f"but no progress.json: delete them or choose another --out_dir")
-        return None
+        return dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
     try:
         with open(progress_path) as f:
             progress = json.load(f)
@@ -280,23 +280,32 @@ def main(argv):
 
 def prepare(folder, shard_prefix, wanted):
     progress_path = os.path.join(folder, "progress.json")
-    progress = resume_point(folder, shard_prefix, wanted) or \
-        dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
+    progress = resume_point(folder, shard_prefix, wanted)
     if progress.get("done"):
         print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
               f"tokens): nothing to do. Delete {progress_path} to prepare again.")
         print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
         return progress
+    # reads the first batch: a file that cannot work stops here, before the folder is created
+    batches = documents(skip=progress["documents"])
+    # one run per folder for the rest of the job (two would write a mix of their shards), taken
+    # only now so that bad input leaves no folder behind; closing the file releases it
+    with utils.lock_folder(folder, "prepare run"):
+        if resume_point(folder, shard_prefix, wanted) != progress:
+            raise SystemExit(f"error: another prepare run wrote {folder} while this one was "
+                             f"starting: run the same command again to go on from where it is now")
+        return write_shards(folder, shard_prefix, progress, batches)
+
+
+def write_shards(folder, shard_prefix, progress, batches):
+    """Tokenize `batches` into the shards after the progress file's last complete one,
+    updating it after every shard."""
     from tqdm import tqdm
+    progress_path = os.path.join(folder, "progress.json")
     # every complete shard holds exactly shard_size tokens
     tokens_done = progress["shards"] * shard_size
     # first document of the next batch
     doc_index, drop = progress["documents"], progress["skip_tokens"]
-    batches = documents(skip=doc_index)  # reads the first batch: a file that cannot work stops here
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create {folder}: {e.strerror or e}") from None
     enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
         print(f"resuming after {progress['shards']} complete shards "

@@ -179,6 +179,37 @@ def test_fineweb_cli_pool_matches_single_process_and_rerun_does_nothing(pf, docs
     assert bad.returncode == 2 and "shard_size" in bad.stderr
 
 
+def test_fineweb_one_run_per_out_dir(docs_jsonl, tmp_path):
+    out = tmp_path / "out"
+    holder = utils.lock_folder(str(out), "prepare run")  # another run holds the folder: this test process
+    try:
+        result = subprocess.run([sys.executable, os.path.join(REPO, "prepare_fineweb.py"),
+                                 *fineweb_args(docs_jsonl, out)], capture_output=True, text=True, timeout=120)
+    finally:
+        holder.close()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and f"PID {os.getpid()}" in result.stderr
+    assert os.listdir(out) == [".lock"]  # nothing written into the other run's folder
+
+
+def test_fineweb_run_that_wrote_the_folder_meanwhile_is_not_overwritten(pf, docs_jsonl, tmp_path, monkeypatch,
+                                                                        gpt2_enc):
+    """Another run finished the same job in out_dir while this one was reading its first documents:
+    this one stops rather than writing its shards over the other's."""
+    pf.main(fineweb_args(docs_jsonl, tmp_path / "other"))
+    finished = snapshot(tmp_path / "other")
+    out, real = tmp_path / "out", pf.documents
+
+    def the_other_run_meanwhile(skip=0):
+        batches = real(skip)
+        shutil.copytree(tmp_path / "other", out)
+        return batches
+    monkeypatch.setattr(pf, "documents", the_other_run_meanwhile)
+    with pytest.raises(SystemExit, match="another prepare run wrote"):
+        pf.main(fineweb_args(docs_jsonl, out))
+    assert snapshot(out) == finished
+
+
 def test_fineweb_txt_and_parquet_files(pf, tmp_path, gpt2_enc):
     import pyarrow as pa
     import pyarrow.parquet as pq
