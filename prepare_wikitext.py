@@ -28,6 +28,8 @@ Tokenizers, recorded in meta.json beside the shards so any script can decode (da
 """
 import array
 import collections
+import contextlib
+import fcntl
 import glob
 import hashlib
 import os
@@ -290,6 +292,46 @@ def check_out_dir(folder):
                               f"so give it one of its own")
 
 
+@contextlib.contextmanager
+def one_run(folder):
+    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID.
+
+    The lock cannot live in the folder, which switch() moves aside with everything in it: it is the
+    file .{name}.lock beside the folder, held with flock (the OS releases it when the process ends,
+    kill -9 included) and removed when the run ends. One left by a killed run is simply taken."""
+    path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
+    while True:
+        try:
+            if not os.path.exists(os.path.dirname(path)):  # data/ in a fresh clone
+                os.makedirs(os.path.dirname(path))
+            handle = open(path, "a+")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {path}, the lock of --out_dir={folder}: "
+                             f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SystemExit(f"error: --out_dir={folder} is in use by another prepare run "
+                             f"(PID {holder}): one run per folder. Wait for it, stop it, or choose "
+                             f"another --out_dir") from None
+        # locked, unless the run that held it removed the file in between: then lock the new one
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:  # removed while still held, so the next run finds no file or a file of its own
+        utils.remove_quietly(path)
+        handle.close()
+
+
 def switch(new, folder):
     """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one.
     Killed between the two renames, the run leaves no folder, and the next run puts the old set
@@ -320,6 +362,19 @@ def main(argv):
     out = os.path.normpath(utils.in_repo(out_dir or default_dir))
     shard_prefix = prefix or name
     folder = os.path.realpath(out)  # an out_dir that is a symlink: the set goes where it points
+    with one_run(folder):
+        meta = write_set(folder, shard_prefix, texts, name, settings)
+    print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
+    if tokenizer == "gpt2":
+        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(out)}")
+    else:
+        print(f"train with: python train_lstm.py --data_dir={utils.repo_relative(out)} "
+              f"(or train_gpt2.py)")
+    return out, meta
+
+
+def write_set(folder, shard_prefix, texts, name, settings):
+    """The set of `texts` written beside `folder` and switched in; returns its meta."""
     check_out_dir(folder)
     encode, meta = make_tokenizer(texts["train"])
     # the new set is written beside the old one, then switched in
@@ -349,13 +404,7 @@ def main(argv):
         switch(new, folder)
     finally:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
         shutil.rmtree(new, ignore_errors=True)
-    print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
-    if tokenizer == "gpt2":
-        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(out)}")
-    else:
-        print(f"train with: python train_lstm.py --data_dir={utils.repo_relative(out)} "
-              f"(or train_gpt2.py)")
-    return out, meta
+    return meta
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -564,6 +565,45 @@ def test_failed_rerun_leaves_the_old_set_and_nothing_beside_it(pw, tmp_path, pla
         pw.main([f"--text_file={play_txt}", "--tokenizer=char", f"--out_dir={out}"])
     assert snapshot(out) == old
     assert sorted(os.listdir(tmp_path)) == ["out", "play.txt"]
+
+
+BLOCKED_RUN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data, prepare_wikitext
+
+def blocked(*args, **kwargs):  # the run stops in the middle of writing its set, until the test kills it
+    open({started!r}, "w").close()
+    time.sleep(120)
+
+data.write_shard = blocked
+prepare_wikitext.main(sys.argv[1:])
+"""
+
+
+def test_wikitext_one_run_per_out_dir(pw, tmp_path, play_txt, capsys):
+    """A second run into the folder of a run that is writing exits 1 naming the first's PID and writes
+    nothing; once the first is gone (killed here), its lock is no obstacle and nothing of it is left."""
+    out, started = tmp_path / "out", tmp_path / "started"
+    char = [f"--text_file={play_txt}", "--tokenizer=char", f"--out_dir={out}"]
+    pw.main([f"--text_file={play_txt}", "--tokenizer=word", f"--out_dir={out}"])
+    old = snapshot(out)
+    first = subprocess.Popen([sys.executable, "-c", BLOCKED_RUN.format(repo=REPO, started=str(started)), *char],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), first.communicate()[1]
+        code, err = exits(pw.main, char, capsys)
+    finally:
+        first.kill()
+        first.wait()
+    assert code == 1 and err.strip().startswith("error: ") and f"PID {first.pid}" in err
+    assert snapshot(out) == old and not (tmp_path / f"out.tmp-{os.getpid()}").exists()
+    pw.main(char)
+    assert sorted(os.listdir(tmp_path)) == ["out", "play.txt", "started"]
 
 
 def test_out_dir_with_other_files_is_refused(pw, tmp_path, play_txt, capsys):
