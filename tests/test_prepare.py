@@ -180,16 +180,16 @@ def test_fineweb_cli_pool_matches_single_process_and_rerun_does_nothing(pf, docs
     assert bad.returncode == 2 and "shard_size" in bad.stderr
 
 
-def test_fineweb_one_run_per_out_dir(docs_jsonl, tmp_path):
+def test_fineweb_one_run_per_out_dir(pf, docs_jsonl, tmp_path, capsys):
     out = tmp_path / "out"
-    holder = utils.lock_folder(str(out), "prepare run")  # another run holds the folder: this test process
+    # another run holds the folder: this test process (flock conflicts within one process too)
+    holder = utils.lock_folder(str(out), "prepare run")
     try:
-        result = subprocess.run([sys.executable, os.path.join(REPO, "prepare_fineweb.py"),
-                                 *fineweb_args(docs_jsonl, out)], capture_output=True, text=True, timeout=120)
+        code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
     finally:
         holder.close()
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and f"PID {os.getpid()}" in result.stderr
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("error: ") and f"PID {os.getpid()}" in line
     assert os.listdir(out) == [".lock"]  # nothing written into the other run's folder
 
 
@@ -234,17 +234,16 @@ def test_fineweb_prints_the_data_dir_relative_to_the_repo(pf, docs_jsonl, tmp_pa
     assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
 
 
-def test_fineweb_reads_data_files_from_the_working_directory(tmp_path, gpt2_enc):
+def test_fineweb_reads_data_files_from_the_working_directory(pf, tmp_path, monkeypatch, capsys, gpt2_enc):
     """From another working directory: a relative --data_files is read there, a relative --out_dir is the repo
-    folder's (a copy of the scripts stands in for the repo, so nothing is written into this checkout)."""
-    repo, cwd = copy_of_the_repo(tmp_path / "repo", "prepare_fineweb.py"), tmp_path / "cwd"
+    folder's (tmp_path/repo stands in for it, so nothing is written into this checkout)."""
+    repo, cwd = tmp_path / "repo", tmp_path / "cwd"
     cwd.mkdir()
+    monkeypatch.setattr(utils, "REPO", str(repo))
+    monkeypatch.chdir(cwd)
     (cwd / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    result = subprocess.run([sys.executable, str(repo / "prepare_fineweb.py"), "--data_files=docs.jsonl",
-                             "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"],
-                            capture_output=True, text=True, timeout=120, cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
+    pf.main(["--data_files=docs.jsonl", "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"])
+    assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
     out = str(repo / "data" / "mine")
     paths = data.list_shards(out, "val") + data.list_shards(out, "train")
     np.testing.assert_array_equal(np.concatenate([data.read_shard(p) for p in paths]), expected_stream(gpt2_enc, DOCS))
