@@ -223,10 +223,28 @@ def default_prefix():
     return "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
 
 
-def resume_point(folder, shard_prefix, wanted):
+def input_files():
+    """[absolute path, size, mtime] of each local file, in reading order; [] for a hub dataset.
+    A resumed run skips the documents the shards hold by count, so it must read the same files."""
+    if not data_files:
+        return []
+    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
+            for p in local_files(data_files)[0]]
+
+
+def changed_inputs(before, now):
+    """What differs between two input_files() lists, file by file."""
+    then, current = {p: rest for p, *rest in before}, {p: rest for p, *rest in now}
+    return ([f"{p} added" for p in current if p not in then]
+            + [f"{p} removed" for p in then if p not in current]
+            + [f"{p} changed" for p in current if p in then and then[p] != current[p]]
+            or ["the files' order"])
+
+
+def resume_point(folder, shard_prefix, wanted, inputs):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
-    shards done, done), checked against the current settings and the shards on disk;
-    a fresh one when there is none."""
+    shards done, done), checked against the current settings, the input files and the shards
+    on disk; a fresh one when there is none."""
     progress_path = os.path.join(folder, "progress.json")
     if not os.path.exists(progress_path):
         leftovers = glob.glob(os.path.join(glob.escape(folder),
@@ -235,13 +253,15 @@ def resume_point(folder, shard_prefix, wanted):
             raise SystemExit(f"error: {folder} already holds shards "
                              f"({os.path.basename(leftovers[0])}, ...) "
                              f"but no progress.json: delete them or choose another --out_dir")
-        return dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
+        return dict(settings=wanted, inputs=inputs, documents=0, skip_tokens=0, shards=0)
     try:
         with open(progress_path) as f:
             progress = json.load(f)
         ok = (isinstance(progress, dict)
-              and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys())
-        ok = ok and isinstance(progress["settings"], dict)
+              and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys()
+              and isinstance(progress["settings"], dict)
+              and isinstance(progress.get("inputs", []), list)
+              and all(isinstance(i, list) and len(i) == 3 for i in progress.get("inputs", [])))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
@@ -253,6 +273,13 @@ def resume_point(folder, shard_prefix, wanted):
         raise SystemExit(f"error: {progress_path} was written with other settings "
                          f"(name: (before, now)) {diff}; "
                          f"rerun with the old values, or delete {folder} to start over")
+    # a sidecar written before the inputs were recorded cannot be checked: it takes today's
+    if progress.setdefault("inputs", inputs) != inputs:
+        changes = changed_inputs(progress["inputs"], inputs)
+        raise SystemExit(f"error: the files of --data_files={data_files} are not those "
+                         f"{progress_path} was written from: {'; '.join(changes[:3])}"
+                         f"{' ...' if len(changes) > 3 else ''}. Rerun with the same files, "
+                         f"or delete {folder} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
             data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",
@@ -280,7 +307,8 @@ def main(argv):
 
 def prepare(folder, shard_prefix, wanted):
     progress_path = os.path.join(folder, "progress.json")
-    progress = resume_point(folder, shard_prefix, wanted)
+    inputs = input_files()
+    progress = resume_point(folder, shard_prefix, wanted, inputs)
     if progress.get("done"):
         print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
               f"tokens): nothing to do. Delete {progress_path} to prepare again.")
@@ -291,7 +319,7 @@ def prepare(folder, shard_prefix, wanted):
     # one run per folder for the rest of the job (two would write a mix of their shards), taken
     # only now so that bad input leaves no folder behind; closing the file releases it
     with utils.lock_folder(folder, "prepare run"):
-        if resume_point(folder, shard_prefix, wanted) != progress:
+        if resume_point(folder, shard_prefix, wanted, inputs) != progress:
             raise SystemExit(f"error: another prepare run wrote {folder} while this one was "
                              f"starting: run the same command again to go on from where it is now")
         return write_shards(folder, shard_prefix, progress, batches)

@@ -146,6 +146,48 @@ def test_fineweb_restart_after_interruption_is_byte_identical(pf, docs_jsonl, tm
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+def test_fineweb_resume_refuses_changed_input_files(pf, tmp_path, monkeypatch, gpt2_enc):
+    """A resumed run skips by count the documents its shards hold: with a file added to, removed from or changed
+    among those --data_files matches it would skip the wrong ones. It stops naming the file, writing nothing;
+    with the files as they were it goes on."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    for name, docs in (("a", DOCS[:30]), ("c", DOCS[30:])):
+        (corpus / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    args = fineweb_args(f"{corpus}/*.jsonl", out)
+    real_write, calls = data.write_shard, []
+
+    def dies_on_third_shard(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+    monkeypatch.setattr(data, "write_shard", dies_on_third_shard)
+    with pytest.raises(SystemExit, match="interrupted"):
+        pf.main(args)
+    monkeypatch.undo()
+    cut = snapshot(out)
+
+    def refused(change):
+        with pytest.raises(SystemExit, match=rf"^error: .*{change}.* Rerun with the same files, or delete {out} "):
+            pf.main(args)
+        assert snapshot(out) == cut
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "a document added later"}) + "\n")
+    refused(f"{corpus}/b.jsonl added")
+    os.remove(corpus / "b.jsonl")
+    c, text, when = corpus / "c.jsonl", (corpus / "c.jsonl").read_text(), os.stat(corpus / "c.jsonl")
+    c.write_text(text + json.dumps({"text": "one more"}) + "\n")
+    refused(f"{c} changed")
+    c.write_text(text)
+    os.utime(c, ns=(when.st_atime_ns, when.st_mtime_ns))
+    os.rename(corpus / "a.jsonl", tmp_path / "a.jsonl")
+    refused(f"{corpus}/a.jsonl removed")
+    os.rename(tmp_path / "a.jsonl", corpus / "a.jsonl")
+    pf.main(args)  # the files as they were: the job goes on
+    paths = data.list_shards(str(out), "val") + data.list_shards(str(out), "train")
+    np.testing.assert_array_equal(np.concatenate([data.read_shard(p) for p in paths]), expected_stream(gpt2_enc, DOCS))
+
+
 def test_fineweb_refuses_changed_settings_foreign_shards_and_a_damaged_sidecar(pf, docs_jsonl, tmp_path, gpt2_enc):
     out = tmp_path / "out"
     out.mkdir()
