@@ -241,18 +241,30 @@ def changed_inputs(before, now):
             or ["the files' order"])
 
 
+def shard_files(folder):
+    """Names of the files in `folder` that a loader reads as shards (data.list_shards' patterns)."""
+    return sorted({os.path.basename(p) for split in data.SPLITS for ext in ("bin", "npy")
+                   for p in glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.{ext}"))})
+
+
+def listed(names):
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def resume_point(folder, shard_prefix, wanted, inputs):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
     shards done, done), checked against the current settings, the input files and the shards
-    on disk; a fresh one when there is none."""
+    on disk; a fresh one when there is none. Shards or a meta.json of another job are refused:
+    a loader reads every shard in the folder, and meta.json would be overwritten."""
     progress_path = os.path.join(folder, "progress.json")
+    shards = shard_files(folder)
     if not os.path.exists(progress_path):
-        leftovers = glob.glob(os.path.join(glob.escape(folder),
-                                           f"{glob.escape(shard_prefix)}_*_*.bin"))
-        if leftovers:
-            raise SystemExit(f"error: {folder} already holds shards "
-                             f"({os.path.basename(leftovers[0])}, ...) "
-                             f"but no progress.json: delete them or choose another --out_dir")
+        meta = ["meta.json"] if os.path.exists(os.path.join(folder, "meta.json")) else []
+        if shards or meta:
+            what = "shards" if shards else "a meta.json"
+            raise SystemExit(f"error: {folder} already holds {what} ({listed(shards + meta)}) "
+                             f"but no progress.json: another job's. "
+                             f"Give another --out_dir, or delete {folder} to start over")
         return dict(settings=wanted, inputs=inputs, documents=0, skip_tokens=0, shards=0)
     try:
         with open(progress_path) as f:
@@ -266,13 +278,14 @@ def resume_point(folder, shard_prefix, wanted, inputs):
         ok = False
     if not ok:
         raise SystemExit(f"error: {progress_path} is not a readable progress file of this script: "
-                         f"delete {folder} to start over")
+                         f"give another --out_dir, or delete {folder} to start over")
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
         raise SystemExit(f"error: {progress_path} was written with other settings "
                          f"(name: (before, now)) {diff}; "
-                         f"rerun with the old values, or delete {folder} to start over")
+                         f"rerun with the old values, give another --out_dir, "
+                         f"or delete {folder} to start over")
     # a sidecar written before the inputs were recorded cannot be checked: it takes today's
     if progress.setdefault("inputs", inputs) != inputs:
         changes = changed_inputs(progress["inputs"], inputs)
@@ -280,6 +293,14 @@ def resume_point(folder, shard_prefix, wanted, inputs):
                          f"{progress_path} was written from: {'; '.join(changes[:3])}"
                          f"{' ...' if len(changes) > 3 else ''}. Rerun with the same files, "
                          f"or delete {folder} to start over")
+    # this job's shards: those progress.json counts, and the next one, which a run stopped
+    # between writing it and counting it leaves behind (it is written again)
+    ours = {os.path.basename(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train", k))
+            for k in range(progress["shards"] + 1)}
+    theirs = [name for name in shards if name not in ours]
+    if theirs:
+        raise SystemExit(f"error: {folder} holds shards of another job ({listed(theirs)}) beside "
+                         f"this one's: give another --out_dir, or delete {folder} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
             data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",

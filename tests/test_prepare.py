@@ -204,6 +204,34 @@ def test_fineweb_refuses_changed_settings_foreign_shards_and_a_damaged_sidecar(p
             pf.main(fineweb_args(docs_jsonl, out))
 
 
+def test_fineweb_refuses_a_folder_of_another_job(pf, docs_jsonl, tmp_path, capsys):
+    """Shards of any prefix, or a meta.json, with no progress.json of this job are another job's (a loader
+    would read them together with this one's): refused, naming them and the two ways on, nothing touched."""
+    out = tmp_path / "out"
+    data.write_shard(data.shard_name(str(out), "play", "train", 0), np.arange(50), 60)
+    data.write_shard(data.shard_name(str(out), "play", "val", 0), np.arange(10), 60)
+    data.write_meta(str(out), {"tokenizer": "char", "vocab_size": 60, "itos": None, "unk": None, "eot": None})
+    before = snapshot(out)
+    for there in ["play_train_000000.bin", "meta.json"]:
+        code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
+        assert code == 1 and err.startswith(f"error: {out} ") and there in err
+        assert "--out_dir" in err and f"delete {out} " in err
+        assert snapshot(out) == before
+        for name in shard_files(out):  # then a meta.json alone
+            os.remove(out / name)
+            del before[name]
+
+
+def test_fineweb_refuses_another_jobs_shards_beside_its_own(pf, docs_jsonl, tmp_path, capsys, gpt2_enc):
+    out = tmp_path / "out"
+    pf.main(fineweb_args(docs_jsonl, out))
+    data.write_shard(data.shard_name(str(out), "other", "train", 1), np.arange(50), 60)
+    before = snapshot(out)
+    code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
+    assert code == 1 and "other_train_000001.bin" in err and "--out_dir" in err and f"delete {out} " in err
+    assert snapshot(out) == before
+
+
 def test_fineweb_cli_pool_matches_single_process_and_rerun_does_nothing(pf, docs_jsonl, tmp_path, gpt2_enc):
     pf.main(fineweb_args(docs_jsonl, tmp_path / "single"))
     cmd = [sys.executable, os.path.join(REPO, "prepare_fineweb.py"),
