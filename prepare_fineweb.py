@@ -327,12 +327,12 @@ def main(argv):
 
 
 def prepare(folder, shard_prefix, wanted):
-    progress_path = os.path.join(folder, "progress.json")
     inputs = input_files()
     progress = resume_point(folder, shard_prefix, wanted, inputs)
     if progress.get("done"):
         print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
-              f"tokens): nothing to do. Delete {progress_path} to prepare again.")
+              f"tokens): nothing to do. To prepare it again, delete {folder} "
+              f"(or give another --out_dir)")
         print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
         return progress
     # reads the first batch: a file that cannot work stops here, before the folder is created

@@ -281,6 +281,19 @@ def test_fineweb_run_that_wrote_the_folder_meanwhile_is_not_overwritten(pf, docs
     assert snapshot(out) == finished
 
 
+def test_fineweb_finished_run_says_what_prepares_it_again(pf, docs_jsonl, tmp_path, capsys, gpt2_enc):
+    out = tmp_path / "out"
+    pf.main(fineweb_args(docs_jsonl, out))
+    capsys.readouterr()
+    pf.main(fineweb_args(docs_jsonl, out))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "nothing to do" in line)
+    # deleting only progress.json leaves shards without it, which a run refuses
+    assert "progress.json" not in line and f"delete {out} " in line
+    shutil.rmtree(out)  # as it says
+    pf.main(fineweb_args(docs_jsonl, out))
+    assert "nothing to do" not in capsys.readouterr().out and data.list_shards(str(out), "train")
+
+
 def test_fineweb_txt_and_parquet_files(pf, tmp_path, gpt2_enc):
     import pyarrow as pa
     import pyarrow.parquet as pq
