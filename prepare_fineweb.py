@@ -8,7 +8,9 @@ Every document becomes <|endoftext|> (50256) followed by its tokens exactly as t
 encode_ordinary gives them (a literal "<|endoftext|>" in a text stays plain text), and the token
 stream is cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest
 train; documents that cross a shard boundary are split, nothing is dropped. Interrupted runs
-continue after their last complete shard (out_dir/progress.json); a finished one does nothing.
+continue after their last complete shard (out_dir/progress.json), with the same settings and input
+files; a finished one does nothing. One run per out_dir at a time, and one job per out_dir: a folder
+holding another job's shards or meta.json is refused.
 Local .txt files count as one document each.
 The last line printed is the --data_dir to train on.
 

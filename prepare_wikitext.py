@@ -13,7 +13,7 @@ or one text file (or http(s) URL, downloaded once into cache_dir) whose last val
 val (cut at a line end).
 
 out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
-it in at the end, so an interrupted run leaves the old set whole.
+it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
 The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
@@ -303,7 +303,7 @@ def one_run(folder):
     while True:
         try:
             if not os.path.exists(os.path.dirname(path)):  # data/ in a fresh clone
-                os.makedirs(os.path.dirname(path))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             handle = open(path, "a+")
         except OSError as e:
             raise SystemExit(f"error: cannot write {path}, the lock of --out_dir={folder}: "
