@@ -8,7 +8,9 @@ Every document becomes <|endoftext|> (50256) followed by its tokens exactly as t
 encode_ordinary gives them (a literal "<|endoftext|>" in a text stays plain text), and the token
 stream is cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest
 train; documents that cross a shard boundary are split, nothing is dropped. Interrupted runs
-continue after their last complete shard (out_dir/progress.json); a finished one does nothing.
+continue after their last complete shard (out_dir/progress.json), with the same settings and input
+files; a finished one does nothing. One run per out_dir at a time, and one job per out_dir: a folder
+holding another job's shards or meta.json is refused.
 Local .txt files count as one document each.
 The last line printed is the --data_dir to train on.
 
@@ -25,7 +27,6 @@ import gzip
 import itertools
 import json
 import os
-import shlex
 import sys
 import time
 from multiprocessing import Pool
@@ -36,8 +37,6 @@ import tiktoken
 import data
 import utils
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
 dataset = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset id (ignored when data_files is set)
@@ -45,7 +44,7 @@ name = "sample-10BT"  # dataset config / subset name (None for datasets without 
 split = "train"  # dataset split to read
 text_column = "text"  # column holding each document's text
 data_files = None  # local files, not the hub: comma-separated globs; .parquet, .jsonl/.json, .txt
-out_dir = "data/fineweb10B"  # output folder, relative to this script's folder unless absolute
+out_dir = "data/fineweb10B"  # output folder, relative to the repo folder unless absolute
 prefix = None  # shard name prefix; None = "edufineweb" for fineweb-edu, else the dataset name
 shard_size = 100_000_000  # tokens per shard (100M = 200 MB as uint16), >= 1
 max_tokens = 0  # 0 = the whole dataset; > 0 = stop after this many tokens (streams hub datasets)
@@ -218,90 +217,146 @@ def locate(ends, position):
 # the job
 
 
-def resolve(settings):
-    """Absolute out_dir and the derived prefix (stored back in the settings for the sidecar)."""
-    global out_dir, prefix
-    out_dir = os.path.join(HERE, out_dir)  # an absolute out_dir stays as it is
-    if prefix is None:
-        prefix = "edufineweb" if "fineweb-edu" in dataset and not data_files else \
-            os.path.basename(dataset if not data_files else "local").lower()
-    settings.update(out_dir=out_dir, prefix=prefix)
-    return {k: settings[k] for k in OUTPUT_SETTINGS}
+def default_prefix():
+    """The shard name prefix when --prefix is None: llm.c's "edufineweb" for FineWeb-Edu,
+    else the dataset's name ("local" for local files)."""
+    if data_files:
+        return "local"
+    return "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
 
 
-def resume_point(progress_path, wanted):
+def input_files():
+    """[absolute path, size, mtime] of each local file, in reading order; [] for a hub dataset.
+    A resumed run skips the documents the shards hold by count, so it must read the same files."""
+    if not data_files:
+        return []
+    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
+            for p in local_files(data_files)[0]]
+
+
+def changed_inputs(before, now):
+    """What differs between two input_files() lists, file by file."""
+    then, current = {p: rest for p, *rest in before}, {p: rest for p, *rest in now}
+    return ([f"{p} added" for p in current if p not in then]
+            + [f"{p} removed" for p in then if p not in current]
+            + [f"{p} changed" for p in current if p in then and then[p] != current[p]]
+            or ["the files' order"])
+
+
+def shard_files(folder):
+    """Names of the files in `folder` that a loader reads as shards (data.list_shards' patterns)."""
+    return sorted({os.path.basename(p) for split in data.SPLITS for ext in ("bin", "npy")
+                   for p in glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.{ext}"))})
+
+
+def listed(names):
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def resume_point(folder, shard_prefix, wanted, inputs):
     """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
-    shards done, done), checked against the current settings and the shards on disk;
-    None for a fresh start."""
+    shards done, done), checked against the current settings, the input files and the shards
+    on disk; a fresh one when there is none. Shards or a meta.json of another job are refused:
+    a loader reads every shard in the folder, and meta.json would be overwritten."""
+    progress_path = os.path.join(folder, "progress.json")
+    shards = shard_files(folder)
     if not os.path.exists(progress_path):
-        leftovers = glob.glob(os.path.join(glob.escape(out_dir), f"{glob.escape(prefix)}_*_*.bin"))
-        if leftovers:
-            raise SystemExit(f"error: {out_dir} already holds shards "
-                             f"({os.path.basename(leftovers[0])}, ...) "
-                             f"but no progress.json: delete them or choose another --out_dir")
-        return None
+        meta = ["meta.json"] if os.path.exists(os.path.join(folder, "meta.json")) else []
+        if shards or meta:
+            what = "shards" if shards else "a meta.json"
+            raise SystemExit(f"error: {folder} already holds {what} ({listed(shards + meta)}) "
+                             f"but no progress.json: another job's. "
+                             f"Give another --out_dir, or delete {folder} to start over")
+        return dict(settings=wanted, inputs=inputs, documents=0, skip_tokens=0, shards=0)
     try:
         with open(progress_path) as f:
             progress = json.load(f)
         ok = (isinstance(progress, dict)
-              and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys())
-        ok = ok and isinstance(progress["settings"], dict)
+              and {"settings", "documents", "skip_tokens", "shards"} <= progress.keys()
+              and isinstance(progress["settings"], dict)
+              and isinstance(progress.get("inputs", []), list)
+              and all(isinstance(i, list) and len(i) == 3 for i in progress.get("inputs", [])))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         ok = False
     if not ok:
         raise SystemExit(f"error: {progress_path} is not a readable progress file of this script: "
-                         f"delete {out_dir} to start over")
+                         f"give another --out_dir, or delete {folder} to start over")
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
         raise SystemExit(f"error: {progress_path} was written with other settings "
                          f"(name: (before, now)) {diff}; "
-                         f"rerun with the old values, or delete {out_dir} to start over")
+                         f"rerun with the old values, give another --out_dir, "
+                         f"or delete {folder} to start over")
+    # a sidecar written before the inputs were recorded cannot be checked: it takes today's
+    if progress.setdefault("inputs", inputs) != inputs:
+        changes = changed_inputs(progress["inputs"], inputs)
+        raise SystemExit(f"error: the files of --data_files={data_files} are not those "
+                         f"{progress_path} was written from: {'; '.join(changes[:3])}"
+                         f"{' ...' if len(changes) > 3 else ''}. Rerun with the same files, "
+                         f"or delete {folder} to start over")
+    # this job's shards: those progress.json counts, and the next one, which a run stopped
+    # between writing it and counting it leaves behind (it is written again)
+    ours = {os.path.basename(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train", k))
+            for k in range(progress["shards"] + 1)}
+    theirs = [name for name in shards if name not in ours]
+    if theirs:
+        raise SystemExit(f"error: {folder} holds shards of another job ({listed(theirs)}) beside "
+                         f"this one's: give another --out_dir, or delete {folder} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
-            data.shard_length(data.shard_name(out_dir, prefix, "val" if k == 0 else "train", k))
+            data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",
+                                              k))
     except data.ShardError as e:
         raise SystemExit(f"error: {e}; {progress_path} counts {progress['shards']} shards: "
-                         f"delete {out_dir} to start over") from None
+                         f"delete {folder} to start over") from None
     return progress
-
-
-def data_dir_arg(folder):
-    """`folder` as train_gpt2.py's --data_dir takes it:
-    relative to the repo folder when inside it."""
-    relative = os.path.relpath(folder, HERE)
-    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
 
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
+    # the settings stay as given; what they mean for this run is worked out here
+    folder = utils.in_repo(out_dir)
+    shard_prefix = default_prefix() if prefix is None else prefix
+    # the sidecar records the prefix the shards are named with, not None
+    wanted = dict({k: settings[k] for k in OUTPUT_SETTINGS}, prefix=shard_prefix)
     try:
-        return prepare(resolve(settings))
+        return prepare(folder, shard_prefix, wanted)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: rerun the same command to continue after the last complete "
                          "shard") from None
 
 
-def prepare(wanted):
-    progress_path = os.path.join(out_dir, "progress.json")
-    progress = resume_point(progress_path, wanted) or \
-        dict(settings=wanted, documents=0, skip_tokens=0, shards=0)
+def prepare(folder, shard_prefix, wanted):
+    inputs = input_files()
+    progress = resume_point(folder, shard_prefix, wanted, inputs)
     if progress.get("done"):
-        print(f"{out_dir} is complete ({progress['shards']} shards, {progress['tokens']:,} "
-              f"tokens): nothing to do. Delete {progress_path} to prepare again.")
-        print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
+        print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
+              f"tokens): nothing to do. To prepare it again, delete {folder} "
+              f"(or give another --out_dir)")
+        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
         return progress
+    # reads the first batch: a file that cannot work stops here, before the folder is created
+    batches = documents(skip=progress["documents"])
+    # one run per folder for the rest of the job (two would write a mix of their shards), taken
+    # only now so that bad input leaves no folder behind; closing the file releases it
+    with utils.lock_folder(folder, "prepare run"):
+        if resume_point(folder, shard_prefix, wanted, inputs) != progress:
+            raise SystemExit(f"error: another prepare run wrote {folder} while this one was "
+                             f"starting: run the same command again to go on from where it is now")
+        return write_shards(folder, shard_prefix, progress, batches)
+
+
+def write_shards(folder, shard_prefix, progress, batches):
+    """Tokenize `batches` into the shards after the progress file's last complete one,
+    updating it after every shard."""
     from tqdm import tqdm
+    progress_path = os.path.join(folder, "progress.json")
     # every complete shard holds exactly shard_size tokens
     tokens_done = progress["shards"] * shard_size
     # first document of the next batch
     doc_index, drop = progress["documents"], progress["skip_tokens"]
-    batches = documents(skip=doc_index)  # reads the first batch: a file that cannot work stops here
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create {out_dir}: {e.strerror or e}") from None
     enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
         print(f"resuming after {progress['shards']} complete shards "
@@ -312,7 +367,7 @@ def prepare(wanted):
         doc, offset = locate(ends, start + used)
         progress.update(documents=doc_index + doc, skip_tokens=offset, shards=writer.index)
         utils.atomic_write_json(progress_path, progress)
-    writer = data.ShardWriter(out_dir, prefix, shard_size, enc.n_vocab,
+    writer = data.ShardWriter(folder, shard_prefix, shard_size, enc.n_vocab,
                               first_index=progress["shards"], on_shard=on_shard)
     t0, docs_start, docs_end, tokens_start = time.time(), doc_index, doc_index, tokens_done
     bar = tqdm(total=max_tokens or None, initial=tokens_done,
@@ -343,20 +398,20 @@ def prepare(wanted):
         if pool is not None:
             pool.terminate()  # stop the workers even on Ctrl-C; every shard on disk is complete
     writer.close()
-    data.write_meta(out_dir, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
-                                  itos=None, unk=None))
+    data.write_meta(folder, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
+                                 itos=None, unk=None))
     seconds = time.time() - t0
     progress.update(done=True, documents=docs_end, skip_tokens=0,
                     shards=writer.index, tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
-          f"this run ({tokens_done:,} total) in {writer.index} shards under {out_dir}, "
+          f"this run ({tokens_done:,} total) in {writer.index} shards under {folder}, "
           f"{seconds:.1f} s, {rate:,.0f} tokens/s")
     if writer.index == 1:
         print("warning: everything fits in one shard, so there is no train split: "
               "lower --shard_size")
-    print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
+    print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
     return progress
 
 

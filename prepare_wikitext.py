@@ -13,7 +13,7 @@ or one text file (or http(s) URL, downloaded once into cache_dir) whose last val
 val (cut at a line end).
 
 out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
-it in at the end, so an interrupted run leaves the old set whole.
+it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
 The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
@@ -28,11 +28,12 @@ Tokenizers, recorded in meta.json beside the shards so any script can decode (da
 """
 import array
 import collections
+import contextlib
+import fcntl
 import glob
 import hashlib
 import os
 import re
-import shlex
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -43,21 +44,19 @@ import numpy as np
 import data
 import utils
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
 source = "wikitext-2-raw-v1"  # Salesforce/wikitext config on the hub (when data_dir_in and text_file are None)
-data_dir_in = None  # folder with wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt
+data_dir_in = None  # folder of wiki.{train,valid,test}.tokens / .raw or {train,valid,test}.txt (repo-relative)
 text_file = None  # one local text file or http(s) URL: split into train / val by val_fraction
 text_sha256 = None  # sha256 of text_file (64 hex digits), checked after reading or downloading
 val_fraction = 0.1  # text_file only: the last 10% (cut at a line end) is val; between 0 and 1
 tokenizer = "gpt2"  # gpt2 | char | word
 vocab_words = 1000  # word tokenizer: number of most frequent train words kept (>= 1)
-out_dir = None  # output folder; None = data/{name}_{tokenizer}, relative to this script's folder
+out_dir = None  # output folder; None = data/{name}_{tokenizer}; relative to the repo folder
 prefix = None  # shard name prefix; None = the source's name
 shard_size = 100_000_000  # tokens per shard: each split is one shard unless it is bigger
-cache_dir = "data/downloads"  # where text_file URLs are saved, relative to this script's folder
+cache_dir = "data/downloads"  # where text_file URLs are saved, relative to the repo folder
 
 HUB_DATASET = "Salesforce/wikitext"  # the hub's wikitext (formerly "wikitext")
 SOURCES = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
@@ -98,7 +97,8 @@ def read_text(path):
 
 def fetch(url):
     """Download url once into cache_dir (atomically, checked non-empty); return the local path."""
-    path = os.path.join(HERE, cache_dir, os.path.basename(urlparse(url).path) or "download.txt")
+    name = os.path.basename(urlparse(url).path) or "download.txt"
+    path = os.path.join(utils.in_repo(cache_dir), name)
     if not os.path.exists(path):
         import requests
         print(f"downloading {url} -> {path}")
@@ -145,19 +145,19 @@ def load_splits():
                              f"to split into train and val")
         return {"train": train, "val": val}, os.path.splitext(os.path.basename(path))[0]
     if data_dir_in:
-        found = {}
+        folder, found = utils.in_repo(data_dir_in), {}
         for split, names in LOCAL_NAMES.items():
-            paths = [os.path.join(data_dir_in, n) for n in names]
+            paths = [os.path.join(folder, n) for n in names]
             paths = [p for p in paths if os.path.isfile(p)]
             if paths:
                 found[split] = read_text(paths[0])
         if "train" not in found or "val" not in found:
             have = ", ".join(found) or "none"
-            raise SystemExit(f"error: {data_dir_in}: needs a train and a val file "
+            raise SystemExit(f"error: {folder}: needs a train and a val file "
                              f"({' / '.join(LOCAL_NAMES['train'])}; "
                              f"{' / '.join(LOCAL_NAMES['val'])}), found splits: {have}. "
                              f"To split one file into train and val instead, use "
-                             f"--text_file={os.path.join(data_dir_in, 'valid.txt')}")
+                             f"--text_file={os.path.join(folder, 'valid.txt')}")
         return found, os.path.basename(os.path.normpath(data_dir_in))
     import datasets
     try:
@@ -292,6 +292,46 @@ def check_out_dir(folder):
                               f"so give it one of its own")
 
 
+@contextlib.contextmanager
+def one_run(folder):
+    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID.
+
+    The lock cannot live in the folder, which switch() moves aside with everything in it: it is the
+    file .{name}.lock beside the folder, held with flock (the OS releases it when the process ends,
+    kill -9 included) and removed when the run ends. One left by a killed run is simply taken."""
+    path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
+    while True:
+        try:
+            if not os.path.exists(os.path.dirname(path)):  # data/ in a fresh clone
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write {path}, the lock of --out_dir={folder}: "
+                             f"{e.strerror or e}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SystemExit(f"error: --out_dir={folder} is in use by another prepare run "
+                             f"(PID {holder}): one run per folder. Wait for it, stop it, or choose "
+                             f"another --out_dir") from None
+        # locked, unless the run that held it removed the file in between: then lock the new one
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:  # removed while still held, so the next run finds no file or a file of its own
+        utils.remove_quietly(path)
+        handle.close()
+
+
 def switch(new, folder):
     """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one.
     Killed between the two renames, the run leaves no folder, and the next run puts the old set
@@ -308,27 +348,33 @@ def switch(new, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def data_dir_arg(folder):
-    """`folder` as the trainers' --data_dir takes it: relative to the repo folder when inside it."""
-    relative = os.path.relpath(folder, HERE)
-    return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
-
-
 # -----------------------------------------------------------------------------
 # the job
 
 
 def main(argv):
-    global out_dir, prefix
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
     texts, name = load_splits()
     if not texts["train"]:
         raise SystemExit(f"error: the train split of {name} is empty")
     default_dir = os.path.join("data", f"{name}_{tokenizer}")
-    out_dir = os.path.normpath(os.path.join(HERE, out_dir or default_dir))
-    prefix = prefix or name
-    folder = os.path.realpath(out_dir)  # an out_dir that is a symlink: the set goes where it points
+    out = os.path.normpath(utils.in_repo(out_dir or default_dir))
+    shard_prefix = prefix or name
+    folder = os.path.realpath(out)  # an out_dir that is a symlink: the set goes where it points
+    with one_run(folder):
+        meta = write_set(folder, shard_prefix, texts, name, settings)
+    print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
+    if tokenizer == "gpt2":
+        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(out)}")
+    else:
+        print(f"train with: python train_lstm.py --data_dir={utils.repo_relative(out)} "
+              f"(or train_gpt2.py)")
+    return out, meta
+
+
+def write_set(folder, shard_prefix, texts, name, settings):
+    """The set of `texts` written beside `folder` and switched in; returns its meta."""
     check_out_dir(folder)
     encode, meta = make_tokenizer(texts["train"])
     # the new set is written beside the old one, then switched in
@@ -342,7 +388,8 @@ def main(argv):
         counts = {}
         for split, text in texts.items():
             tokens = encode(text)
-            writer = data.ShardWriter(new, prefix, shard_size, meta["vocab_size"], splits=(split,))
+            writer = data.ShardWriter(new, shard_prefix, shard_size, meta["vocab_size"],
+                                      splits=(split,))
             writer.add(tokens)
             paths = writer.close()
             counts[split] = len(tokens)
@@ -352,18 +399,12 @@ def main(argv):
                   + (f", {unknown:,} unknown" if meta["unk"] is not None else ""))
         # where the folder is says nothing about what it holds, and it may move
         settings.pop("out_dir")
-        meta.update(source=name, tokens=counts, settings=dict(settings, prefix=prefix))
+        meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
         data.write_meta(new, meta)
         switch(new, folder)
     finally:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
         shutil.rmtree(new, ignore_errors=True)
-    print(f"wrote {out_dir} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
-    if tokenizer == "gpt2":
-        print(f"train with: python train_gpt2.py --data_dir={data_dir_arg(out_dir)}")
-    else:
-        print(f"train with: python train_lstm.py --data_dir={data_dir_arg(out_dir)} "
-              f"(or train_gpt2.py)")
-    return out_dir, meta
+    return meta
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +77,15 @@ def snapshot(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
 
 
+def copy_of_the_repo(folder, script):
+    """`script` and the modules it imports, copied into `folder`: a repo folder of its own, so that a run
+    writes its repo-relative folders there and not into this checkout."""
+    folder.mkdir()
+    for name in ("utils.py", "data.py", script):
+        shutil.copy(os.path.join(REPO, name), folder)
+    return folder
+
+
 # -----------------------------------------------------------------------------
 # prepare_fineweb.py
 
@@ -135,6 +146,48 @@ def test_fineweb_restart_after_interruption_is_byte_identical(pf, docs_jsonl, tm
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
+def test_fineweb_resume_refuses_changed_input_files(pf, tmp_path, monkeypatch, gpt2_enc):
+    """A resumed run skips by count the documents its shards hold: with a file added to, removed from or changed
+    among those --data_files matches it would skip the wrong ones. It stops naming the file, writing nothing;
+    with the files as they were it goes on."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    corpus.mkdir()
+    for name, docs in (("a", DOCS[:30]), ("c", DOCS[30:])):
+        (corpus / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    args = fineweb_args(f"{corpus}/*.jsonl", out)
+    real_write, calls = data.write_shard, []
+
+    def dies_on_third_shard(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+    monkeypatch.setattr(data, "write_shard", dies_on_third_shard)
+    with pytest.raises(SystemExit, match="interrupted"):
+        pf.main(args)
+    monkeypatch.undo()
+    cut = snapshot(out)
+
+    def refused(change):
+        with pytest.raises(SystemExit, match=rf"^error: .*{change}.* Rerun with the same files, or delete {out} "):
+            pf.main(args)
+        assert snapshot(out) == cut
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "a document added later"}) + "\n")
+    refused(f"{corpus}/b.jsonl added")
+    os.remove(corpus / "b.jsonl")
+    c, text, when = corpus / "c.jsonl", (corpus / "c.jsonl").read_text(), os.stat(corpus / "c.jsonl")
+    c.write_text(text + json.dumps({"text": "one more"}) + "\n")
+    refused(f"{c} changed")
+    c.write_text(text)
+    os.utime(c, ns=(when.st_atime_ns, when.st_mtime_ns))
+    os.rename(corpus / "a.jsonl", tmp_path / "a.jsonl")
+    refused(f"{corpus}/a.jsonl removed")
+    os.rename(tmp_path / "a.jsonl", corpus / "a.jsonl")
+    pf.main(args)  # the files as they were: the job goes on
+    paths = data.list_shards(str(out), "val") + data.list_shards(str(out), "train")
+    np.testing.assert_array_equal(np.concatenate([data.read_shard(p) for p in paths]), expected_stream(gpt2_enc, DOCS))
+
+
 def test_fineweb_refuses_changed_settings_foreign_shards_and_a_damaged_sidecar(pf, docs_jsonl, tmp_path, gpt2_enc):
     out = tmp_path / "out"
     out.mkdir()
@@ -149,6 +202,34 @@ def test_fineweb_refuses_changed_settings_foreign_shards_and_a_damaged_sidecar(p
         (out / "progress.json").write_text(damaged)
         with pytest.raises(SystemExit, match=r"^error: .*progress.json is not a readable progress file"):
             pf.main(fineweb_args(docs_jsonl, out))
+
+
+def test_fineweb_refuses_a_folder_of_another_job(pf, docs_jsonl, tmp_path, capsys):
+    """Shards of any prefix, or a meta.json, with no progress.json of this job are another job's (a loader
+    would read them together with this one's): refused, naming them and the two ways on, nothing touched."""
+    out = tmp_path / "out"
+    data.write_shard(data.shard_name(str(out), "play", "train", 0), np.arange(50), 60)
+    data.write_shard(data.shard_name(str(out), "play", "val", 0), np.arange(10), 60)
+    data.write_meta(str(out), {"tokenizer": "char", "vocab_size": 60, "itos": None, "unk": None, "eot": None})
+    before = snapshot(out)
+    for there in ["play_train_000000.bin", "meta.json"]:
+        code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
+        assert code == 1 and err.startswith(f"error: {out} ") and there in err
+        assert "--out_dir" in err and f"delete {out} " in err
+        assert snapshot(out) == before
+        for name in shard_files(out):  # then a meta.json alone
+            os.remove(out / name)
+            del before[name]
+
+
+def test_fineweb_refuses_another_jobs_shards_beside_its_own(pf, docs_jsonl, tmp_path, capsys, gpt2_enc):
+    out = tmp_path / "out"
+    pf.main(fineweb_args(docs_jsonl, out))
+    data.write_shard(data.shard_name(str(out), "other", "train", 1), np.arange(50), 60)
+    before = snapshot(out)
+    code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
+    assert code == 1 and "other_train_000001.bin" in err and "--out_dir" in err and f"delete {out} " in err
+    assert snapshot(out) == before
 
 
 def test_fineweb_cli_pool_matches_single_process_and_rerun_does_nothing(pf, docs_jsonl, tmp_path, gpt2_enc):
@@ -169,6 +250,50 @@ def test_fineweb_cli_pool_matches_single_process_and_rerun_does_nothing(pf, docs
     assert bad.returncode == 2 and "shard_size" in bad.stderr
 
 
+def test_fineweb_one_run_per_out_dir(pf, docs_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    # another run holds the folder: this test process (flock conflicts within one process too)
+    holder = utils.lock_folder(str(out), "prepare run")
+    try:
+        code, err = exits(pf.main, fineweb_args(docs_jsonl, out), capsys)
+    finally:
+        holder.close()
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("error: ") and f"PID {os.getpid()}" in line
+    assert os.listdir(out) == [".lock"]  # nothing written into the other run's folder
+
+
+def test_fineweb_run_that_wrote_the_folder_meanwhile_is_not_overwritten(pf, docs_jsonl, tmp_path, monkeypatch,
+                                                                        gpt2_enc):
+    """Another run finished the same job in out_dir while this one was reading its first documents:
+    this one stops rather than writing its shards over the other's."""
+    pf.main(fineweb_args(docs_jsonl, tmp_path / "other"))
+    finished = snapshot(tmp_path / "other")
+    out, real = tmp_path / "out", pf.documents
+
+    def the_other_run_meanwhile(skip=0):
+        batches = real(skip)
+        shutil.copytree(tmp_path / "other", out)
+        return batches
+    monkeypatch.setattr(pf, "documents", the_other_run_meanwhile)
+    with pytest.raises(SystemExit, match="another prepare run wrote"):
+        pf.main(fineweb_args(docs_jsonl, out))
+    assert snapshot(out) == finished
+
+
+def test_fineweb_finished_run_says_what_prepares_it_again(pf, docs_jsonl, tmp_path, capsys, gpt2_enc):
+    out = tmp_path / "out"
+    pf.main(fineweb_args(docs_jsonl, out))
+    capsys.readouterr()
+    pf.main(fineweb_args(docs_jsonl, out))
+    line = next(line for line in capsys.readouterr().out.splitlines() if "nothing to do" in line)
+    # deleting only progress.json leaves shards without it, which a run refuses
+    assert "progress.json" not in line and f"delete {out} " in line
+    shutil.rmtree(out)  # as it says
+    pf.main(fineweb_args(docs_jsonl, out))
+    assert "nothing to do" not in capsys.readouterr().out and data.list_shards(str(out), "train")
+
+
 def test_fineweb_txt_and_parquet_files(pf, tmp_path, gpt2_enc):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -186,10 +311,26 @@ def test_fineweb_txt_and_parquet_files(pf, tmp_path, gpt2_enc):
 
 
 def test_fineweb_prints_the_data_dir_relative_to_the_repo(pf, docs_jsonl, tmp_path, monkeypatch, capsys, gpt2_enc):
-    monkeypatch.setattr(pf, "HERE", str(tmp_path))  # relative folders resolve against the script's folder
+    monkeypatch.setattr(utils, "REPO", str(tmp_path))  # relative folders resolve against the repo folder
     pf.main([f"--data_files={docs_jsonl}", "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"])
     assert data.list_shards(str(tmp_path / "data" / "mine"), "train")
     assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
+
+
+def test_fineweb_reads_data_files_from_the_working_directory(pf, tmp_path, monkeypatch, capsys, gpt2_enc):
+    """From another working directory: a relative --data_files is read there, a relative --out_dir is the repo
+    folder's (tmp_path/repo stands in for it, so nothing is written into this checkout)."""
+    repo, cwd = tmp_path / "repo", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setattr(utils, "REPO", str(repo))
+    monkeypatch.chdir(cwd)
+    (cwd / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    pf.main(["--data_files=docs.jsonl", "--out_dir=data/mine", "--num_proc=1", "--shard_size=200"])
+    assert capsys.readouterr().out.splitlines()[-1] == "train with: python train_gpt2.py --data_dir=data/mine"
+    out = str(repo / "data" / "mine")
+    paths = data.list_shards(out, "val") + data.list_shards(out, "train")
+    np.testing.assert_array_equal(np.concatenate([data.read_shard(p) for p in paths]), expected_stream(gpt2_enc, DOCS))
+    assert os.listdir(cwd) == ["docs.jsonl"]
 
 
 def test_fineweb_local_file_errors(pf, tmp_path):
@@ -351,7 +492,7 @@ def test_wikitext_local_folder(pw, tmp_path, monkeypatch, capsys):
     for split, text in [("train", " = A = \n the cat sat \n"), ("valid", " the dog \n"),
                         ("test", " a cat \n")]:
         (src / f"wiki.{split}.tokens").write_text(text)
-    monkeypatch.setattr(pw, "HERE", str(tmp_path))  # the default out_dir is relative to the script
+    monkeypatch.setattr(utils, "REPO", str(tmp_path))  # the default out_dir is relative to the repo folder
     pw.main([f"--data_dir_in={src}", "--tokenizer=word", "--vocab_words=3"])
     out = str(tmp_path / "data" / "wt_word")  # data/{name}_{tokenizer}
     meta = data.read_meta(out)
@@ -378,6 +519,34 @@ def test_text_file_prints_the_data_dir_the_trainer_needs(tmp_path, play_txt):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == \
         f"train with: python train_lstm.py --data_dir={tmp_path}/prepared (or train_gpt2.py)"
+
+
+def test_wikitext_folders_are_relative_to_the_repo_and_files_to_the_working_directory(tmp_path):
+    """Run from another working directory: a relative --text_file is read there, while --data_dir_in and
+    --out_dir (the default one too) are relative to the repo folder; nothing is written where the command
+    runs, and the --data_dir printed is the one the trainers take."""
+    import corpus  # tests/corpus.py
+    repo, cwd = copy_of_the_repo(tmp_path / "repo", "prepare_wikitext.py"), tmp_path / "cwd"
+    cwd.mkdir()
+    (repo / "corpus").mkdir()
+    for split in ("train", "valid"):
+        (repo / "corpus" / f"wiki.{split}.tokens").write_text(corpus.play(3_000))
+    book = corpus.play(20_000)
+    (cwd / "book.txt").write_text(book)
+
+    def run(*args):
+        result = subprocess.run([sys.executable, str(repo / "prepare_wikitext.py"), "--tokenizer=char", *args],
+                                capture_output=True, text=True, timeout=120, cwd=cwd)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[-1]
+    assert run("--data_dir_in=corpus") == \
+        "train with: python train_lstm.py --data_dir=data/corpus_char (or train_gpt2.py)"
+    assert data.read_meta(str(repo / "data" / "corpus_char"))["tokens"] == {"train": 3_000, "val": 3_000}
+    assert run("--text_file=book.txt", "--out_dir=data/book") == \
+        "train with: python train_lstm.py --data_dir=data/book (or train_gpt2.py)"
+    meta = data.read_meta(str(repo / "data" / "book"))
+    assert meta["source"] == "book" and sum(meta["tokens"].values()) == len(book)
+    assert os.listdir(cwd) == ["book.txt"]
 
 
 def test_text_file_url_is_fetched_once(pw, tmp_path, monkeypatch):
@@ -478,6 +647,45 @@ def test_failed_rerun_leaves_the_old_set_and_nothing_beside_it(pw, tmp_path, pla
         pw.main([f"--text_file={play_txt}", "--tokenizer=char", f"--out_dir={out}"])
     assert snapshot(out) == old
     assert sorted(os.listdir(tmp_path)) == ["out", "play.txt"]
+
+
+BLOCKED_RUN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data, prepare_wikitext
+
+def blocked(*args, **kwargs):  # the run stops in the middle of writing its set, until the test kills it
+    open({started!r}, "w").close()
+    time.sleep(120)
+
+data.write_shard = blocked
+prepare_wikitext.main(sys.argv[1:])
+"""
+
+
+def test_wikitext_one_run_per_out_dir(pw, tmp_path, play_txt, capsys):
+    """A second run into the folder of a run that is writing exits 1 naming the first's PID and writes
+    nothing; once the first is gone (killed here), its lock is no obstacle and nothing of it is left."""
+    out, started = tmp_path / "out", tmp_path / "started"
+    char = [f"--text_file={play_txt}", "--tokenizer=char", f"--out_dir={out}"]
+    pw.main([f"--text_file={play_txt}", "--tokenizer=word", f"--out_dir={out}"])
+    old = snapshot(out)
+    first = subprocess.Popen([sys.executable, "-c", BLOCKED_RUN.format(repo=REPO, started=str(started)), *char],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if started.exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert started.exists(), first.communicate()[1]
+        code, err = exits(pw.main, char, capsys)
+    finally:
+        first.kill()
+        first.wait()
+    assert code == 1 and err.strip().startswith("error: ") and f"PID {first.pid}" in err
+    assert snapshot(out) == old and not (tmp_path / f"out.tmp-{os.getpid()}").exists()
+    pw.main(char)
+    assert sorted(os.listdir(tmp_path)) == ["out", "play.txt", "started"]
 
 
 def test_out_dir_with_other_files_is_refused(pw, tmp_path, play_txt, capsys):
