@@ -18,7 +18,6 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -125,13 +124,31 @@ def split_argv(argv):
     return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
 
 
+def trainer_settings():
+    """The trainer's {setting: default} and {setting: allowed values}, as `python <script>
+    --help=json` prints them: asked once per sweep, never imported (importing a trainer would run
+    its module code in this process and tie sweep.py to its imports)."""
+    command = [sys.executable, os.path.join(HERE, script), "--help=json"]
+    try:
+        out = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        utils.bad_setting(f"--script={script}: `python {script} --help=json` failed: {e}")
+    lines = out.stdout.strip().splitlines()
+    with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
+        answer = json.loads(lines[-1])  # the last line: anything printed on import comes first
+        settings, choices = answer["settings"], answer["choices"]
+        if out.returncode == 0 and isinstance(settings, dict) and isinstance(choices, dict):
+            return settings, choices
+    # a traceback's last line says why; otherwise what it printed instead
+    why = (out.stderr.strip().splitlines() or lines or ["no output"])[-1][:200]
+    utils.bad_setting(f"--script={script}: `python {script} --help=json` gave no settings "
+                      f"(exit {out.returncode}: {why})")
+
+
 def trainer_overrides(passed):
     """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text,
     each value checked."""
-    spec = importlib.util.spec_from_file_location("sweep_trainer", os.path.join(HERE, script))
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)  # defines its settings and CHOICES, trains nothing
-    defaults, choices = utils.settings_of(vars(trainer)), vars(trainer).get("CHOICES", {})
+    defaults, choices = trainer_settings()
     axes = {k: [v.strip() for v in text.split(",")] for k, text in passed.items() if "," in text}
     for name, text in passed.items():
         utils.require(name in defaults and name not in SET_BY_SWEEP,

@@ -5,6 +5,7 @@ own char-level shards (conftest.py's char_shards).
 sweep.main runs in this process (reloaded each time, as its settings are module globals), which saves a torch
 import per sweep; the runs it launches are subprocesses as in real use.
 """
+import copy
 import csv
 import importlib
 import json
@@ -27,9 +28,27 @@ LR_GRID = ["--max_lr=1e-2,3e-3,1e6", "--min_lr=1e-4", "--max_steps=30", "--warmu
 MODEL_SETTINGS = ("--n_layer", "--n_head", "--n_embd", "--block_size", "--micro_batch_size")
 
 
+ANSWERS = {}  # train_gpt2.py's --help=json answer: asked once per test session, as each asking imports torch (~1 s)
+
+
+def reload_sweep():
+    """sweep.py with its settings fresh from the file; train_gpt2.py's settings asked once (other trainers
+    every time, as in real use)."""
+    importlib.reload(sweep)
+    ask = sweep.trainer_settings
+
+    def once():
+        if sweep.script != "train_gpt2.py":
+            return ask()
+        if not ANSWERS:
+            ANSWERS["train_gpt2.py"] = ask()
+        return copy.deepcopy(ANSWERS["train_gpt2.py"])
+    sweep.trainer_settings = once
+
+
 def run_sweep(*argv):
     """sweep.py's main, with its settings fresh from the file."""
-    importlib.reload(sweep)
+    reload_sweep()
     sweep.main(list(argv))
 
 
@@ -216,7 +235,7 @@ def test_flop_budget_random_search(char_shards, one_thread_runs, tmp_path):
 
 def random_plan(char_shards, **settings):
     """The random search's runs for these sweep.py settings, planned without launching anything."""
-    importlib.reload(sweep)
+    reload_sweep()
     for name, value in dict(mode="random", flop_budget=1e15, **settings).items():
         setattr(sweep, name, value)
     defaults, fixed, _ = sweep.trainer_overrides({"data_dir": char_shards, "pos_emb": "rope"})
@@ -327,3 +346,73 @@ def test_classify_states(tmp_path, capsys):
 def test_unknown_trainer_setting_exits_2(capsys):
     assert exit_code("--sweep_dir=/nonexistent/never", "--max_lr=1e-3,2e-3", "--no_such_setting=3") == 2
     assert "no_such_setting" in capsys.readouterr().err
+
+
+# A stand-in trainer without torch, for what real ones do too slowly to test: it answers --help=json (once per
+# sweep: each answer adds a line to help_calls), holds out_dir/.lock as utils.lock_folder does, and on SIGTERM or
+# SIGINT writes the signal's name to out_dir/signalled and exits 128 + the signal, as the trainers do; otherwise
+# it sleeps --seconds and exits 0. Imported or run as a module (not as __main__), it leaves out_dir/../imported.
+FAKE_TRAINER = '''
+import fcntl, json, os, signal, sys, time
+
+out_dir = "out"
+resume = False
+max_lr = 1e-3
+seconds = 30.0
+
+if __name__ != "__main__":
+    open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported"), "w").close()
+elif "--help=json" in sys.argv:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "help_calls"), "a") as f:
+        f.write("answered\\n")
+    print(json.dumps({"settings": dict(out_dir=out_dir, resume=resume, max_lr=max_lr, seconds=seconds),
+                      "choices": {}}))
+else:
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    out = args["out_dir"]
+    lock = open(os.path.join(out, ".lock"), "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"{os.getpid()}\\n")
+    lock.flush()
+
+    def stop(signum, frame):
+        with open(os.path.join(out, "signalled"), "w") as f:
+            f.write(signal.Signals(signum).name)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with open(os.path.join(out, "started"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(float(args.get("seconds", seconds)))
+'''
+
+
+@pytest.fixture
+def fake_trainer(tmp_path):
+    """The stand-in trainer's path, in its own folder (help_calls and imported appear beside it)."""
+    (tmp_path / "trainer").mkdir()
+    path = tmp_path / "trainer" / "fake_train.py"
+    path.write_text(FAKE_TRAINER)
+    return path
+
+
+def test_trainer_settings_come_from_help_json_once_without_importing_it(fake_trainer, tmp_path, capsys):
+    run_sweep(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--dry_run=True", "--max_lr=1,2",
+              "--seconds=0")
+    assert "max_lr=2 (new): --seconds=0 --max_lr=2" in capsys.readouterr().out
+    assert not (fake_trainer.parent / "imported").exists()  # never imported nor exec'd by sweep.py
+    assert (fake_trainer.parent / "help_calls").read_text() == "answered\n"  # asked once per sweep
+    # unknown settings are still refused: the trainer's answer lists its settings
+    assert exit_code(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--n_layer=2") == 2
+    assert "--n_layer is neither a sweep.py setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body", ["print('no settings here')", "raise RuntimeError('broken trainer')",
+                                  "import sys; sys.exit(1)"])
+def test_a_trainer_that_cannot_say_its_settings_is_one_line(body, tmp_path, capsys):
+    script = tmp_path / "broken_train.py"
+    script.write_text(body + "\n")
+    assert exit_code(f"--script={script}", f"--sweep_dir={tmp_path / 'sweep'}", "--max_lr=1e-3,2e-3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --script=") and err.count("\n") == 1 and "--help=json" in err
+    assert not (tmp_path / "sweep").exists()
