@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -313,8 +314,31 @@ def classify(rc, run_dir):
     return "failed"
 
 
+def lock_holder(run_dir):
+    """The PID (as the lock file says) of the process that holds run_dir/.lock, the trainer's
+    utils.lock_folder, or None when no process does. The lock is tried without waiting and let go at
+    once: the trainer launched next must be able to take it."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, ".lock")) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def left_alone(name, pid):
+    return f"{'running':>11} {name} (PID {pid} holds its folder: left alone, rerun when it ends)"
+
+
 def launch(run, gpu):
     run_dir, resume = run["dir"], run["resume"]
+    # a trainer may have started there since the plan was made (runs wait for a free slot):
+    # its log, checkpoints, stdout and run.json are its own
+    pid = lock_holder(run_dir)
+    if pid:
+        print(left_alone(run["name"], pid), flush=True)
+        return
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
         for path in utils.checkpoint_paths(run_dir) + [os.path.join(run_dir, "log.jsonl")]:
             utils.remove_quietly(path)
@@ -508,10 +532,15 @@ def main(argv):
                          if old["overrides"].get(k) != run["overrides"].get(k))
         utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
                       f"use another --sweep_dir")
+        # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
+        # retrying or restarting it would delete or truncate what it is writing
+        pid = lock_holder(run["dir"])
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
-            print(f"{run['name']} ({old['state']}): " + status)
+            print(left_alone(run["name"], pid) if pid else f"{run['name']} ({old['state']}): " + status)
+        elif pid:
+            kept.append(left_alone(run["name"], pid))
         elif run["reason"]:
             utils.atomic_write_json(os.path.join(run["dir"], "run.json"),
                                     dict(name=run["name"], overrides=run["overrides"],

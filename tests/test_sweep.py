@@ -416,3 +416,30 @@ def test_a_trainer_that_cannot_say_its_settings_is_one_line(body, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("error: --script=") and err.count("\n") == 1 and "--help=json" in err
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("state", ["running", "failed"])
+def test_a_run_whose_folder_is_locked_is_left_alone(state, fake_trainer, tmp_path, capsys):
+    """A trainer still running in a run's folder (an orphan of a killed sweep, or started by hand) holds its
+    .lock: the sweep neither resumes nor retries that run, and deletes, truncates and records nothing there."""
+    run_dir = tmp_path / "sweep" / "default"
+    run_dir.mkdir(parents=True)
+    record = dict(name="default", overrides={"seconds": "0"}, state=state, exit_code=None, runtime_s=5.0)
+    files = {"run.json": json.dumps(record), "stdout.log": "step 7\n", "log.jsonl": '{"step": 7, "train_loss": 2}\n',
+             "ckpt_000005.pt": "weights"}
+    for name, text in files.items():
+        (run_dir / name).write_text(text)
+    holder = utils.lock_folder(str(run_dir), "training run")  # as that trainer holds it, with this PID
+    try:
+        run_sweep(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--seconds=0", "--retry_failed=True")
+        said = capsys.readouterr().out
+        # and when the lock is taken after the sweep planned the run: checked again at launch
+        reload_sweep()
+        sweep.script = str(fake_trainer)
+        sweep.launch(dict(name="default", dir=str(run_dir), overrides={"seconds": "0"}, resume=False, runtime_s=0),
+                     None)
+        said += capsys.readouterr().out
+    finally:
+        holder.close()
+    assert said.count(f"running default (PID {os.getpid()}") == 2 and "launched" not in said
+    assert {name: (run_dir / name).read_text() for name in files} == files and not (run_dir / "started").exists()
