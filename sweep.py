@@ -11,11 +11,15 @@ grid axis (so no value can hold a comma), a single value goes to every run. Each
 sweep_dir/<name>/ with run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged
 (NaN stop), oom, failed or interrupted, or is skipped before launch. A rerun skips finished runs,
 resumes interrupted ones from their last checkpoint and relaunches the others only with
---retry_failed=True. One sweep.py at a time per sweep_dir.
+--retry_failed=True; a run whose folder a trainer still holds (its .lock) is left alone. Ctrl-C or
+SIGTERM passes the signal on to the running trainers, which checkpoint and stop, launches nothing
+more and exits 130 or 143; on Linux the trainers get SIGTERM even when the sweep is killed hard.
+One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -29,6 +33,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -79,14 +84,19 @@ ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos"
 # the random search's <name>_lo, _hi
 RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
-# exit statuses of a Ctrl-C'd or terminated run
-INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130)
+# exit statuses of a Ctrl-C'd or terminated run: killed by the signal, or stopped by its handler
+INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 # table order
 STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")
 SET_BY_SWEEP = ("out_dir", "resume")
 # set per run by the random search
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
          "min_lr", "max_lr", "warmup_steps", "max_steps")
+try:  # Linux's prctl: a trainer gets a signal when the sweep dies, however it dies (kill -9)
+    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # elsewhere a sweep killed hard leaves its trainers running
+    PRCTL = None
+PR_SET_PDEATHSIG = 1
 COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f",  # and formats
                val_ppl=".2f", hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
 
@@ -331,8 +341,59 @@ def left_alone(name, pid):
     return f"{'running':>11} {name} (PID {pid} holds its folder: left alone, rerun when it ends)"
 
 
-def launch(run, gpu):
+def die_with(parent):
+    """A trainer's preexec_fn (None where prctl is missing): SIGTERM, on which it checkpoints and
+    stops, when the sweep dies. Linux sends it when the thread that launched the trainer ends; that
+    thread waits for the trainer, so only the sweep's death can end it first."""
+    def preexec():
+        # until exec the child has the sweep's Python handlers, which would swallow the signal
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec if PRCTL else None
+
+
+class Trainers:
+    """The running trainers, and the signal that stops the sweep: after one, none is launched."""
+
+    def __init__(self):
+        # reentrant: a second signal's handler may run while the first one's holds it
+        self.lock, self.running, self.signum = threading.RLock(), set(), None
+
+    def start(self, command, **popen_args):
+        """The trainer's Popen, or None when the sweep is stopping. In a session of its own: a
+        Ctrl-C in the terminal reaches it once, passed on by stop(), not also from the terminal."""
+        with self.lock:  # a signal between the check and the launch would miss this trainer
+            if self.signum:
+                return None
+            proc = subprocess.Popen(command, start_new_session=True,
+                                    preexec_fn=die_with(os.getpid()), **popen_args)
+            self.running.add(proc)
+            return proc
+
+    def wait(self, proc):
+        rc = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        return rc
+
+    def stop(self, signum, frame=None):
+        """The SIGINT and SIGTERM handler: each running trainer gets the signal (it checkpoints and
+        stops), and no more are launched."""
+        with self.lock:
+            if self.signum is None:
+                print(f"{signal.Signals(signum).name}: stopping {len(self.running)} running runs "
+                      f"at their checkpoints; no more are launched", flush=True)
+            self.signum = self.signum or signum
+            for proc in self.running:
+                proc.send_signal(signum)
+
+
+def launch(run, gpu, trainers):
     run_dir, resume = run["dir"], run["resume"]
+    if trainers.signum:  # the sweep is stopping
+        return
     # a trainer may have started there since the plan was made (runs wait for a free slot):
     # its log, checkpoints, stdout and run.json are its own
     pid = lock_holder(run_dir)
@@ -357,37 +418,47 @@ def launch(run, gpu):
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
         try:
-            rc = subprocess.run(command, cwd=HERE, env=env,
-                                stdout=out, stderr=subprocess.STDOUT).returncode
-        except OSError as e:  # it could not even start: this run failed, the sweep goes on
+            proc = trainers.start(command, cwd=HERE, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+            rc = proc and trainers.wait(proc)  # None: the sweep stopped before it started
+        # it could not even start (SubprocessError: preexec_fn failed): this run failed,
+        # the sweep goes on
+        except (OSError, subprocess.SubprocessError) as e:
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
-    record.update(state=classify(rc, run_dir), exit_code=rc,
+    state = "interrupted" if rc is None else classify(rc, run_dir)
+    if trainers.signum and state == "failed":  # told to stop, it did, whatever its exit says
+        state = "interrupted"
+    record.update(state=state, exit_code=rc,
                   runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
-    print(f"{record['state']:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)",
-          flush=True)
+    print(f"{state:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)", flush=True)
 
 
 def run_all(runs):
-    """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)]."""
+    """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)].
+    Returns the signal (SIGINT, SIGTERM) that stopped the sweep, or None."""
     gpu_list, slots = [g.strip() for g in gpus.split(",") if g.strip()], queue.Queue()
     for i in range(parallel):
         slots.put(gpu_list[i % len(gpu_list)] if gpu_list else None)
+    trainers = Trainers()
 
     def work(run):
         gpu = slots.get()
         try:
-            launch(run, gpu)
+            launch(run, gpu, trainers)
         finally:
             slots.put(gpu)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    # handlers run in this (the main) thread, which only waits here
+    handlers = {s: signal.signal(s, trainers.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for future in concurrent.futures.as_completed([pool.submit(work, run) for run in runs]):
-            future.result()
-    except KeyboardInterrupt:  # the running runs got the Ctrl-C too; launch no more
-        print("interrupted: rerun the same command to continue the sweep")
-    pool.shutdown(wait=True, cancel_futures=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(work, r) for r in runs]):
+                future.result()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return trainers.signum
 
 
 # -----------------------------------------------------------------------------
@@ -538,7 +609,8 @@ def main(argv):
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
-            print(left_alone(run["name"], pid) if pid else f"{run['name']} ({old['state']}): " + status)
+            print(left_alone(run["name"], pid) if pid
+                  else f"{run['name']} ({old['state']}): " + status)
         elif pid:
             kept.append(left_alone(run["name"], pid))
         elif run["reason"]:
@@ -562,9 +634,13 @@ def main(argv):
     skipped = sum(r["reason"] is not None for r in runs)
     print("\n".join(kept + [f"{len(todo)} runs to launch, {len(kept)} kept from before, "
                             f"{skipped} skipped before launch"]), flush=True)
-    run_all(todo)
+    signum = run_all(todo)
     report(folder)
     lock.close()
+    if signum:  # a stopped sweep is no success: scripts and schedulers that run it must see so
+        print(f"stopped by {signal.Signals(signum).name}: rerun the same command to continue "
+              f"the sweep", flush=True)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ own char-level shards (conftest.py's char_shards).
 sweep.main runs in this process (reloaded each time, as its settings are module globals), which saves a torch
 import per sweep; the runs it launches are subprocesses as in real use.
 """
+import contextlib
 import copy
 import csv
 import importlib
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -437,9 +442,67 @@ def test_a_run_whose_folder_is_locked_is_left_alone(state, fake_trainer, tmp_pat
         reload_sweep()
         sweep.script = str(fake_trainer)
         sweep.launch(dict(name="default", dir=str(run_dir), overrides={"seconds": "0"}, resume=False, runtime_s=0),
-                     None)
+                     None, sweep.Trainers())
         said += capsys.readouterr().out
     finally:
         holder.close()
     assert said.count(f"running default (PID {os.getpid()}") == 2 and "launched" not in said
     assert {name: (run_dir / name).read_text() for name in files} == files and not (run_dir / "started").exists()
+
+
+def start_sweep(*argv):
+    """sweep.py as a process of its own, so that signals go to it and not to pytest."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "sweep.py"), *argv], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(*paths, timeout=60):
+    deadline = time.time() + timeout
+    while not all(os.path.exists(p) for p in paths):
+        assert time.time() < deadline, f"nothing at {[p for p in paths if not os.path.exists(p)]} after {timeout} s"
+        time.sleep(0.05)
+
+
+def end_processes(sweep_process, folder):
+    """Kill what a test started and left running (a failing test): the sweep and the stand-in trainers, by PID."""
+    if sweep_process.poll() is None:
+        sweep_process.kill()
+        sweep_process.wait()
+    for started in folder.glob("*/started"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(started.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signalled_sweep_stops_its_runs_and_exits_non_zero(sig, fake_trainer, tmp_path):
+    """Ctrl-C or kill: the signal goes on to the running trainers (which checkpoint and stop), they are recorded as
+    interrupted (a rerun resumes them), nothing more is launched and the sweep exits 128 + the signal."""
+    folder = tmp_path / "sweep"
+    sweep_process = start_sweep(f"--script={fake_trainer}", f"--sweep_dir={folder}", "--parallel=2", "--max_lr=1,2,3")
+    try:
+        wait_for(folder / "max_lr=1" / "started", folder / "max_lr=2" / "started")
+        sweep_process.send_signal(sig)
+        out, _ = sweep_process.communicate(timeout=20)  # the trainers sleep 30 s unless signalled
+    finally:
+        end_processes(sweep_process, folder)
+    assert sweep_process.returncode == 128 + sig, out
+    for run in ("max_lr=1", "max_lr=2"):
+        assert (folder / run / "signalled").read_text() == sig.name
+        record = json.loads((folder / run / "run.json").read_text())
+        assert record["state"] == "interrupted" and record["exit_code"] == 128 + sig
+    assert not (folder / "max_lr=3" / "run.json").exists()  # launched no more
+    assert {r["run"]: r["state"] for r in read_csv(folder)} == {"max_lr=1": "interrupted", "max_lr=2": "interrupted"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent-death signal is Linux's prctl")
+def test_the_runs_of_a_sweep_killed_hard_get_sigterm(fake_trainer, tmp_path):
+    folder = tmp_path / "sweep"
+    sweep_process = start_sweep(f"--script={fake_trainer}", f"--sweep_dir={folder}", "--max_lr=1")
+    try:
+        wait_for(folder / "default" / "started")
+        sweep_process.kill()  # kill -9: no handler runs
+        sweep_process.wait()
+        wait_for(folder / "default" / "signalled", timeout=10)
+    finally:
+        end_processes(sweep_process, folder)
+    assert (folder / "default" / "signalled").read_text() == "SIGTERM"  # it checkpoints and stops, not orphaned
