@@ -251,13 +251,15 @@ def plan_random(fixed, defaults):
         H = rng.choice(heads) if heads else None
         B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
         lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
+        max_lr = f"{10 * float(lr):.3g}"
         micro = max(d for d in range(1, min(B, max_micro_batch or B) + 1) if B % d == 0)
-        name = f"L{L}_H{H}_C{C}_B{B}_T{T}_lr{lr}"
+        # named by what was drawn, the LR by its peak: the one users tune and compare with grids
+        name = f"L{L}_H{H}_C{C}_B{B}_T{T}_max_lr={max_lr}"
         if any(r["name"] == name for r in runs):
             continue
         ov = dict(fixed, n_layer=str(L), n_head=str(H), n_embd=str(C), block_size=str(T),
                   micro_batch_size=str(micro), total_batch_size=str(B * T),
-                  min_lr=lr, max_lr=f"{10 * float(lr):.3g}")
+                  min_lr=lr, max_lr=max_lr)
         reason = None
         if H is None:
             reason = (f"no n_head in [{n_head_lo}, {n_head_hi}] divides n_embd {C}"

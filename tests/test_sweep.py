@@ -258,6 +258,19 @@ def test_random_draws_only_head_counts_that_fit(char_shards):
     assert runs and all(r["reason"].startswith("no n_head in [3, 3] divides n_embd") for r in runs)
 
 
+def test_random_runs_are_named_by_their_max_lr(char_shards):
+    """The LR in a random run's name is the peak one users tune and compare with grid sweeps (max_lr=1e-3),
+    not min_lr, a tenth of it."""
+    runs = random_plan(char_shards, n_samples=10)
+    for r in runs:
+        ov = r["overrides"]
+        batch = int(ov["total_batch_size"]) // int(ov["block_size"])
+        assert r["name"] == (f"L{ov['n_layer']}_H{ov['n_head']}_C{ov['n_embd']}_B{batch}_T{ov['block_size']}"
+                             f"_max_lr={ov['max_lr']}")
+        assert ov["min_lr"] not in r["name"]
+    assert len({r["name"] for r in runs}) == len(runs)
+
+
 def test_dry_run_warns_about_a_missing_data_folder(char_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative data folders resolve against the repo, as in the trainers
     for data_dir, warned in ((char_shards, False), ("tests", False), ("tests/no_such_data", True)):
