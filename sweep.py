@@ -7,9 +7,10 @@ or of §3's FLOP-budgeted random search.
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
 The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
-grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
-sweep_dir/<name>/ with run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged
-(NaN stop), oom, failed or interrupted, or is skipped before launch. A rerun skips finished runs,
+grid axis (so no value can hold a comma), a single value goes to every run; config files are refused
+(give their settings as --name=value). Each run has a folder sweep_dir/<name>/ with run.json,
+stdout.log and the trainer's log.jsonl, and ends finished, diverged (NaN stop), oom, failed or
+interrupted, or is skipped before launch. A rerun skips finished runs,
 resumes interrupted ones from their last checkpoint and relaunches the others only with
 --retry_failed=True; a run whose folder a trainer still holds (its .lock) is left alone. Ctrl-C or
 SIGTERM passes the signal on to the running trainers, which checkpoint and stop, launches nothing
@@ -131,7 +132,11 @@ def split_argv(argv):
     """(sweep.py's own arguments, the trainer's {name: text}); --help is sweep.py's."""
     if "--help" in argv or "-h" in argv:
         return ["--help"], {}
-    own, (pairs, _) = utils.settings_of(globals()), utils.split_args(argv)
+    own, (pairs, files) = utils.settings_of(globals()), utils.split_args(argv)
+    # refused, not passed on: the sweep could neither check the file's values (out_dir, the
+    # random search's draws, the LR scaling and FLOP count read them) nor see them change on a rerun
+    utils.require(not files, f"config file {next(iter(files), '')}: sweep.py takes none; give its "
+                  f"settings as --name=value (a comma list is a grid axis)")
     return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
 
 

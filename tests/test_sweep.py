@@ -519,3 +519,14 @@ def test_the_runs_of_a_sweep_killed_hard_get_sigterm(fake_trainer, tmp_path):
     finally:
         end_processes(sweep_process, folder)
     assert (folder / "default" / "signalled").read_text() == "SIGTERM"  # it checkpoints and stops, not orphaned
+
+
+def test_a_config_file_is_refused_in_one_line(tmp_path, capsys):
+    """Trainers take config files; sweep.py refuses one rather than drop it (as it did) or pass on a path whose
+    values it could neither check nor compare on a rerun."""
+    config = tmp_path / "small.py"
+    config.write_text("n_layer = 2\n")
+    assert exit_code(f"--sweep_dir={tmp_path / 'sweep'}", "--dry_run=True", str(config), "--max_lr=1e-3,2e-3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {config}: ") and err.count("\n") == 1 and "--name=value" in err
+    assert not (tmp_path / "sweep").exists()
