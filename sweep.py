@@ -7,18 +7,23 @@ or of §3's FLOP-budgeted random search.
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
 The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
-grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
-sweep_dir/<name>/ with run.json, stdout.log and the trainer's log.jsonl, and ends finished, diverged
-(NaN stop), oom, failed or interrupted, or is skipped before launch. A rerun skips finished runs,
+grid axis (so no value can hold a comma), a single value goes to every run; config files are refused
+(give their settings as --name=value). Each run has a folder sweep_dir/<name>/ with run.json,
+stdout.log and the trainer's log.jsonl, and ends finished, diverged (NaN stop), oom, failed or
+interrupted, or is skipped before launch. A rerun skips finished runs,
 resumes interrupted ones from their last checkpoint and relaunches the others only with
---retry_failed=True. One sweep.py at a time per sweep_dir.
+--retry_failed=True; a run whose folder a trainer still holds (its .lock) is left alone. Ctrl-C or
+SIGTERM passes the signal on to the running trainers, which checkpoint and stop, launches nothing
+more and exits 130 or 143; on Linux the trainers get SIGTERM even when the sweep is killed hard.
+One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
 import contextlib
 import csv
+import ctypes
 import dataclasses
+import fcntl
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -29,6 +34,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -79,14 +85,19 @@ ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos"
 # the random search's <name>_lo, _hi
 RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
-# exit statuses of a Ctrl-C'd or terminated run
-INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130)
+# exit statuses of a Ctrl-C'd or terminated run: killed by the signal, or stopped by its handler
+INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 # table order
 STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")
 SET_BY_SWEEP = ("out_dir", "resume")
 # set per run by the random search
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
          "min_lr", "max_lr", "warmup_steps", "max_steps")
+try:  # Linux's prctl: a trainer gets a signal when the sweep dies, however it dies (kill -9)
+    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # elsewhere a sweep killed hard leaves its trainers running
+    PRCTL = None
+PR_SET_PDEATHSIG = 1
 COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f",  # and formats
                val_ppl=".2f", hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
 
@@ -121,17 +132,39 @@ def split_argv(argv):
     """(sweep.py's own arguments, the trainer's {name: text}); --help is sweep.py's."""
     if "--help" in argv or "-h" in argv:
         return ["--help"], {}
-    own, (pairs, _) = utils.settings_of(globals()), utils.split_args(argv)
+    own, (pairs, files) = utils.settings_of(globals()), utils.split_args(argv)
+    # refused, not passed on: the sweep could neither check the file's values (out_dir, the
+    # random search's draws, the LR scaling and FLOP count read them) nor see them change on a rerun
+    utils.require(not files, f"config file {next(iter(files), '')}: sweep.py takes none; give its "
+                  f"settings as --name=value (a comma list is a grid axis)")
     return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
+
+
+def trainer_settings():
+    """The trainer's {setting: default} and {setting: allowed values}, as `python <script>
+    --help=json` prints them: asked once per sweep, never imported (importing a trainer would run
+    its module code in this process and tie sweep.py to its imports)."""
+    command = [sys.executable, os.path.join(HERE, script), "--help=json"]
+    try:
+        out = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        utils.bad_setting(f"--script={script}: `python {script} --help=json` failed: {e}")
+    lines = out.stdout.strip().splitlines()
+    with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
+        answer = json.loads(lines[-1])  # the last line: anything printed on import comes first
+        settings, choices = answer["settings"], answer["choices"]
+        if out.returncode == 0 and isinstance(settings, dict) and isinstance(choices, dict):
+            return settings, choices
+    # a traceback's last line says why; otherwise what it printed instead
+    why = (out.stderr.strip().splitlines() or lines or ["no output"])[-1][:200]
+    utils.bad_setting(f"--script={script}: `python {script} --help=json` gave no settings "
+                      f"(exit {out.returncode}: {why})")
 
 
 def trainer_overrides(passed):
     """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text,
     each value checked."""
-    spec = importlib.util.spec_from_file_location("sweep_trainer", os.path.join(HERE, script))
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)  # defines its settings and CHOICES, trains nothing
-    defaults, choices = utils.settings_of(vars(trainer)), vars(trainer).get("CHOICES", {})
+    defaults, choices = trainer_settings()
     axes = {k: [v.strip() for v in text.split(",")] for k, text in passed.items() if "," in text}
     for name, text in passed.items():
         utils.require(name in defaults and name not in SET_BY_SWEEP,
@@ -223,13 +256,15 @@ def plan_random(fixed, defaults):
         H = rng.choice(heads) if heads else None
         B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
         lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
+        max_lr = f"{10 * float(lr):.3g}"
         micro = max(d for d in range(1, min(B, max_micro_batch or B) + 1) if B % d == 0)
-        name = f"L{L}_H{H}_C{C}_B{B}_T{T}_lr{lr}"
+        # named by what was drawn, the LR by its peak: the one users tune and compare with grids
+        name = f"L{L}_H{H}_C{C}_B{B}_T{T}_max_lr={max_lr}"
         if any(r["name"] == name for r in runs):
             continue
         ov = dict(fixed, n_layer=str(L), n_head=str(H), n_embd=str(C), block_size=str(T),
                   micro_batch_size=str(micro), total_batch_size=str(B * T),
-                  min_lr=lr, max_lr=f"{10 * float(lr):.3g}")
+                  min_lr=lr, max_lr=max_lr)
         reason = None
         if H is None:
             reason = (f"no n_head in [{n_head_lo}, {n_head_hi}] divides n_embd {C}"
@@ -296,8 +331,82 @@ def classify(rc, run_dir):
     return "failed"
 
 
-def launch(run, gpu):
+def lock_holder(run_dir):
+    """The PID (as the lock file says) of the process that holds run_dir/.lock, the trainer's
+    utils.lock_folder, or None when no process does. The lock is tried without waiting and let go at
+    once: the trainer launched next must be able to take it."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, ".lock")) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def left_alone(name, pid):
+    return f"{'running':>11} {name} (PID {pid} holds its folder: left alone, rerun when it ends)"
+
+
+def die_with(parent):
+    """A trainer's preexec_fn (None where prctl is missing): SIGTERM, on which it checkpoints and
+    stops, when the sweep dies. Linux sends it when the thread that launched the trainer ends; that
+    thread waits for the trainer, so only the sweep's death can end it first."""
+    def preexec():
+        # until exec the child has the sweep's Python handlers, which would swallow the signal
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the sweep died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec if PRCTL else None
+
+
+class Trainers:
+    """The running trainers, and the signal that stops the sweep: after one, none is launched."""
+
+    def __init__(self):
+        # reentrant: a second signal's handler may run while the first one's holds it
+        self.lock, self.running, self.signum = threading.RLock(), set(), None
+
+    def start(self, command, **popen_args):
+        """The trainer's Popen, or None when the sweep is stopping. In a session of its own: a
+        Ctrl-C in the terminal reaches it once, passed on by stop(), not also from the terminal."""
+        with self.lock:  # a signal between the check and the launch would miss this trainer
+            if self.signum:
+                return None
+            proc = subprocess.Popen(command, start_new_session=True,
+                                    preexec_fn=die_with(os.getpid()), **popen_args)
+            self.running.add(proc)
+            return proc
+
+    def wait(self, proc):
+        rc = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        return rc
+
+    def stop(self, signum, frame=None):
+        """The SIGINT and SIGTERM handler: each running trainer gets the signal (it checkpoints and
+        stops), and no more are launched."""
+        with self.lock:
+            if self.signum is None:
+                print(f"{signal.Signals(signum).name}: stopping {len(self.running)} running runs "
+                      f"at their checkpoints; no more are launched", flush=True)
+            self.signum = self.signum or signum
+            for proc in self.running:
+                proc.send_signal(signum)
+
+
+def launch(run, gpu, trainers):
     run_dir, resume = run["dir"], run["resume"]
+    if trainers.signum:  # the sweep is stopping
+        return
+    # a trainer may have started there since the plan was made (runs wait for a free slot):
+    # its log, checkpoints, stdout and run.json are its own
+    pid = lock_holder(run_dir)
+    if pid:
+        print(left_alone(run["name"], pid), flush=True)
+        return
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
         for path in utils.checkpoint_paths(run_dir) + [os.path.join(run_dir, "log.jsonl")]:
             utils.remove_quietly(path)
@@ -316,37 +425,47 @@ def launch(run, gpu):
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
         try:
-            rc = subprocess.run(command, cwd=HERE, env=env,
-                                stdout=out, stderr=subprocess.STDOUT).returncode
-        except OSError as e:  # it could not even start: this run failed, the sweep goes on
+            proc = trainers.start(command, cwd=HERE, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+            rc = proc and trainers.wait(proc)  # None: the sweep stopped before it started
+        # it could not even start (SubprocessError: preexec_fn failed): this run failed,
+        # the sweep goes on
+        except (OSError, subprocess.SubprocessError) as e:
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
-    record.update(state=classify(rc, run_dir), exit_code=rc,
+    state = "interrupted" if rc is None else classify(rc, run_dir)
+    if trainers.signum and state == "failed":  # told to stop, it did, whatever its exit says
+        state = "interrupted"
+    record.update(state=state, exit_code=rc,
                   runtime_s=round(time.time() - t0 + run["runtime_s"], 1))
     utils.atomic_write_json(os.path.join(run_dir, "run.json"), record)
-    print(f"{record['state']:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)",
-          flush=True)
+    print(f"{state:>11} {run['name']} (exit {rc}, {record['runtime_s']:.0f} s)", flush=True)
 
 
 def run_all(runs):
-    """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)]."""
+    """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)].
+    Returns the signal (SIGINT, SIGTERM) that stopped the sweep, or None."""
     gpu_list, slots = [g.strip() for g in gpus.split(",") if g.strip()], queue.Queue()
     for i in range(parallel):
         slots.put(gpu_list[i % len(gpu_list)] if gpu_list else None)
+    trainers = Trainers()
 
     def work(run):
         gpu = slots.get()
         try:
-            launch(run, gpu)
+            launch(run, gpu, trainers)
         finally:
             slots.put(gpu)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    # handlers run in this (the main) thread, which only waits here
+    handlers = {s: signal.signal(s, trainers.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for future in concurrent.futures.as_completed([pool.submit(work, run) for run in runs]):
-            future.result()
-    except KeyboardInterrupt:  # the running runs got the Ctrl-C too; launch no more
-        print("interrupted: rerun the same command to continue the sweep")
-    pool.shutdown(wait=True, cancel_futures=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(work, r) for r in runs]):
+                future.result()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return trainers.signum
 
 
 # -----------------------------------------------------------------------------
@@ -491,10 +610,16 @@ def main(argv):
                          if old["overrides"].get(k) != run["overrides"].get(k))
         utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
                       f"use another --sweep_dir")
+        # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
+        # retrying or restarting it would delete or truncate what it is writing
+        pid = lock_holder(run["dir"])
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
-            print(f"{run['name']} ({old['state']}): " + status)
+            print(left_alone(run["name"], pid) if pid
+                  else f"{run['name']} ({old['state']}): " + status)
+        elif pid:
+            kept.append(left_alone(run["name"], pid))
         elif run["reason"]:
             utils.atomic_write_json(os.path.join(run["dir"], "run.json"),
                                     dict(name=run["name"], overrides=run["overrides"],
@@ -516,9 +641,13 @@ def main(argv):
     skipped = sum(r["reason"] is not None for r in runs)
     print("\n".join(kept + [f"{len(todo)} runs to launch, {len(kept)} kept from before, "
                             f"{skipped} skipped before launch"]), flush=True)
-    run_all(todo)
+    signum = run_all(todo)
     report(folder)
     lock.close()
+    if signum:  # a stopped sweep is no success: scripts and schedulers that run it must see so
+        print(f"stopped by {signal.Signals(signum).name}: rerun the same command to continue "
+              f"the sweep", flush=True)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,17 @@ own char-level shards (conftest.py's char_shards).
 sweep.main runs in this process (reloaded each time, as its settings are module globals), which saves a torch
 import per sweep; the runs it launches are subprocesses as in real use.
 """
+import contextlib
+import copy
 import csv
 import importlib
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -27,9 +33,27 @@ LR_GRID = ["--max_lr=1e-2,3e-3,1e6", "--min_lr=1e-4", "--max_steps=30", "--warmu
 MODEL_SETTINGS = ("--n_layer", "--n_head", "--n_embd", "--block_size", "--micro_batch_size")
 
 
+ANSWERS = {}  # train_gpt2.py's --help=json answer: asked once per test session, as each asking imports torch (~1 s)
+
+
+def reload_sweep():
+    """sweep.py with its settings fresh from the file; train_gpt2.py's settings asked once (other trainers
+    every time, as in real use)."""
+    importlib.reload(sweep)
+    ask = sweep.trainer_settings
+
+    def once():
+        if sweep.script != "train_gpt2.py":
+            return ask()
+        if not ANSWERS:
+            ANSWERS["train_gpt2.py"] = ask()
+        return copy.deepcopy(ANSWERS["train_gpt2.py"])
+    sweep.trainer_settings = once
+
+
 def run_sweep(*argv):
     """sweep.py's main, with its settings fresh from the file."""
-    importlib.reload(sweep)
+    reload_sweep()
     sweep.main(list(argv))
 
 
@@ -216,7 +240,7 @@ def test_flop_budget_random_search(char_shards, one_thread_runs, tmp_path):
 
 def random_plan(char_shards, **settings):
     """The random search's runs for these sweep.py settings, planned without launching anything."""
-    importlib.reload(sweep)
+    reload_sweep()
     for name, value in dict(mode="random", flop_budget=1e15, **settings).items():
         setattr(sweep, name, value)
     defaults, fixed, _ = sweep.trainer_overrides({"data_dir": char_shards, "pos_emb": "rope"})
@@ -232,6 +256,19 @@ def test_random_draws_only_head_counts_that_fit(char_shards):
     # no head count in range divides the width: recorded as skipped, with the reason
     runs = random_plan(char_shards, n_samples=1, n_head_lo=3, n_head_hi=3, n_embd_lo=16, n_embd_hi=32)
     assert runs and all(r["reason"].startswith("no n_head in [3, 3] divides n_embd") for r in runs)
+
+
+def test_random_runs_are_named_by_their_max_lr(char_shards):
+    """The LR in a random run's name is the peak one users tune and compare with grid sweeps (max_lr=1e-3),
+    not min_lr, a tenth of it."""
+    runs = random_plan(char_shards, n_samples=10)
+    for r in runs:
+        ov = r["overrides"]
+        batch = int(ov["total_batch_size"]) // int(ov["block_size"])
+        assert r["name"] == (f"L{ov['n_layer']}_H{ov['n_head']}_C{ov['n_embd']}_B{batch}_T{ov['block_size']}"
+                             f"_max_lr={ov['max_lr']}")
+        assert ov["min_lr"] not in r["name"]
+    assert len({r["name"] for r in runs}) == len(runs)
 
 
 def test_dry_run_warns_about_a_missing_data_folder(char_shards, tmp_path, monkeypatch, capsys):
@@ -327,3 +364,169 @@ def test_classify_states(tmp_path, capsys):
 def test_unknown_trainer_setting_exits_2(capsys):
     assert exit_code("--sweep_dir=/nonexistent/never", "--max_lr=1e-3,2e-3", "--no_such_setting=3") == 2
     assert "no_such_setting" in capsys.readouterr().err
+
+
+# A stand-in trainer without torch, for what real ones do too slowly to test: it answers --help=json (once per
+# sweep: each answer adds a line to help_calls), holds out_dir/.lock as utils.lock_folder does, and on SIGTERM or
+# SIGINT writes the signal's name to out_dir/signalled and exits 128 + the signal, as the trainers do; otherwise
+# it sleeps --seconds and exits 0. Imported or run as a module (not as __main__), it leaves out_dir/../imported.
+FAKE_TRAINER = '''
+import fcntl, json, os, signal, sys, time
+
+out_dir = "out"
+resume = False
+max_lr = 1e-3
+seconds = 30.0
+
+if __name__ != "__main__":
+    open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported"), "w").close()
+elif "--help=json" in sys.argv:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "help_calls"), "a") as f:
+        f.write("answered\\n")
+    print(json.dumps({"settings": dict(out_dir=out_dir, resume=resume, max_lr=max_lr, seconds=seconds),
+                      "choices": {}}))
+else:
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    out = args["out_dir"]
+    lock = open(os.path.join(out, ".lock"), "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"{os.getpid()}\\n")
+    lock.flush()
+
+    def stop(signum, frame):
+        with open(os.path.join(out, "signalled"), "w") as f:
+            f.write(signal.Signals(signum).name)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with open(os.path.join(out, "started"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(float(args.get("seconds", seconds)))
+'''
+
+
+@pytest.fixture
+def fake_trainer(tmp_path):
+    """The stand-in trainer's path, in its own folder (help_calls and imported appear beside it)."""
+    (tmp_path / "trainer").mkdir()
+    path = tmp_path / "trainer" / "fake_train.py"
+    path.write_text(FAKE_TRAINER)
+    return path
+
+
+def test_trainer_settings_come_from_help_json_once_without_importing_it(fake_trainer, tmp_path, capsys):
+    run_sweep(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--dry_run=True", "--max_lr=1,2",
+              "--seconds=0")
+    assert "max_lr=2 (new): --seconds=0 --max_lr=2" in capsys.readouterr().out
+    assert not (fake_trainer.parent / "imported").exists()  # never imported nor exec'd by sweep.py
+    assert (fake_trainer.parent / "help_calls").read_text() == "answered\n"  # asked once per sweep
+    # unknown settings are still refused: the trainer's answer lists its settings
+    assert exit_code(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--n_layer=2") == 2
+    assert "--n_layer is neither a sweep.py setting" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body", ["print('no settings here')", "raise RuntimeError('broken trainer')",
+                                  "import sys; sys.exit(1)"])
+def test_a_trainer_that_cannot_say_its_settings_is_one_line(body, tmp_path, capsys):
+    script = tmp_path / "broken_train.py"
+    script.write_text(body + "\n")
+    assert exit_code(f"--script={script}", f"--sweep_dir={tmp_path / 'sweep'}", "--max_lr=1e-3,2e-3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --script=") and err.count("\n") == 1 and "--help=json" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("state", ["running", "failed"])
+def test_a_run_whose_folder_is_locked_is_left_alone(state, fake_trainer, tmp_path, capsys):
+    """A trainer still running in a run's folder (an orphan of a killed sweep, or started by hand) holds its
+    .lock: the sweep neither resumes nor retries that run, and deletes, truncates and records nothing there."""
+    run_dir = tmp_path / "sweep" / "default"
+    run_dir.mkdir(parents=True)
+    record = dict(name="default", overrides={"seconds": "0"}, state=state, exit_code=None, runtime_s=5.0)
+    files = {"run.json": json.dumps(record), "stdout.log": "step 7\n", "log.jsonl": '{"step": 7, "train_loss": 2}\n',
+             "ckpt_000005.pt": "weights"}
+    for name, text in files.items():
+        (run_dir / name).write_text(text)
+    holder = utils.lock_folder(str(run_dir), "training run")  # as that trainer holds it, with this PID
+    try:
+        run_sweep(f"--script={fake_trainer}", f"--sweep_dir={tmp_path / 'sweep'}", "--seconds=0", "--retry_failed=True")
+        said = capsys.readouterr().out
+        # and when the lock is taken after the sweep planned the run: checked again at launch
+        reload_sweep()
+        sweep.script = str(fake_trainer)
+        sweep.launch(dict(name="default", dir=str(run_dir), overrides={"seconds": "0"}, resume=False, runtime_s=0),
+                     None, sweep.Trainers())
+        said += capsys.readouterr().out
+    finally:
+        holder.close()
+    assert said.count(f"running default (PID {os.getpid()}") == 2 and "launched" not in said
+    assert {name: (run_dir / name).read_text() for name in files} == files and not (run_dir / "started").exists()
+
+
+def start_sweep(*argv):
+    """sweep.py as a process of its own, so that signals go to it and not to pytest."""
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "sweep.py"), *argv], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(*paths, timeout=60):
+    deadline = time.time() + timeout
+    while not all(os.path.exists(p) for p in paths):
+        assert time.time() < deadline, f"nothing at {[p for p in paths if not os.path.exists(p)]} after {timeout} s"
+        time.sleep(0.05)
+
+
+def end_processes(sweep_process, folder):
+    """Kill what a test started and left running (a failing test): the sweep and the stand-in trainers, by PID."""
+    if sweep_process.poll() is None:
+        sweep_process.kill()
+        sweep_process.wait()
+    for started in folder.glob("*/started"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(started.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signalled_sweep_stops_its_runs_and_exits_non_zero(sig, fake_trainer, tmp_path):
+    """Ctrl-C or kill: the signal goes on to the running trainers (which checkpoint and stop), they are recorded as
+    interrupted (a rerun resumes them), nothing more is launched and the sweep exits 128 + the signal."""
+    folder = tmp_path / "sweep"
+    sweep_process = start_sweep(f"--script={fake_trainer}", f"--sweep_dir={folder}", "--parallel=2", "--max_lr=1,2,3")
+    try:
+        wait_for(folder / "max_lr=1" / "started", folder / "max_lr=2" / "started")
+        sweep_process.send_signal(sig)
+        out, _ = sweep_process.communicate(timeout=20)  # the trainers sleep 30 s unless signalled
+    finally:
+        end_processes(sweep_process, folder)
+    assert sweep_process.returncode == 128 + sig, out
+    for run in ("max_lr=1", "max_lr=2"):
+        assert (folder / run / "signalled").read_text() == sig.name
+        record = json.loads((folder / run / "run.json").read_text())
+        assert record["state"] == "interrupted" and record["exit_code"] == 128 + sig
+    assert not (folder / "max_lr=3" / "run.json").exists()  # launched no more
+    assert {r["run"]: r["state"] for r in read_csv(folder)} == {"max_lr=1": "interrupted", "max_lr=2": "interrupted"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent-death signal is Linux's prctl")
+def test_the_runs_of_a_sweep_killed_hard_get_sigterm(fake_trainer, tmp_path):
+    folder = tmp_path / "sweep"
+    sweep_process = start_sweep(f"--script={fake_trainer}", f"--sweep_dir={folder}", "--max_lr=1")
+    try:
+        wait_for(folder / "default" / "started")
+        sweep_process.kill()  # kill -9: no handler runs
+        sweep_process.wait()
+        wait_for(folder / "default" / "signalled", timeout=10)
+    finally:
+        end_processes(sweep_process, folder)
+    assert (folder / "default" / "signalled").read_text() == "SIGTERM"  # it checkpoints and stops, not orphaned
+
+
+def test_a_config_file_is_refused_in_one_line(tmp_path, capsys):
+    """Trainers take config files; sweep.py refuses one rather than drop it (as it did) or pass on a path whose
+    values it could neither check nor compare on a rerun."""
+    config = tmp_path / "small.py"
+    config.write_text("n_layer = 2\n")
+    assert exit_code(f"--sweep_dir={tmp_path / 'sweep'}", "--dry_run=True", str(config), "--max_lr=1e-3,2e-3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {config}: ") and err.count("\n") == 1 and "--name=value" in err
+    assert not (tmp_path / "sweep").exists()
