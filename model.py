@@ -9,6 +9,7 @@ Module names follow nanoGPT / Hugging Face (wte, wpe, h, attn.c_attn, mlp.c_fc, 
 """
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -540,12 +541,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name, dropout=0.0):
-        """GPT-2 weights from the Hugging Face hub ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl").
-        Needs `transformers` and network access (or its local cache);
-        vocab stays 50257 (not padded)."""
-        if name not in SIZES:
-            raise ValueError(f"from_pretrained: unknown model {name!r}; "
-                             f"allowed: {', '.join(SIZES)}")
+        """GPT-2's weights: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" from the Hugging Face hub
+        (or its local cache), or a local folder of a GPT2LMHeadModel (save_pretrained's). Needs
+        `transformers`; the vocabulary stays the weights' own (GPT-2: 50257, not padded)."""
+        if name not in SIZES and not os.path.isdir(name):
+            raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: "
+                             f"{', '.join(SIZES)}, or a folder of Hugging Face GPT-2 weights")
         try:
             # imported here: training never needs transformers
             from transformers import GPT2LMHeadModel
@@ -553,13 +554,18 @@ class GPT(nn.Module):
             raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
                                "pip install transformers") from e
         try:
-            sd = GPT2LMHeadModel.from_pretrained(name).state_dict()
-        except OSError as e:
+            hf = GPT2LMHeadModel.from_pretrained(name)
+        except (OSError, ValueError) as e:
             raise RuntimeError(f"could not load {name!r} from the Hugging Face hub or its cache "
                                f"(offline?): {e}") from e
-        config = GPTConfig.preset(name, style="classic", vocab_size=50257, block_size=1024,
-                                  dropout=dropout)
-        return cls.from_hf_state_dict(sd, config)
+        c = hf.config
+        if c.activation_function != "gelu_new" or (c.n_inner or 4 * c.n_embd) != 4 * c.n_embd:
+            raise ValueError(f"from_pretrained: {name!r} is not GPT-2's layout (activation "
+                             f"{c.activation_function}, MLP width {c.n_inner})")
+        config = GPTConfig(**{**STYLES["classic"], "tie_embeddings": c.tie_word_embeddings},
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                           vocab_size=c.vocab_size, block_size=c.n_positions, dropout=dropout)
+        return cls.from_hf_state_dict(hf.state_dict(), config)
 
 
 def _check_gpt2_compatible(config):

@@ -21,7 +21,7 @@ import data
 import hellaswag
 import training
 import utils
-from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, GPTConfig
+from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, SIZES, GPTConfig
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with config files and --name=value)
@@ -33,7 +33,7 @@ allow_data_change = False     # resume although the train shards differ from the
 # model: every field of model.GPTConfig is a setting (--n_layer=6, --rope_base=5e5, ...), with
 # GPTConfig's default (the modern GPT-2 124M) unless set here
 globals().update(utils.fields_of(GPTConfig))
-vocab_size = 0                # 0 = meta.json's vocab rounded up to a multiple of 64 (GPT-2: 50304)
+vocab_size = 0                # 0 = meta.json's rounded up to a multiple of 64 (GPT-2: 50304); init_from's
 init_from = ""                # "" = random init; gpt2 | gpt2-medium | ... | an HF GPT-2 folder | a .pt (weights)
 # batch
 micro_batch_size = 32         # sequences per forward pass per process (B)
@@ -178,7 +178,8 @@ def main(argv):
     # ---- data, batch -----------------------------------------------------------------------------
     data_path = utils.in_repo(data_dir)
     meta = data.read_meta(data_path)
-    vocab = vocab_size or data.model_vocab_size(meta)
+    start_from = initial_weights(meta or GPT2_META) if init_from and not run.start_step else None
+    vocab = vocab_size or (start_from[0].vocab_size if start_from else data.model_vocab_size(meta))
     meta = meta or GPT2_META
     utils.require(meta["vocab_size"] <= vocab, f"--vocab_size {vocab} is below the data's "
                                                f"vocabulary ({meta['vocab_size']} in {data_path})")
@@ -203,8 +204,8 @@ def main(argv):
     # ---- model and optimizers ----------------------------------------------------------------------
     torch.manual_seed(seed)  # the same initial weights on every rank
     raw_model = GPT(model_config).to(dev)  # saved, sampled, scored: never compiled or wrapped
-    if init_from and not run.start_step:
-        raw_model.load_state_dict(initial_weights(model_config))
+    if start_from:  # --init_from: another model's weights, this run's step 0
+        raw_model.load_state_dict(fits_weights(model_config, *start_from))
     steps = max_steps
     if flop_budget:
         steps = int(flop_budget // (raw_model.flops_per_token() * total_batch_size))
@@ -270,40 +271,38 @@ def main(argv):
     run.end(step)
 
 
-def initial_weights(config):
-    """The state dict init_from names, fitted to `config` (a run's step, optimizer and data are not
-    taken): GPT-2's weights by name or from a Hugging Face GPT-2 folder (the classic layout; the
-    vocabulary padded to the model's, the position table cut to block_size), or a checkpoint
-    file's weights (the same model config). A config they do not fit is refused, naming the field."""
+def initial_weights(meta):
+    """(the weights' GPTConfig, their state dict) of init_from: GPT-2's weights by name (on GPT-2 BPE
+    data) or from a Hugging Face GPT-2 folder, or a checkpoint's weights (never its step, optimizer
+    or data position). The model must be theirs (fits_weights): its vocabulary is theirs, not padded
+    (rows the weights never trained would take probability from every prediction)."""
     if init_from.endswith(".pt"):
         ckpt = utils.load_checkpoint(init_from)
-        theirs = {k: v for k, v in ckpt["model_config"].items() if k != "dropout"}
-        ours = {k: v for k, v in dataclasses.asdict(config).items() if k != "dropout"}
-        wrong = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-        utils.require(not wrong, f"--init_from={init_from} holds another model "
-                                 f"(field: checkpoint, this run): {wrong}")
-        return ckpt["model"]
+        return GPTConfig(**ckpt["model_config"]), ckpt["model"]
+    utils.require(not os.path.isfile(init_from), f"--init_from={init_from}: a checkpoint is a .pt file")
+    utils.require(init_from not in SIZES or meta["tokenizer"] == "gpt2",
+                  f"--init_from={init_from} is a GPT-2 BPE model, and --data_dir={data_dir} holds "
+                  f"{meta['tokenizer']} tokens")
     try:
-        hf = GPT.from_pretrained(init_from)  # a name, or a local Hugging Face GPT-2 folder
+        weights = GPT.from_pretrained(init_from)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: --init_from={init_from}: {' '.join(str(e).split())[:300]}") from None
-    wrong = [f"--{k}={getattr(config, k)!r} (the weights: {v!r})"
-             for k, v in dataclasses.asdict(hf.config).items()
-             if k not in ("vocab_size", "block_size", "dropout") and getattr(config, k) != v]
-    wrong += [f"--{k}={getattr(config, k)} (the weights: at most {getattr(hf.config, k)})"
-              for k in ("block_size",) if getattr(config, k) > getattr(hf.config, k)]
-    wrong += [f"--vocab_size={config.vocab_size} (the weights: at least {hf.config.vocab_size})"
-              for _ in [0] if config.vocab_size < hf.config.vocab_size]
+    return weights.config, weights.state_dict()
+
+
+def fits_weights(config, theirs, state_dict):
+    """state_dict for `config`, which must be the model of the weights but for dropout and a shorter
+    context (the position table is cut); refused otherwise, naming each setting that differs."""
+    wrong = [f"--{k}={getattr(config, k)!r} (the weights: {v!r})" for k, v in
+             dataclasses.asdict(theirs).items() if k not in ("block_size", "dropout")
+             and getattr(config, k) != v]
+    if config.block_size > theirs.block_size:
+        wrong.append(f"--block_size={config.block_size} (the weights: at most {theirs.block_size})")
     utils.require(not wrong, f"--init_from={init_from} needs the model of its weights: "
                              + ", ".join(wrong))
-    weights = hf.state_dict()
-    wte = weights["transformer.wte.weight"]
-    padded = torch.zeros(config.vocab_size, wte.size(1), dtype=wte.dtype)
-    padded[:len(wte)] = wte  # rows past GPT-2's 50257 are never a target: zero is fine
-    weights["transformer.wte.weight"] = padded
-    weights["lm_head.weight"] = padded if config.tie_embeddings else weights["lm_head.weight"]
-    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"][:config.block_size]
-    return weights
+    if "transformer.wpe.weight" in state_dict:
+        state_dict["transformer.wpe.weight"] = state_dict["transformer.wpe.weight"][:config.block_size]
+    return state_dict
 
 
 if __name__ == "__main__":

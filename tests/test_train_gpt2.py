@@ -340,3 +340,49 @@ def test_command_line_forms_and_suggestions(capsys):
         with pytest.raises(SystemExit) as e:
             utils.apply_overrides(dict(ns), argv, {"optimizer": ("muon", "adamw")})
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def first_batch_loss(model_fn, data_dir):
+    """The loss of a model on the first batch train_gpt2.py trains on (B=4, T=32, shuffled with its seed)."""
+    x, y = data.WindowLoader(str(data_dir), "train", 4, 32, shuffle=True, seed=1337).next_batch()
+    with torch.no_grad():
+        logits = model_fn(x)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item()
+
+
+def test_fine_tuning_starts_from_gpt2_weights_in_the_classic_layout(shakespeare, tmp_path):
+    """--init_from a Hugging Face GPT-2 folder (a small random one, saved here offline): the first step's loss is
+    the loaded model's loss on the same batch (computed with transformers itself), in the weights' vocabulary. A
+    modern config asked to start from GPT-2's weights is refused, naming the settings."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
+                                                              vocab_size=56))
+    hf.save_pretrained(tmp_path / "hf")
+    classic = ["--pos_emb=learned", "--mlp=gelu", "--norm=layernorm", "--bias=True"]
+    result = train(shakespeare, tmp_path / "tuned", *classic, f"--init_from={tmp_path / 'hf'}", "--max_steps=2",
+                   "--total_batch_size=128")
+    assert "from " + str(tmp_path / "hf") in result.stdout
+    expected = first_batch_loss(lambda x: hf.eval()(x).logits, shakespeare)
+    assert losses(tmp_path / "tuned")[0] == pytest.approx(expected, rel=1e-5)
+    result = train(shakespeare, tmp_path / "modern", f"--init_from={tmp_path / 'hf'}", "--max_steps=2", check=False)
+    assert result.returncode == 2 and "--pos_emb='rope' (the weights: 'learned')" in result.stderr
+    assert "--mlp='swiglu'" in result.stderr and "Traceback" not in result.stderr
+    result = train(shakespeare, tmp_path / "wide", *classic, "--n_embd=64", f"--init_from={tmp_path / 'hf'}",
+                   "--max_steps=2", check=False)
+    assert result.returncode == 2 and "--n_embd=64 (the weights: 32)" in result.stderr
+
+
+def test_init_from_a_checkpoint_takes_its_weights_only(shakespeare, tmp_path):
+    """Another run's checkpoint as initial weights: step 0, a fresh optimizer and schedule, the same model."""
+    from model import GPT, GPTConfig
+    train(shakespeare, tmp_path / "a", "--max_steps=3")
+    ckpt = torch.load(tmp_path / "a" / "ckpt_000003.pt", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    train(shakespeare, tmp_path / "b", f"--init_from={tmp_path / 'a' / 'ckpt_000003.pt'}", "--max_steps=2",
+          "--total_batch_size=128")
+    assert losses(tmp_path / "b")[0] == pytest.approx(first_batch_loss(lambda x: model.eval()(x, x)[0], shakespeare),
+                                                      rel=1e-5)
+    result = train(shakespeare, tmp_path / "c", f"--init_from={tmp_path / 'a' / 'ckpt_000003.pt'}", "--n_layer=3",
+                   "--max_steps=2", check=False)
+    assert result.returncode == 2 and "--n_layer=3 (the weights: 2)" in result.stderr
