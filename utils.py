@@ -592,7 +592,8 @@ def read_log(path):
 
 
 def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_norm"), title=None):
-    """Train/val loss (log scale) and HellaSwag (on a second axis) against step.
+    """Train loss (raw, faint, and smoothed), val loss and HellaSwag (on a second axis) against
+    step, the loss on a log axis labelled where the curves are (1.5, 2, 2.5, ... not only 2, 3, 4).
     Needs matplotlib; returns png_path, or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -612,13 +613,16 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
             ax2 = ax2 or ax.twinx()
             ax2.plot(steps, values, "g.-", label=key)
             ax2.set_ylabel("HellaSwag acc_norm")
+        elif key == "train_loss" and len(values) >= 20:  # noisy: the smoothed curve carries it
+            line, = ax.plot(steps, values, alpha=0.25)
+            ax.plot(steps, smoothed(values), color=line.get_color(), label=f"{key} (smoothed)")
         else:
             ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
     # the first steps' loss would squash the rest of the curve on a linear axis
     ax.set_yscale("log")
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, 4, not 4 x 10^0
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(log_path))))
@@ -633,6 +637,15 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
     atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return png_path
+
+
+def smoothed(values, beta=0.9):
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for k, value in enumerate(values, 1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta ** k))
+    return out
 
 
 def truncate_log(path, before_step):

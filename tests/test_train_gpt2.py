@@ -386,3 +386,25 @@ def test_init_from_a_checkpoint_takes_its_weights_only(shakespeare, tmp_path):
     result = train(shakespeare, tmp_path / "c", f"--init_from={tmp_path / 'a' / 'ckpt_000003.pt'}", "--n_layer=3",
                    "--max_steps=2", check=False)
     assert result.returncode == 2 and "--n_layer=3 (the weights: 2)" in result.stderr
+
+
+def test_loss_plot_is_labelled_where_the_curves_are(tmp_path, monkeypatch):
+    """A final loss of 1.4-1.6 can be read off loss.png: the log axis is labelled inside the data's range, not
+    only at 2, 3, 4, 5; the noisy train curve is drawn smoothed (a moving average) over the raw one."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    log = tmp_path / "log.jsonl"
+    curve = [1.45 + 2.8 * math.exp(-s / 60) + 0.05 * math.sin(s) for s in range(400)]
+    log.write_text("".join(json.dumps({"step": s, "train_loss": v}) + "\n" for s, v in enumerate(curve)))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert utils.plot_log(str(log), str(tmp_path / "loss.png")) == str(tmp_path / "loss.png")
+    ax = figures[0].axes[0]
+    figures[0].canvas.draw()
+    low, high = min(curve), max(curve)
+    labels = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text() and low <= t.get_position()[1] <= high]
+    assert len(labels) >= 4 and any(v < 2 for v in labels), labels  # 1.5 is labelled
+    raw, smooth = ax.get_lines()[:2]
+    assert smooth.get_label() == "train_loss (smoothed)" and np.std(np.diff(smooth.get_ydata()[200:])) < \
+        0.2 * np.std(np.diff(raw.get_ydata()[200:]))
+    matplotlib.pyplot.close("all")
