@@ -395,3 +395,19 @@ def test_meta_refuses_control_characters_in_the_vocabulary(tmp_path):
     data.write_meta(tmp_path, {**ok, "itos": ["a", "\x1b]0;pwned\x07"]})
     with pytest.raises(SystemExit, match="control character"):
         data.read_meta(str(tmp_path))
+
+
+def test_a_wrong_data_dir_says_what_is_there(tmp_path):
+    """No shards: say whether the folder exists, suggest the near names beside it, and for a text file the prepare
+    command that makes shards of it."""
+    (tmp_path / "shakespeare_char").mkdir()
+    with pytest.raises(data.ShardError, match=r"no folder .*shakespear_char.* \(did you mean shakespeare_char"):
+        data.list_shards(str(tmp_path / "shakespear_char"), "train")
+    with pytest.raises(data.ShardError, match="an empty folder"):
+        data.list_shards(str(tmp_path / "shakespeare_char"), "train")
+    (tmp_path / "shakespeare_char" / "notes.md").write_text("x")
+    with pytest.raises(data.ShardError, match="which holds notes.md"):
+        data.list_shards(str(tmp_path / "shakespeare_char"), "train")
+    (tmp_path / "input.txt").write_text("some text")
+    with pytest.raises(data.ShardError, match=r"a text file: .*prepare_wikitext.py --text_file=.*input.txt"):
+        data.list_shards(str(tmp_path / "input.txt"), "train")

@@ -408,3 +408,19 @@ def test_loss_plot_is_labelled_where_the_curves_are(tmp_path, monkeypatch):
     assert smooth.get_label() == "train_loss (smoothed)" and np.std(np.diff(smooth.get_ydata()[200:])) < \
         0.2 * np.std(np.diff(raw.get_ydata()[200:]))
     matplotlib.pyplot.close("all")
+
+
+def test_torchrun_with_more_processes_than_gpus_is_one_line_once(monkeypatch, capsys):
+    """torchrun --nproc_per_node=8 on a machine with 2 GPUs: rank 0 says it in one line, the others exit quietly
+    (8 copies of a CUDA 'invalid device ordinal' traceback before)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device ran"))
+    for rank in (0, 5):
+        monkeypatch.setattr(os, "environ", dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="8",
+                                                LOCAL_WORLD_SIZE="8"))
+        with pytest.raises(SystemExit) as e:
+            utils.setup_distributed("cuda")
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == ("error: torchrun --nproc_per_node=8, but this machine has 2 GPUs: one process per GPU\n"
+                       if rank == 0 else "")
