@@ -505,3 +505,40 @@ def test_checkpoint_of_a_non_gpt2_vocabulary_is_refused(tmp_path):
     torch.save({"model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg)}, tmp_path / "char.pt")
     with pytest.raises(SystemExit, match="GPT-2 BPE"):
         hs.load_checkpoint(str(tmp_path / "char.pt"), "cpu")
+
+
+def test_every_rank_waits_for_rank_0s_download_in_training(tmp_path, gpt2_enc):
+    """The first multi-GPU run on a fresh machine: local rank 0 downloads HellaSwag (made to take 2 s here) while
+    the other ranks wait, and then every rank scores it (they looked at once, saw no file, and skipped it for the
+    whole run)."""
+    import corpus
+    tokens = np.array(gpt2_enc.encode_ordinary(corpus.play(60_000)), dtype=np.uint16)
+    folder = tmp_path / "bpe"
+    data.write_shard(data.shard_name(folder, "p", "val", 0), tokens[:3000])
+    data.write_shard(data.shard_name(folder, "p", "train", 1), tokens[3000:])
+    data.write_meta(folder, {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256})
+    source = write_jsonl(tmp_path / "hellaswag_val.jsonl", random_examples(8))
+    wrapper = tmp_path / "slow_download.py"
+    wrapper.write_text(f"""import runpy, shutil, sys, time
+sys.path.insert(0, {REPO!r})
+import hellaswag
+target = {str(tmp_path / 'cache' / 'hellaswag_val.jsonl')!r}
+hellaswag.default_path = lambda cache_dir=None: target
+def slow(folder):
+    time.sleep(2)
+    shutil.copy({source!r}, target)
+    return target
+hellaswag.download = slow
+runpy.run_path({os.path.join(REPO, 'train_gpt2.py')!r}, run_name="__main__")
+""")
+    (tmp_path / "cache").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(wrapper), f"--data_dir={folder}", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                             "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--micro_batch_size=2",
+                             "--total_batch_size=128", "--max_steps=1", "--eval_interval=0", "--sample_tokens=0",
+                             "--hellaswag_interval=1", "--compile=False"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped" not in result.stdout and "hellaswag acc_norm" in result.stdout
+    assert "/8, completion" in result.stdout

@@ -424,3 +424,19 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line_once(monkeypatch, ca
         err = capsys.readouterr().err
         assert err == ("error: torchrun --nproc_per_node=8, but this machine has 2 GPUs: one process per GPU\n"
                        if rank == 0 else "")
+
+
+def test_ddp_does_not_broadcast_the_rope_tables(tmp_path):
+    """DDP's broadcast_buffers sent rank 0's RoPE tables to every rank every step; they are derived from the config
+    on every rank: the wrapped model does not broadcast buffers."""
+    import torch.distributed as dist
+
+    import training
+    from model import GPT, GPTConfig
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = training.wrap(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)),
+                              False, 2, "cpu")
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel) and not model.broadcast_buffers
+    finally:
+        dist.destroy_process_group()
