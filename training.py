@@ -19,6 +19,7 @@ Run owns everything about the run's folder and its life, the same for both train
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import math
 import os
 import signal
@@ -131,8 +132,13 @@ def wrap(raw_model, compile_model, world_size, device):
     model = torch.compile(raw_model) if compile_model else raw_model
     if world_size > 1:
         ids = [int(device.split(":")[1])] if device.startswith("cuda") else None
-        model = DDP(model, device_ids=ids, broadcast_buffers=False)
+        # torch 2.13 renamed the switch (and deprecated the old name); older torch knows only the old
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in DDP_SWITCHES else "broadcast_buffers"
+        model = DDP(model, device_ids=ids, **{sync: False})
     return model
+
+
+DDP_SWITCHES = inspect.signature(DDP).parameters
 
 
 # -----------------------------------------------------------------------------
