@@ -813,6 +813,19 @@ def run_lstm(lstm, x, state, idx, reset_token):
     return torch.cat(outs, 1), (h, c)
 
 
+def next_token(logits, temperature, top_k, generator):
+    """One token id per row, (B, 1), from the last position's float logits (B, V), by GPT.generate's
+    rule: greedy at temperature 0 or top_k 1, else a draw from softmax(logits / temperature) among
+    the top_k likeliest (all for None)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
 class RecurrentLM(nn.Module):
     """What the three models share: embedding, head, init, state, parameter levels."""
 
@@ -839,6 +852,22 @@ class RecurrentLM(nn.Module):
     def init_state(self, batch_size, device):
         return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device)
                      for w in self.state_widths)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens). The
+        arguments mean what they mean for GPT.generate: temperature=0 or top_k=1 is greedy, generator
+        (on the model's device) makes sampling reproducible, only ids below n_vocab are drawn.
+        The prompt runs in one forward from a zero state, then each new token is fed alone with the
+        state carried: one token's work per step, and no context limit (the state is the context).
+        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        logits, _, state, _ = self(idx)
+        for k in range(max_new_tokens):
+            next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
+            idx = torch.cat([idx, next_tok], dim=1)
+            if k + 1 < max_new_tokens:  # the last token is returned, never fed
+                logits, _, state, _ = self(next_tok, state=state)
+        return idx
 
 
 class LSTMLM(RecurrentLM):
@@ -991,3 +1020,4 @@ def build_recurrent(cfg):
     if cfg.n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {cfg.n_layer}")
     return RECURRENT_MODELS[cfg.model](cfg)
+
