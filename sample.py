@@ -15,6 +15,7 @@ carries its state from token to token, so it has no context limit.
 Paths, as in every script: --out_dir is relative to the repo folder; the files you name (--checkpoint,
 a FILE: prompt) are read as given, relative to the current directory.
 """
+import os
 import sys
 
 import torch
@@ -28,25 +29,34 @@ from model import GPT, SIZES, from_checkpoint
 checkpoint = ""        # a file (read as given) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl; "" = newest in out_dir
 out_dir = "out"        # a training run's folder (relative to the repo folder), read when --checkpoint is ""
 prompt = "\n"          # the text every sample continues; FILE:path reads it from a file (the path as given)
-num_samples = 3        # samples drawn, all in one batch
-max_new_tokens = 200   # tokens generated per sample
-temperature = 0.8      # 0 = greedy; below 1 sharper, above 1 flatter than the model's distribution
+num_samples = 3        # samples drawn, 1 to 1000: all in one batch, whose memory grows with it
+max_new_tokens = 200   # tokens generated per sample, 1 to 100000
+temperature = 0.8      # 0 = greedy, else 0.001 to 100; below 1 sharper, above 1 flatter than the model's
 top_k = 200            # sample among the k likeliest tokens; 0 = among all
-seed = 1337
+seed = 1337            # 0 to 2**63 - 1
 device = ""            # "" = cuda, then mps, then cpu
 dtype = ""             # "" = bfloat16 on GPUs with native bf16, float16 on older ones, bfloat16 on MPS, float32 on CPU
 
 CHOICES = dict(dtype=utils.DTYPES)
+MAX_SAMPLES = 1000
+MAX_NEW_TOKENS = 100_000
+# below 0.001, logits / temperature can overflow to inf (and NaN probabilities); 0 is greedy anyway.
+# Above 100 every token is about as likely as any other: noise, not the model
+TEMPERATURES = (1e-3, 100.0)
 # GPT-2's own weights
 GPT2_META = dict(tokenizer="gpt2", vocab_size=50257, eot=50256, itos=None, unk=None)
 RULE = "-" * 15  # printed after every sample, as nanoGPT's sample.py does
 
 
 def check_settings(settings):
-    for name in ("num_samples", "max_new_tokens"):
+    for name, most in (("num_samples", MAX_SAMPLES), ("max_new_tokens", MAX_NEW_TOKENS)):
         utils.require(settings[name] >= 1, f"--{name} must be at least 1, got {settings[name]}")
-    utils.require(temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+        utils.require(settings[name] <= most, f"--{name} must be at most {most}, got {settings[name]}")
+    low, high = TEMPERATURES
+    utils.require(temperature == 0 or low <= temperature <= high,
+                  f"--temperature must be 0 (greedy) or between {low} and {high:g}, got {temperature}")
     utils.require(top_k >= 0, f"--top_k must be >= 0 (0 = all tokens), got {top_k}")
+    utils.require(0 <= seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 # -----------------------------------------------------------------------------
@@ -166,4 +176,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        try:
+            main(sys.argv[1:])
+        finally:  # output still buffered goes now, while a closed pipe can be caught
+            sys.stdout.flush()
+    except BrokenPipeError:  # `python sample.py ... | head`: the reader has all it wanted
+        # Python's recipe: stdout to devnull, or the flush at exit raises again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -14,6 +14,7 @@ import torch
 
 import data
 import sample
+import utils
 from model import GPT, GPTConfig, LSTMConfig, build_recurrent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +167,7 @@ def test_gpt2_weights_offline_is_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# recurrent models, checkpoints that are not what they say, paths
+# recurrent models, checkpoints that are not what they say, settings out of range, paths, pipes
 
 CHAR_ITOS = [chr(c) for c in range(32, 127)] + ["\n"]
 CHAR_META = dict(tokenizer="char", vocab_size=len(CHAR_ITOS), itos=CHAR_ITOS, unk=None, eot=None)
@@ -240,6 +241,32 @@ def test_control_characters_in_samples_are_printed_escaped(gpt2_enc, tmp_path, c
                 "--device=cpu")
     out = capsys.readouterr().out
     assert "\x1b" not in out and samples(out) == ["Hello" + "\\x1b" * 4]
+
+
+@pytest.mark.parametrize("arg, name", [
+    ("--temperature=1e-45", "temperature"),  # logits / temperature overflowed: a RuntimeError traceback
+    ("--temperature=inf", "temperature"),  # uniform noise
+    ("--temperature=nan", "temperature"),
+    ("--temperature=-1", "temperature"),
+    ("--temperature=1000", "temperature"),
+    ("--num_samples=1e9", "num_samples"),  # a MemoryError traceback
+    ("--max_new_tokens=1e9", "max_new_tokens"),
+    ("--seed=-1", "seed"),
+    ("--seed=1e30", "seed"),  # a RuntimeError traceback from torch's generator
+])
+def test_settings_out_of_range_are_one_line(run_dir, capsys, monkeypatch, arg, name):
+    """Refused before any work: were the setting let through, a billion samples would fill the memory."""
+    monkeypatch.setattr(utils, "pick_device", lambda *a: pytest.fail(f"{arg} passed the setting checks"))
+    code, err = exit_of(capsys, f"--out_dir={run_dir}", "--device=cpu", arg)
+    assert code == 2 and err.startswith(f"error: --{name} must be") and err.count("\n") == 1, err
+
+
+def test_greedy_and_the_smallest_temperature_agree(run_dir, capsys):
+    common = [f"--out_dir={run_dir}", "--device=cpu", "--num_samples=1", "--max_new_tokens=20", "--prompt=ROMEO:"]
+    sample_main(*common, "--temperature=0")
+    greedy = capsys.readouterr().out
+    sample_main(*common, "--temperature=1e-3", "--top_k=2")
+    assert capsys.readouterr().out == greedy
 
 
 def test_a_newest_checkpoint_that_does_not_load_is_skipped_on_stderr(run_dir, tmp_path, capsys):
@@ -324,3 +351,17 @@ def test_a_huge_config_over_tiny_weights_is_refused_without_allocating(script, t
     assert err.startswith(f"error: {tmp_path}/huge.pt: a GPT of train_gpt2.py whose weights do not fit") \
         and "transformer.wte.weight is" in err, err
     assert time.monotonic() - start < 60 and not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("sample.py", ["--help"]), ("export_hf.py", ["--help"]), ("hellaswag.py", ["--help"]), ("sample.py", None)])
+def test_a_closed_pipe_ends_quietly(script, args, run_dir):
+    """`python sample.py ... | head`: the reader leaves early. Here it is gone before the script writes a byte (its
+    imports take a second), so the write always meets a closed pipe: no BrokenPipeError traceback, exit 1."""
+    args = args if args is not None else [f"--out_dir={run_dir}", "--device=cpu", "--max_new_tokens=20"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=120) == 1 and err == "", err
