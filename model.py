@@ -1156,6 +1156,9 @@ def from_checkpoint(ckpt):
     if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
         net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
                                                  config.rope_base)
+        if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
+            raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
+                             f"tables are not finite")
     left = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
     if left:  # a new buffer from_checkpoint does not know how to compute: a bug here, not in the file
         raise RuntimeError(f"from_checkpoint left {', '.join(left)} on the meta device")

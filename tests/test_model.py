@@ -866,6 +866,7 @@ def spoil(key, value):
     (lambda sd, config: config.update(n_head=True), "n_head=True, not an integer"),
     (lambda sd, config: config.update(rope_base=float("inf")), "rope_base=inf, not a finite number"),
     (lambda sd, config: config.update(n_head=3), "n_embd=32 must be divisible by n_head=3"),
+    (lambda sd, config: config.update(rope_base=-2.0), "rope_base=-2.0: its RoPE tables are not finite"),
 ])
 def test_from_checkpoint_names_what_does_not_fit(change, message):
     ckpt = checkpoint_of(GPT(tiny()))
