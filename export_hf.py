@@ -18,9 +18,15 @@ Any other combination is refused, naming the switch no Hugging Face architecture
 embeddings both work; the padded vocabulary rows stay in the weights (config.json's vocab_size is
 the model's). The folder holds config.json, model.safetensors, generation_config.json and, for
 GPT-2 BPE models, the tokenizer (built from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline).
-It is written to a temporary folder beside out_dir and renamed at the end.
-The training data is never read.
+It is written to a temporary folder beside out_dir and renamed at the end (a symlinked out_dir: beside
+the folder it points to, which is the one replaced). The training data is never read.
+Checkpoints of train_lstm.py's recurrent models have no Hugging Face architecture and are refused, as
+is a checkpoint of weights that are not finite, or of a GPTConfig switch this script does not know
+(a new field is refused until export_hf.py learns what it means for each architecture).
+Paths, as in every script: --checkpoint, a file or folder you name, is read as given (relative to the
+current directory); --out_dir, a folder setting, is relative to the repo folder.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -29,14 +35,14 @@ import tempfile
 
 import torch
 
-import sample
+import data
 import utils
-from model import NORM_EPS
+from model import NORM_EPS, GPTConfig, config_from_checkpoint, describe, from_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
-checkpoint = ""      # a train_gpt2.py checkpoint file, or a run folder (its newest checkpoint)
-out_dir = ""         # the Hugging Face model folder to write (relative: to this file's folder)
+checkpoint = ""      # a train_gpt2.py checkpoint file, or a run folder (its newest checkpoint); as given
+out_dir = ""         # the Hugging Face model folder to write (relative: to the repo folder)
 dtype = "float32"    # float32 | bfloat16: precision of the saved weights
 force = False        # True = replace out_dir when it is not empty
 
@@ -47,12 +53,31 @@ GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 EOT_TEXT = "<|endoftext|>"
+# every GPTConfig field, and what the architectures make of it: a field missing here (a new switch) is
+# refused unless it has its default value, since the exported model would silently lack it
+HANDLED_FIELDS = {
+    "block_size": "max_position_embeddings / n_positions",
+    "vocab_size": "vocab_size (padded rows kept)",
+    "n_layer": "num_hidden_layers / n_layer",
+    "n_head": "num_attention_heads (and key-value heads) / n_head",
+    "n_embd": "hidden_size / n_embd",
+    "pos_emb": "chooses the architecture: rope -> Llama or Qwen3, learned -> GPT-2",
+    "mlp": "Llama and Qwen3 need swiglu, GPT-2 gelu",
+    "norm": "Llama and Qwen3 need rmsnorm, GPT-2 layernorm",
+    "norm_pos": "pre only",
+    "qk_norm": "Qwen3 (per-head q/k RMSNorm); GPT-2 has none",
+    "tie_embeddings": "tie_word_embeddings",
+    "bias": "attention_bias and mlp_bias (Llama); GPT-2 needs biases, Qwen3 none",
+    "dropout": "training only: exported with dropout 0",
+    "rope_base": "rope_theta",
+    "mlp_hidden": "intermediate_size (GPT-2 needs 4 x n_embd)",
+}
 
 
 def check_settings(settings):
     for name in ("checkpoint", "out_dir"):
         utils.require(settings[name], f"--{name} is required (--help shows an example)")
-    out = sample.resolve(out_dir)
+    out = utils.in_repo(out_dir)
     utils.require(not os.path.exists(out) or os.path.isdir(out),
                   f"--out_dir={out_dir} is a file, not a folder")
     utils.require(force or not os.path.isdir(out) or not os.listdir(out),
@@ -67,6 +92,12 @@ def check_settings(settings):
 def hf_architecture(config):
     """'llama', 'qwen3' or 'gpt2' for a GPTConfig;
     a one-line exit naming the switches none of them matches."""
+    unknown = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if f.name not in HANDLED_FIELDS and getattr(config, f.name) != f.default]
+    if unknown:
+        raise SystemExit(f"error: export_hf.py does not know how to export {', '.join(unknown)}: no "
+                         f"Hugging Face architecture is known to compute it (teach HANDLED_FIELDS "
+                         f"and hf_config about it, or train without it)")
     if config.pos_emb == "rope":
         name, family = ("qwen3", "Qwen3") if config.qk_norm else ("llama", "Llama")
         wanted = dict(mlp="swiglu", norm="rmsnorm", norm_pos="pre")
@@ -187,8 +218,11 @@ def gpt2_tokenizer(block_size):
 
 
 def write_folder(out, write_fn):
-    """write_fn(folder) into a temporary folder beside `out`, then rename it to `out`
-    (replacing an old one)."""
+    """write_fn(folder) into a temporary folder beside `out`, then rename it to `out`, replacing an
+    old one (moved aside first, and put back if the rename fails). A symlinked `out` is written
+    where it points: the link stays, the folder it names is the one replaced (renaming the link
+    itself over a folder fails). Nothing is left beside it, whatever happens."""
+    out = os.path.realpath(out)
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -201,12 +235,8 @@ def write_folder(out, write_fn):
         for file in os.listdir(tmp):
             os.chmod(os.path.join(tmp, file), 0o666 & ~utils.UMASK)
         os.chmod(tmp, 0o777 & ~utils.UMASK)
-        # empty, or --force: moved aside first, so `out` is never half old, half new
-        if os.path.isdir(out):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old_{os.path.basename(out)}.")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(out):  # empty, or --force
+            replace_folder(tmp, out, parent)
         else:
             os.replace(tmp, out)
     except OSError as e:
@@ -215,16 +245,74 @@ def write_folder(out, write_fn):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_folder(new, out, parent):
+    """Rename the folder `new` to `out`, an existing folder in `parent`: `out` is moved aside first,
+    so it is never half old, half new, and put back if the rename fails, so nothing is lost."""
+    old = tempfile.mkdtemp(dir=parent, prefix=f".old_{os.path.basename(out)}.")
+    try:
+        os.replace(out, old)
+    except OSError:
+        os.rmdir(old)  # still the empty folder mkdtemp made
+        raise
+    try:
+        os.replace(new, out)
+    except OSError as e:
+        try:
+            os.replace(old, out)  # the old folder back where it was
+        except OSError:
+            raise SystemExit(f"error: cannot write {out}: {e.strerror or e}; its previous content "
+                             f"is in {old}") from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def warn(message):
+    print(message, file=sys.stderr)
+
+
+def load_gpt(path):
+    """(GPT, meta, checkpoint path) of a checkpoint file, or of the newest checkpoint in a run folder
+    (the path as given); a one-line exit for anything else, a recurrent model's checkpoint included."""
+    if os.path.isdir(path):
+        ckpt_path, ckpt = utils.load_latest_checkpoint(path, warn)
+        if ckpt_path is None:
+            raise SystemExit(f"error: --checkpoint={path}: no checkpoint (ckpt_*.pt) in that folder")
+    else:
+        ckpt_path, ckpt = path, utils.load_checkpoint(path)
+    try:
+        config = config_from_checkpoint(ckpt)
+        if not isinstance(config, GPTConfig):
+            raise SystemExit(f"error: {ckpt_path} holds {describe(config)}; export_hf.py takes GPT "
+                             f"checkpoints of train_gpt2.py (no Hugging Face architecture computes "
+                             f"the recurrent models)")
+        net = from_checkpoint(ckpt)
+    except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
+        raise SystemExit(f"error: {ckpt_path}: {e}") from None
+    meta = ckpt.get("meta")
+    if meta is None:
+        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
+                         f"meta.json, which train_gpt2.py stores in every checkpoint)")
+    problem = data.meta_problem(meta)
+    if problem is None and meta["vocab_size"] > net.config.vocab_size:
+        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
+    if problem:
+        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
+                         f"{problem}")
+    return net, meta, ckpt_path
+
+
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings(settings)
-    path = sample.resolve(checkpoint)
-    model, meta, ckpt_path = (sample.load_model("", path) if os.path.isdir(path)
-                              else sample.load_model(path, ""))
+    try:
+        import transformers
+    except ImportError as e:  # before any work: the export cannot happen without it
+        raise SystemExit(f"error: export_hf.py needs the transformers package ({e}): "
+                         f"pip install transformers") from None
+    model, meta, ckpt_path = load_gpt(checkpoint)
     name = hf_architecture(model.config)
-    out = sample.resolve(out_dir)
+    out = utils.in_repo(out_dir)
 
-    import transformers
     transformers.utils.logging.disable_progress_bar()
     eot = meta.get("eot")
     config = hf_config(name, model.config, eot, dtype)
@@ -256,4 +344,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        try:
+            main(sys.argv[1:])
+        finally:  # output still buffered goes now, while a closed pipe can be caught
+            sys.stdout.flush()
+    except BrokenPipeError:  # `python export_hf.py --help | head`: the reader has all it wanted
+        # Python's recipe: stdout to devnull, or the flush at exit raises again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

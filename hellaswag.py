@@ -3,6 +3,14 @@ standalone or in training.
 
     python hellaswag.py --checkpoint=out/ckpt_005000.pt        # a train_gpt2.py checkpoint
     python hellaswag.py --model=gpt2 --limit=500               # Hugging Face weights via model.py
+    python hellaswag.py --checkpoint=out/ckpt_005000.pt --data_file=hellaswag_val.jsonl --limit=1000 \\
+        --style=harness --json_out=hs.json
+
+Exactly one of --checkpoint and --model names the model scored. It must work in GPT-2 BPE tokens (a
+checkpoint's meta.json says so; HellaSwag is scored in them): the model is checked before the data
+is downloaded. Paths, as in every script: the files you name (--checkpoint, --data_file, --json_out)
+are read and written as given, relative to the current directory; cache_dir, a folder setting, is
+relative to the repo folder.
 
 Two conventions (say which one a figure uses; the CLI prints it):
   completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending;
@@ -35,20 +43,19 @@ from contextlib import nullcontext
 import torch
 
 import data
-import sample
 import utils
-from model import GPT
+from model import GPT, GPTConfig, config_from_checkpoint, describe, from_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
-data_file = None  # local HellaSwag validation JSONL; None = download into cache_dir once
-cache_dir = "data/hellaswag"  # download folder, relative to this script's folder (not the cwd)
-checkpoint = None  # a train_gpt2.py checkpoint (.pt) to evaluate
+data_file = None  # local HellaSwag validation JSONL (as given); None = download into cache_dir once
+cache_dir = "data/hellaswag"  # download folder, relative to the repo folder (not the cwd)
+checkpoint = None  # a train_gpt2.py checkpoint (.pt, as given) to evaluate; or give --model
 model = None  # or Hugging Face GPT-2 weights via GPT.from_pretrained: "gpt2", "gpt2-medium", ...
 device = ""  # "" = auto (cuda, mps, cpu)
-dtype = ""  # autocast: "" = bfloat16 on cuda, float32 elsewhere; or float32 | bfloat16 | float16
+dtype = ""  # autocast: "" = bfloat16 on GPUs with native bf16, float16 on older ones, bfloat16 on MPS, float32 on CPU
 limit = 0  # score only the first N examples (0 = all 10,042)
 style = "completion"  # completion (build-nanogpt/llm.c) | harness (lm-eval-harness); see above
 skip_bad = False  # skip malformed lines (with a count) instead of stopping at the first one
@@ -64,9 +71,12 @@ CHOICES = dict(dtype=utils.DTYPES, style=STYLES)
 
 
 def check_settings():
-    utils.require((checkpoint is None) != (model is None),
-                  "--checkpoint and --model: give exactly one of them "
-                  "(--checkpoint=path/to/ckpt.pt or --model=gpt2)")
+    utils.require(checkpoint is not None or model is not None,
+                  "--checkpoint or --model is required, to name the model to score: "
+                  "--checkpoint=path/to/ckpt.pt (a train_gpt2.py checkpoint) or --model=gpt2 "
+                  "(GPT-2's weights)")
+    utils.require(checkpoint is None or model is None,
+                  "--checkpoint and --model: give only one of them, the model to score")
     utils.require(limit >= 0, f"--limit must be >= 0 (0 = all), got {limit}")
     utils.require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
 
@@ -360,14 +370,41 @@ def for_training(meta, data_file, limit, local_rank, world_size, device, print0)
 
 
 def load_checkpoint(path, device):
-    """A GPT from a train_gpt2.py checkpoint (sample.load_gpt: one-line errors for every bad file), on
-    `device`. HellaSwag is scored in GPT-2 BPE tokens, so the model must have been trained on them."""
-    net = sample.load_gpt(utils.load_checkpoint(path), path)
-    if net.config.vocab_size < 50257:
-        raise SystemExit(f"error: --checkpoint={path}: its vocabulary has {net.config.vocab_size} ids; "
-                         f"HellaSwag is scored in GPT-2 BPE tokens, so it needs a model trained on "
-                         f"GPT-2 BPE data")
+    """The GPT of a train_gpt2.py checkpoint (the path as given), on `device`; a one-line exit for a
+    file that is no such checkpoint (model.from_checkpoint's checks), a recurrent model, or a model
+    that does not work in GPT-2 BPE tokens, which HellaSwag is scored in."""
+    ckpt = utils.load_checkpoint(path)
+    try:
+        config = config_from_checkpoint(ckpt)
+        if not isinstance(config, GPTConfig):
+            raise SystemExit(f"error: {path} holds {describe(config)}; hellaswag.py scores GPT "
+                             f"checkpoints of train_gpt2.py")
+        net = from_checkpoint(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    meta = ckpt.get("meta")
+    problem = data.meta_problem(meta) if meta is not None else None
+    if problem:
+        raise SystemExit(f"error: {path}: its tokenizer description (\"meta\") is unusable: {problem}")
+    tokens = meta.get("tokenizer") if meta is not None else None
+    if tokens not in (None, "gpt2") or net.config.vocab_size < 50257:
+        trained_on = f"{tokens} tokens" if tokens not in (None, "gpt2") else \
+            f"a vocabulary of {net.config.vocab_size} ids"
+        raise SystemExit(f"error: --checkpoint={path}: the model works in {trained_on}; HellaSwag is "
+                         f"scored in GPT-2 BPE tokens, so only a model trained on GPT-2 BPE data "
+                         f"can be scored")
     return net.to(device)
+
+
+def load_model(device):
+    """(model on device, what it is) for --checkpoint or --model."""
+    if checkpoint is not None:
+        return load_checkpoint(checkpoint, device), checkpoint
+    try:
+        return GPT.from_pretrained(model).to(device), model
+    except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise SystemExit(f"error: --model={model}: {first_line}") from None
 
 
 def main(argv):
@@ -377,17 +414,14 @@ def main(argv):
     device_type = dev.split(":")[0]  # autocast wants "cuda", not "cuda:3"
     precision = utils.pick_dtype(dtype, device_type)
     autocast_ctx = utils.autocast_context(device_type, precision)
-    path = ensure_data(data_file, cache_dir)
-    examples = load_examples(path, skip_bad, limit, style)  # before the model: bad data fails fast
+    # cheap checks first: a data file you name (local, read in a second), then the model, and only
+    # then the download, which a model that cannot be scored would have wasted
+    examples = load_examples(ensure_data(data_file), skip_bad, limit, style) \
+        if data_file is not None else None
+    net, source = load_model(dev)
+    if examples is None:
+        examples = load_examples(ensure_data(None, cache_dir), skip_bad, limit, style)
     enc = data.tiktoken_encoding("gpt2")
-
-    if checkpoint is not None:
-        net, source = load_checkpoint(checkpoint, dev), checkpoint
-    else:
-        try:
-            net, source = GPT.from_pretrained(model).to(dev), model
-        except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
-            raise SystemExit(f"error: --model={model}: {e}") from None
 
     t0 = time.time()
     result = evaluate(net, examples, enc, dev, style, autocast_ctx, batch_size=batch_size)
@@ -403,4 +437,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        try:
+            main(sys.argv[1:])
+        finally:  # output still buffered goes now, while a closed pipe can be caught
+            sys.stdout.flush()
+    except BrokenPipeError:  # `python hellaswag.py --help | head`: the reader has all it wanted
+        # Python's recipe: stdout to devnull, or the flush at exit raises again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -8,6 +8,8 @@ GPT-2 and loads its weights (GPT.from_pretrained / GPT.from_hf_state_dict).
 Module names follow nanoGPT / Hugging Face (wte, wpe, h, attn.c_attn, mlp.c_fc, ln_f, lm_head).
 """
 
+import dataclasses
+import itertools
 import math
 import os
 import re
@@ -823,6 +825,19 @@ def run_lstm(lstm, x, state, idx, reset_token):
     return torch.cat(outs, 1), (h, c)
 
 
+def next_token(logits, temperature, top_k, generator):
+    """One token id per row, (B, 1), from the last position's float logits (B, V), by GPT.generate's
+    rule: greedy at temperature 0 or top_k 1, else a draw from softmax(logits / temperature) among
+    the top_k likeliest (all for None)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
 class RecurrentLM(nn.Module):
     """What the three models share: embedding, head, init, state, parameter levels."""
 
@@ -849,6 +864,22 @@ class RecurrentLM(nn.Module):
     def init_state(self, batch_size, device):
         return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device)
                      for w in self.state_widths)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens). The
+        arguments mean what they mean for GPT.generate: temperature=0 or top_k=1 is greedy, generator
+        (on the model's device) makes sampling reproducible, only ids below n_vocab are drawn.
+        The prompt runs in one forward from a zero state, then each new token is fed alone with the
+        state carried: one token's work per step, and no context limit (the state is the context).
+        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        logits, _, state, _ = self(idx)
+        for k in range(max_new_tokens):
+            next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
+            idx = torch.cat([idx, next_tok], dim=1)
+            if k + 1 < max_new_tokens:  # the last token is returned, never fed
+                logits, _, state, _ = self(next_tok, state=state)
+        return idx
 
 
 class LSTMLM(RecurrentLM):
@@ -1001,3 +1032,145 @@ def build_recurrent(cfg):
     if cfg.n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {cfg.n_layer}")
     return RECURRENT_MODELS[cfg.model](cfg)
+
+
+# =============================================================================
+# Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py, the trainers)
+# =============================================================================
+# A checkpoint file is input from anyone: its model_config may describe a model of terabytes while
+# its weights weigh a few kilobytes. from_checkpoint builds the model on the meta device (shapes, no
+# storage), checks the weights' every key and shape against it, and only then hands the module the
+# checkpoint's own tensors: it allocates what the file holds, never what its config claims.
+
+# what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
+DERIVED_SLACK_BYTES = 64 << 20
+
+
+def describe(config):
+    """What a checkpoint of this config holds, in words for messages."""
+    if isinstance(config, LSTMConfig):
+        return f"a recurrent model ({config.model}) of train_lstm.py"
+    return "a GPT of train_gpt2.py"
+
+
+def config_from_checkpoint(ckpt):
+    """The GPTConfig, or LSTMConfig, of a loaded checkpoint (a dict with "model_config" and "model"):
+    a train_lstm.py model_config names its model under "model", GPTConfig has no such field. Every
+    field must have its default's type (an int where a float is wanted is fine, floats finite); lists
+    become tuples (chunk_sizes, surprise_weights). ValueError naming what does not fit."""
+    values = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not isinstance(values, dict) or not isinstance(ckpt.get("model"), dict):
+        raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
+    cls = LSTMConfig if "model" in values else GPTConfig
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    unknown = [name for name in values if name not in kinds]
+    if unknown:
+        raise ValueError(f"its model_config has {', '.join(map(repr, unknown[:5]))}, "
+                         f"which {cls.__name__} does not know")
+    typed = {}
+    for name, value in values.items():
+        kind = kinds[name]
+        if kind is float and type(value) is int:
+            value = float(value)
+        if kind is tuple and type(value) is list:
+            value = tuple(value)
+        numbers = value if kind is tuple and type(value) is tuple else (value,) if kind is float else ()
+        if type(value) is not kind or not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
+            wanted = {tuple: "a tuple of finite numbers", float: "a finite number", int: "an integer",
+                      str: "a string", bool: "True or False"}.get(kind, kind.__name__)
+            raise ValueError(f"its model_config has {name}={value!r:.80}, not {wanted}")
+        typed[name] = value
+    try:
+        config = cls(**typed)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its model_config: {e}") from None
+    if cls is LSTMConfig:
+        if config.model not in RECURRENT_MODELS:
+            raise ValueError(f"its model_config has model={config.model!r}; "
+                             f"known: {', '.join(RECURRENT_MODELS)}")
+        small = [f"{k}={v}" for k, v in dataclasses.asdict(config).items() if type(v) is int and v < 1]
+        if small:
+            raise ValueError(f"its model_config has {', '.join(small)}: sizes must be >= 1")
+    return config
+
+
+def from_checkpoint(ckpt):
+    """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
+    and train_lstm.py write them), GPT or recurrent as its model_config says, holding its weights, in
+    eval mode on the CPU. Tied weights stay tied; floating-point weights become float32.
+
+    Safe on a hostile file: the config is checked for types, the model built on the meta device, and
+    the weights' keys, shapes, dtypes and values (finite) checked against it before anything is
+    allocated, and then only RoPE's tables are (no larger than the weights, give or take
+    DERIVED_SLACK_BYTES). ValueError naming the key, shape or field that does not fit."""
+    config = config_from_checkpoint(ckpt)
+    what, weights = describe(config), ckpt["model"]
+    bad = next((k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
+               None)
+    if bad is not None:
+        raise ValueError(f"{what} whose weights are not a state dict: {bad!r:.80} is no named tensor")
+    # modules are Python objects even on the meta device (~10 KB per tensor they hold): a layer count
+    # no state dict this size could fill (each layer has at least one tensor) is refused before any
+    # is built
+    counts = {"n_layer": config.n_layer}
+    if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
+        counts["len(chunk_sizes)"] = len(config.chunk_sizes)
+    for name, count in counts.items():
+        if count > len(weights):
+            raise ValueError(f"{what} whose weights do not fit its model_config: {name}={count}, "
+                             f"but the weights are {len(weights)} tensors")
+    try:
+        with torch.device("meta"):
+            net = GPT(config) if isinstance(config, GPTConfig) else build_recurrent(config)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{what} whose model_config does not build: {e}") from None
+    expected = net.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in weights]
+    extra = [k for k in weights if k not in expected]
+    for keys, kind in ((missing, "lacks"), (extra, "has an unexpected")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ValueError(f"{what} whose weights do not fit its model_config: "
+                             f"the state dict {kind} {keys[0]}{more}")
+    for key, want in expected.items():
+        got = weights[key]
+        if got.shape != want.shape:
+            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is "
+                             f"{tuple(got.shape)}, the model_config needs {tuple(want.shape)}")
+        if got.layout != torch.strided or got.is_floating_point() != want.is_floating_point():
+            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is a "
+                             f"{got.layout} {got.dtype} tensor, the model wants {want.dtype}")
+    rope_bytes = 0
+    if isinstance(config, GPTConfig) and config.pos_emb == "rope":  # cos and sin, float32
+        rope_bytes = 2 * 4 * config.block_size * (config.n_embd // config.n_head)
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    if rope_bytes > weight_bytes + DERIVED_SLACK_BYTES:
+        raise ValueError(f"{what} whose model_config has block_size={config.block_size}: its RoPE "
+                         f"tables would take {rope_bytes >> 20} MiB, its weights are only "
+                         f"{weight_bytes >> 20} MiB")
+    for key in expected:
+        if weights[key].is_floating_point() and not bool(torch.isfinite(weights[key]).all()):
+            raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
+    # tied weights (lm_head and wte) are one Parameter under two names: assign=True below would give
+    # each name its own tensor, so every second name is pointed back at the first one's afterwards
+    first, ties = {}, []
+    for name, p in net.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        first.setdefault(id(p), name)
+    net.load_state_dict({k: weights[k].to(device="cpu", dtype=want.dtype) for k, want in expected.items()},
+                        assign=True)
+    for name, source in ties:
+        owner, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(owner), attr, net.get_parameter(source))
+    if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
+        net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
+                                                 config.rope_base)
+        if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
+            raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
+                             f"tables are not finite")
+    left = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
+    if left:  # a new buffer from_checkpoint does not know how to compute: a bug here, not in the file
+        raise RuntimeError(f"from_checkpoint left {', '.join(left)} on the meta device")
+    # .to() also refreshes nn.LSTM's cached list of its weights (_flat_weights)
+    return net.to("cpu").eval()

@@ -1,16 +1,19 @@
-"""Sample text from a trained GPT: a checkpoint of train_gpt2.py, or GPT-2's own weights.
+"""Sample text from a trained model: a checkpoint of train_gpt2.py or train_lstm.py, or GPT-2's own weights.
 
     python sample.py --out_dir=out --prompt="ROMEO:"           # the newest checkpoint in out/
-    python sample.py --checkpoint=out/ckpt_000500.pt --prompt="ROMEO:" --num_samples=3 \
+    python sample.py --checkpoint=out/ckpt_000500.pt --prompt="ROMEO:" --num_samples=3 \\
         --max_new_tokens=200 --temperature=0.8 --top_k=200 --seed=1337
     python sample.py --checkpoint=out/ckpt_000500.pt --prompt=FILE:prompt.txt
     python sample.py --checkpoint=gpt2 --prompt="Hello, I'm a language model,"   # needs transformers and the hub
 
 The prompt is encoded and the samples decoded with the tokenizer the model was trained with (GPT-2
-BPE, char or word: the data's meta.json, which train_gpt2.py stores in every checkpoint). The
+BPE, char or word: the data's meta.json, which the trainers store in every checkpoint). The
 samples are printed one after the other, each starting with the prompt and followed by a line of
-dashes. The same seed gives the same text. Relative paths are relative to this file's folder, as in
-train_gpt2.py.
+dashes; a control character a sample holds (an escape sequence, say) is printed escaped (\\x1b),
+never raw to the terminal. The same seed gives the same text. A recurrent model of train_lstm.py
+carries its state from token to token, so it has no context limit.
+Paths, as in every script: --out_dir is relative to the repo folder; the files you name (--checkpoint,
+a FILE: prompt) are read as given, relative to the current directory.
 """
 import os
 import sys
@@ -19,87 +22,73 @@ import torch
 
 import data
 import utils
-from model import GPT, SIZES, GPTConfig
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from model import GPT, SIZES, from_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
-checkpoint = ""        # a file or gpt2 | gpt2-medium | gpt2-large | gpt2-xl; "" = newest in out_dir
-out_dir = "out"        # a training run's folder, read when --checkpoint is ""
-prompt = "\n"          # the text every sample continues; FILE:path reads it from a file
-num_samples = 3        # samples drawn, all in one batch
-max_new_tokens = 200   # tokens generated per sample
-temperature = 0.8      # 0 = greedy; below 1 sharper, above 1 flatter than the model's distribution
+checkpoint = ""        # a file (read as given) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl; "" = newest in out_dir
+out_dir = "out"        # a training run's folder (relative to the repo folder), read when --checkpoint is ""
+prompt = "\n"          # the text every sample continues; FILE:path reads it from a file (the path as given)
+num_samples = 3        # samples drawn, 1 to 1000: all in one batch, whose memory grows with it
+max_new_tokens = 200   # tokens generated per sample, 1 to 100000
+temperature = 0.8      # 0 = greedy, else 0.001 to 100; below 1 sharper, above 1 flatter than the model's
 top_k = 200            # sample among the k likeliest tokens; 0 = among all
-seed = 1337
+seed = 1337            # 0 to 2**63 - 1
 device = ""            # "" = cuda, then mps, then cpu
-dtype = ""             # "" = bfloat16 autocast on GPUs (float16 without bf16), float32 on CPU
+dtype = ""             # "" = bfloat16 on GPUs with native bf16, float16 on older ones, bfloat16 on MPS, float32 on CPU
 
 CHOICES = dict(dtype=utils.DTYPES)
+MAX_SAMPLES = 1000
+MAX_NEW_TOKENS = 100_000
+# below 0.001, logits / temperature can overflow to inf (and NaN probabilities); 0 is greedy anyway.
+# Above 100 every token is about as likely as any other: noise, not the model
+TEMPERATURES = (1e-3, 100.0)
 # GPT-2's own weights
 GPT2_META = dict(tokenizer="gpt2", vocab_size=50257, eot=50256, itos=None, unk=None)
 RULE = "-" * 15  # printed after every sample, as nanoGPT's sample.py does
 
 
-def resolve(path):
-    return path if os.path.isabs(path) else os.path.join(HERE, path)
-
-
 def check_settings(settings):
-    for name in ("num_samples", "max_new_tokens"):
+    for name, most in (("num_samples", MAX_SAMPLES), ("max_new_tokens", MAX_NEW_TOKENS)):
         utils.require(settings[name] >= 1, f"--{name} must be at least 1, got {settings[name]}")
-    utils.require(temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+        utils.require(settings[name] <= most, f"--{name} must be at most {most}, got {settings[name]}")
+    low, high = TEMPERATURES
+    utils.require(temperature == 0 or low <= temperature <= high,
+                  f"--temperature must be 0 (greedy) or between {low} and {high:g}, got {temperature}")
     utils.require(top_k >= 0, f"--top_k must be >= 0 (0 = all tokens), got {top_k}")
+    utils.require(0 <= seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 # -----------------------------------------------------------------------------
-# checkpoints (export_hf.py reads them through these functions too)
+# checkpoints
 
 
-def load_gpt(ckpt, ckpt_path):
-    """(GPT on the CPU in eval mode, meta) from a loaded train_gpt2.py checkpoint;
-    a one-line exit otherwise."""
-    config = ckpt.get("model_config") if isinstance(ckpt, dict) else None
-    if isinstance(config, dict) and "model" in config:
-        raise SystemExit(f"error: {ckpt_path} holds a recurrent model ({config['model']}) "
-                         f"of train_lstm.py; sample.py and export_hf.py take GPT checkpoints "
-                         f"of train_gpt2.py")
-    if not isinstance(config, dict) or not isinstance(ckpt.get("model"), dict):
-        raise SystemExit(f"error: {ckpt_path} is not a checkpoint of train_gpt2.py "
-                         f"(no model and model_config)")
-    try:
-        model = GPT(GPTConfig(**config))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        # load_state_dict lists keys over several lines
-        raise SystemExit(f"error: {ckpt_path}: its weights do not fit a GPT of its model_config "
-                         f"({' '.join(str(e).split())[:300]})") from None
-    return model.eval()
+def warn(message):
+    print(message, file=sys.stderr)  # stdout holds the samples only
 
 
-def checkpoint_meta(ckpt, ckpt_path):
-    """The tokenizer description (data.py's meta.json) a checkpoint was trained with.
-    Checkpoints written before train_gpt2.py stored it name their data folder, whose meta.json
-    is read instead."""
-    if ckpt.get("meta"):
-        return ckpt["meta"]
-    data_dir = (ckpt.get("settings") or {}).get("data_dir")
-    if data_dir:
-        meta = data.read_meta(resolve(data_dir))
-        if meta:
-            return meta
-        if os.path.isdir(resolve(data_dir)):
-            # llm.c's shards come without meta.json: GPT-2 BPE, as train_gpt2.py assumes
-            return GPT2_META
-    raise SystemExit(f"error: {ckpt_path} does not record its tokenizer and its data folder "
-                     f"{data_dir!r} is not here to read meta.json from: sample from a checkpoint "
-                     f"of the current train_gpt2.py, or put the data folder back")
+def checkpoint_meta(ckpt, ckpt_path, vocab_size):
+    """The tokenizer description (data.py's meta.json) the trainers store in a checkpoint under
+    "meta", checked as read_meta checks a meta.json (no control characters in the vocabulary) and
+    against the model's vocabulary of vocab_size ids."""
+    meta = ckpt.get("meta")
+    if meta is None:
+        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
+                         f"meta.json, which the trainers store in every checkpoint): without it "
+                         f"prompts cannot be encoded nor samples decoded")
+    problem = data.meta_problem(meta)
+    if problem is None and meta["vocab_size"] > vocab_size:
+        problem = f"vocab_size {meta['vocab_size']} is more than the model's {vocab_size} ids"
+    if problem:
+        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
+                         f"{problem}")
+    return meta
 
 
 def load_model(name_or_path, folder):
-    """(GPT, meta, what) for --checkpoint: GPT-2's weights by name, a file,
-    or the newest checkpoint in folder."""
+    """(model, meta, what) for --checkpoint: GPT-2's weights by name, a file (as given), or the
+    newest checkpoint in folder (relative to the repo folder). The model is a GPT or a recurrent
+    model, whichever the checkpoint holds, on the CPU in eval mode."""
     if name_or_path in SIZES:
         try:
             return GPT.from_pretrained(name_or_path).eval(), GPT2_META, name_or_path
@@ -107,24 +96,27 @@ def load_model(name_or_path, folder):
             first_line = str(e).strip().splitlines()[0]
             raise SystemExit(f"error: --checkpoint={name_or_path}: {first_line}") from None
     if name_or_path:
-        ckpt_path = resolve(name_or_path)
-        ckpt = utils.load_checkpoint(ckpt_path)
+        ckpt_path, ckpt = name_or_path, utils.load_checkpoint(name_or_path)
     else:
-        ckpt_path, ckpt = utils.load_latest_checkpoint(resolve(folder))
+        ckpt_path, ckpt = utils.load_latest_checkpoint(utils.in_repo(folder), warn)
         if ckpt_path is None:
-            raise SystemExit(f"error: no checkpoint (ckpt_*.pt) in {resolve(folder)}: train with "
-                             f"train_gpt2.py --out_dir={folder}, or name one with --checkpoint")
-    return load_gpt(ckpt, ckpt_path), checkpoint_meta(ckpt, ckpt_path), ckpt_path
+            raise SystemExit(f"error: no checkpoint (ckpt_*.pt) in {utils.in_repo(folder)}: train "
+                             f"with train_gpt2.py --out_dir={folder}, or name one with --checkpoint")
+    try:
+        net = from_checkpoint(ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {ckpt_path}: {e}") from None
+    return net, checkpoint_meta(ckpt, ckpt_path, net.config.vocab_size), ckpt_path
 
 
 # -----------------------------------------------------------------------------
-# the prompt
+# the prompt and the samples
 
 
 def read_prompt(text):
     if not text.startswith("FILE:"):
         return text
-    path = resolve(text[len("FILE:"):])
+    path = text[len("FILE:"):]  # a file you name: as given
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -149,6 +141,13 @@ def encode_prompt(text, meta):
     return ids
 
 
+def printable(text):
+    """text with its control characters but newline and tab (data.CONTROL) escaped, \\x1b for ESC: a
+    sample goes to a terminal, where an escape sequence would act instead of showing. A char or word
+    vocabulary has none (meta_problem), but byte-level BPE has a token for every byte."""
+    return data.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -158,8 +157,11 @@ def main(argv):
     dev = utils.pick_device(device)
     device_type = dev.split(":")[0]
     precision = utils.pick_dtype(dtype, device_type)
-    model, meta, _ = load_model(checkpoint, out_dir)
+    model, meta, source = load_model(checkpoint, out_dir)
     ids = encode_prompt(read_prompt(prompt), meta)
+    if max(ids) >= model.config.vocab_size:  # a tiktoken encoding larger than the model's vocabulary
+        raise SystemExit(f"error: {source}: its tokenizer {meta['tokenizer']!r} gives the prompt id "
+                         f"{max(ids)}, past the model's {model.config.vocab_size} ids")
 
     torch.manual_seed(seed)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -169,9 +171,17 @@ def main(argv):
                                      temperature=temperature, top_k=top_k or None,
                                      generator=generator, n_vocab=meta.get("vocab_size"))
     for row in out.tolist():
-        print(data.decode(row, meta))
+        print(printable(data.decode(row, meta)))
         print(RULE)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        try:
+            main(sys.argv[1:])
+        finally:  # output still buffered goes now, while a closed pipe can be caught
+            sys.stdout.flush()
+    except BrokenPipeError:  # `python sample.py ... | head`: the reader has all it wanted
+        # Python's recipe: stdout to devnull, or the flush at exit raises again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -1,15 +1,20 @@
 """export_hf.py: the exported folder, loaded by transformers (the independent reference), computes what our GPT does."""
 import dataclasses
+import errno
 import importlib
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import export_hf
 from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,3 +162,106 @@ def test_gpt2_tokenizer_files_missing(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="cannot load GPT-2's BPE files .* TIKTOKEN_CACHE_DIR"):
         export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/hf")
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_without_transformers_one_line(tmp_path, monkeypatch):
+    write_checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what `import transformers` meets when not installed
+    with pytest.raises(SystemExit) as exit_info:
+        export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/hf")
+    message = str(exit_info.value.code)
+    assert message.startswith("error: export_hf.py needs the transformers package") and "\n" not in message
+    assert message.endswith("pip install transformers") and not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_a_symlinked_out_dir_is_written_where_it_points(content, tmp_path, one_thread):
+    """out_dir a link to a folder (empty, or replaced with --force): the folder it names gets the export, the link
+    stays a link, and nothing is left beside either (before: a misleading error and an empty .old_* folder)."""
+    write_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "models" / "real").mkdir(parents=True)
+    if content:
+        (tmp_path / "models" / "real" / content).write_text("old")
+    os.symlink(tmp_path / "models" / "real", tmp_path / "link")
+    export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/link", *(["--force=True"] if content else []))
+    assert os.path.islink(tmp_path / "link") and os.path.realpath(tmp_path / "link") == str(tmp_path / "models/real")
+    assert sorted(os.listdir(tmp_path / "models" / "real")) == ["config.json", "generation_config.json",
+                                                               "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "link", "models"] and os.listdir(tmp_path / "models") == ["real"]
+    assert type(load_hf(tmp_path / "link")).__name__ == "LlamaForCausalLM"
+
+
+def test_a_symlink_to_nowhere_is_written_where_it_points(tmp_path, one_thread):
+    write_checkpoint(tmp_path / "ckpt.pt")
+    os.symlink(tmp_path / "models" / "new", tmp_path / "link")
+    export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/link")
+    assert "config.json" in os.listdir(tmp_path / "link") and os.listdir(tmp_path / "models") == ["new"]
+
+
+def test_a_failed_replace_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """--force moves the old folder aside before renaming the new one in: if that rename fails, the old folder is
+    put back and no temporary folder stays."""
+    write_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    real_replace = os.replace
+
+    def failing_rename_of_the_new_folder(src, dst):
+        if os.path.basename(src).startswith(".tmp_hf.") and dst == str(tmp_path / "hf"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_rename_of_the_new_folder)
+    with pytest.raises(SystemExit, match="cannot write .*hf: No space left on device"):
+        export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/hf", "--force=True")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"] and os.listdir(tmp_path / "hf") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(bad, tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"]["transformer.h.1.mlp.c_fc.weight"][3, 4] = bad
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        export(f"--checkpoint={tmp_path}/ckpt.pt", f"--out_dir={tmp_path}/hf")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {tmp_path}/ckpt.pt: ") and "transformer.h.1.mlp.c_fc.weight holds NaN or inf" \
+        in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_a_gptconfig_field_export_hf_does_not_know_is_refused(tmp_path, monkeypatch, one_thread):
+    """A fork adds a switch to GPTConfig: a model that uses it is refused, naming it, until export_hf.py learns what
+    it means; at its default the model is the plain one and exports."""
+    import model
+
+    @dataclasses.dataclass
+    class Forked(model.GPTConfig):
+        new_knob: int = 0  # a switch export_hf.py has never heard of
+
+    monkeypatch.setattr(model, "GPTConfig", Forked)
+    write_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.save(dict(ckpt, model_config=dict(ckpt["model_config"], new_knob=3)), tmp_path / "knob.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        export(f"--checkpoint={tmp_path}/knob.pt", f"--out_dir={tmp_path}/hf")
+    message = str(exit_info.value.code)
+    assert message.startswith("error: export_hf.py does not know how to export new_knob=3") and "\n" not in message
+    assert not os.path.exists(tmp_path / "hf")
+    torch.save(dict(ckpt, model_config=dict(ckpt["model_config"], new_knob=0)), tmp_path / "plain.pt")
+    export(f"--checkpoint={tmp_path}/plain.pt", f"--out_dir={tmp_path}/hf")
+    assert type(load_hf(tmp_path / "hf")).__name__ == "LlamaForCausalLM"
+
+
+def test_paths_follow_the_one_rule(tmp_path):
+    """Run from another working directory: --checkpoint, a file you name, is read as given (relative to it);
+    --out_dir, a folder setting, is relative to the repo folder."""
+    work = tmp_path / "work"
+    (work / "in").mkdir(parents=True)
+    write_checkpoint(work / "in" / "ckpt.pt")
+    out_dir = os.path.relpath(tmp_path / "hf", REPO)  # ../../tmp/...: from `work` that would be another folder
+    result = subprocess.run([sys.executable, os.path.join(REPO, "export_hf.py"), "--checkpoint=in/ckpt.pt",
+                             f"--out_dir={out_dir}"], capture_output=True, text=True, cwd=work, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr
+    assert "config.json" in os.listdir(tmp_path / "hf") and sorted(os.listdir(work)) == ["in"]

@@ -542,3 +542,98 @@ runpy.run_path({os.path.join(REPO, 'train_gpt2.py')!r}, run_name="__main__")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped" not in result.stdout and "hellaswag acc_norm" in result.stdout
     assert "/8, completion" in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# the model first, then the data; paths
+
+
+def gpt_checkpoint(path, meta=None, **config):
+    cfg = GPTConfig(**dict(dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50304), **config))
+    ckpt = {"model": GPT(cfg).state_dict(), "model_config": dataclasses.asdict(cfg), "step": 0}
+    torch.save(dict(ckpt, meta=meta) if meta is not None else ckpt, path)
+    return str(path)
+
+
+CHAR_META = {"tokenizer": "char", "vocab_size": 3, "itos": ["a", "b", "c"], "eot": None, "unk": None}
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such file"),
+    ("char meta", "works in char tokens; HellaSwag is scored in GPT-2 BPE tokens"),
+    ("char vocabulary", "works in a vocabulary of 128 ids; HellaSwag is scored in GPT-2 BPE tokens"),
+    ("recurrent", "holds a recurrent model (lstm) of train_lstm.py; hellaswag.py scores GPT checkpoints"),
+    ("huge", "transformer.wte.weight is (50304, 16), the model_config needs (50304, 8192)"),
+])
+def test_the_model_is_checked_before_the_data_is_downloaded(tmp_path, monkeypatch, capsys, hs_settings, kind,
+                                                              message):
+    """With no --data_file, HellaSwag is downloaded: not for a model that cannot be scored. Nor are the GPT-2 BPE
+    files asked for (offline, that was the error a char-level checkpoint got)."""
+    path = tmp_path / "ckpt.pt"
+    if kind == "char meta":  # a char-level model whose vocabulary was padded past 50257 still is not GPT-2 BPE
+        gpt_checkpoint(path, meta=CHAR_META)
+    elif kind == "char vocabulary":
+        gpt_checkpoint(path, vocab_size=128)
+    elif kind == "recurrent":
+        torch.save(dict(model={"w": torch.zeros(1)}, model_config=dict(model="lstm", n_layer=1), step=0), path)
+    elif kind == "huge":
+        ckpt = torch.load(gpt_checkpoint(path), weights_only=True)
+        torch.save(dict(ckpt, model_config=dict(ckpt["model_config"], n_embd=8192)), path)
+    monkeypatch.setattr(requests, "get", lambda *a, **k: pytest.fail("downloaded HellaSwag for a model it refuses"))
+    monkeypatch.setattr(data, "tiktoken_encoding", lambda *a: pytest.fail("asked for the GPT-2 BPE files"))
+    with pytest.raises(SystemExit) as e:
+        hs.main([f"--checkpoint={path}", f"--cache_dir={tmp_path}/cache", "--device=cpu"])
+    assert message in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert not os.path.exists(tmp_path / "cache")
+
+
+def test_a_gpt2_bpe_meta_is_scored(tmp_path, gpt2_enc):
+    """A checkpoint that says what it was trained on (as train_gpt2.py's do): GPT-2 BPE is scored."""
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256, "itos": None, "unk": None}
+    net = hs.load_checkpoint(gpt_checkpoint(tmp_path / "c.pt", meta=meta), "cpu")
+    assert net.config.vocab_size == 50304 and not net.training
+    bad = dict(meta, eot=60000)
+    with pytest.raises(SystemExit, match=r"tokenizer description \(\"meta\"\) is unusable: eot must be a token id"):
+        hs.load_checkpoint(gpt_checkpoint(tmp_path / "bad.pt", meta=bad), "cpu")
+
+
+def test_neither_checkpoint_nor_model_says_what_to_give(hs_settings, capsys):
+    """The README's third example named neither: the error says one of the two is required, and how."""
+    with pytest.raises(SystemExit) as e:
+        hs.main(["--data_file=hellaswag_val.jsonl", "--limit=1000", "--style=harness", "--json_out=hs.json"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --checkpoint or --model is required") and "--model=gpt2" in err, err
+
+
+def test_help_describes_the_default_dtype_as_utils_picks_it():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "hellaswag.py"), "--help"], capture_output=True,
+                         text=True, timeout=120).stdout
+    line = next(line for line in out.splitlines() if line.startswith("  --dtype="))
+    assert "bfloat16 on GPUs with native bf16, float16 on older ones, bfloat16 on MPS, float32 on CPU" in line
+
+
+def test_paths_follow_the_one_rule(tmp_path, gpt2_enc):
+    """Run from another working directory: the files you name (--checkpoint, --data_file, --json_out) are read and
+    written as given, relative to it; --cache_dir, a folder setting, is relative to the repo folder."""
+    work = tmp_path / "work"
+    (work / "in").mkdir(parents=True)
+    model = tiny_gpt()
+    torch.save(dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=0),
+               work / "in" / "ckpt.pt")
+    write_jsonl(work / "in" / "val.jsonl", random_examples(4))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    common = [sys.executable, os.path.join(REPO, "hellaswag.py"), "--checkpoint=in/ckpt.pt", "--device=cpu"]
+    named = subprocess.run(common + ["--data_file=in/val.jsonl", "--json_out=hs.json"], capture_output=True,
+                           text=True, cwd=work, env=env, timeout=300)
+    assert named.returncode == 0, named.stderr
+    assert json.load(open(work / "hs.json"))["total"] == 4
+    cache = tmp_path / "cache"  # a download already there: the file and its recorded sha256
+    cache.mkdir()
+    write_jsonl(cache / "hellaswag_val.jsonl", random_examples(4))
+    hs.record_sha256(str(cache / "hellaswag_val.jsonl"))
+    from_repo = os.path.relpath(cache, REPO)  # ../../tmp/...: from `work` that would be another folder
+    cached = subprocess.run(common + [f"--cache_dir={from_repo}"], capture_output=True, text=True, cwd=work,
+                            env=env, timeout=300)
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout.splitlines()[0] == named.stdout.splitlines()[0]  # the same 4 examples, the same figures

@@ -1,9 +1,13 @@
-"""Tests for the GPT in model.py (CPU, offline, tiny models)."""
+"""Tests for the GPT in model.py, the recurrent models' generate and from_checkpoint (CPU, offline, tiny models)."""
 
 import copy
+import dataclasses
+import io
 import itertools
+import re
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -15,13 +19,18 @@ from model import (
     NORM_POSS,
     NORMS,
     POS_EMBS,
+    RECURRENT_MODELS,
     SIZES,
     STYLES,
     GPTConfig,
     KVCache,
+    LSTMConfig,
     Muon,
     RMSNorm,
     apply_rope,
+    build_recurrent,
+    config_from_checkpoint,
+    from_checkpoint,
     peak_flops,
     rope_tables,
     zeropower_via_newtonschulz5,
@@ -706,3 +715,182 @@ def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
     assert not native_bf16(torch.device("cuda")) and not native_bf16(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert utils.pick_dtype("", "cuda") == "bfloat16" and native_bf16(torch.device("cuda"))
+
+
+# ---- recurrent models: generate ----
+
+def recurrent(name, **kw):
+    cfg = dict(model=name, vocab_size=11, n_embd=8, n_hidden=12, n_layer=2, ffn_hidden=8, context_dim=8,
+               chunk_sizes=(1, 2), surprise_weights=(0.1,))
+    return LSTMConfig(**dict(cfg, **kw))
+
+
+def naive_recurrent_greedy(model, idx, n):
+    """The whole growing sequence through the model from a zero state at every step: no state carried."""
+    for _ in range(n):
+        logits, _, _, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def lively(model, seed=0):
+    """Every weight N(0, 1): a random recurrent model whose greedy text depends on its state (sharpen's gains of
+    ~1 make it settle on one token)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", RECURRENT_MODELS)
+def test_recurrent_generate_equals_naive_loop(name):
+    model = lively(build_recurrent(recurrent(name))).eval()
+    idx = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = naive_recurrent_greedy(model, idx, 30)
+        forgetful = idx
+        for _ in range(30):  # what a generate that dropped the state would give: something else
+            logits, _, _, _ = model(forgetful[:, -1:])
+            forgetful = torch.cat([forgetful, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(set(ref[:, 5:].flatten().tolist())) >= 3 and not torch.equal(forgetful, ref)
+    assert torch.equal(model.generate(idx, 30, temperature=0), ref)
+    assert torch.equal(model.generate(idx, 30, top_k=1), ref)
+    fed = []
+    model.wte.register_forward_hook(lambda m, inp, out: fed.append(inp[0].size(1)))
+    model.generate(idx, 10, temperature=0)
+    assert fed == [5] + [1] * 9  # the prompt in one forward, then one token per step with the state carried
+
+
+@pytest.mark.parametrize("name", RECURRENT_MODELS)
+def test_recurrent_sampling_reproducible_top_k_and_n_vocab(name):
+    model = sharpen(build_recurrent(recurrent(name)), std=0.1).eval()
+    idx = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(0))
+
+    def gen(seed, **kw):
+        return model.generate(idx, 15, generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(gen(0), gen(0)) and not torch.equal(gen(0), gen(1))
+    out = gen(3, top_k=3, temperature=2.0)
+    with torch.no_grad():
+        logits, _, _, _ = model(out[:, :-1])
+    for t in range(3, out.size(1)):
+        for row in range(2):
+            assert out[row, t] in torch.topk(logits[row, t - 1], 3).indices
+    with torch.no_grad():
+        model.lm_head.weight[6:] += 5.0  # ids 6.. would win every draw: pretend the tokenizer has 6
+    assert (gen(0, n_vocab=6)[:, 3:] < 6).all() and (gen(0)[:, 3:] >= 6).any()
+
+
+# ---- from_checkpoint: a checkpoint back to its model ----
+
+def through_a_file(ckpt):
+    """The checkpoint as the scripts get it: saved, and loaded with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def checkpoint_of(model):
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=0)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=False, qk_norm=True),
+                                dict(STYLES["classic"]), dict(STYLES["classic"], tie_embeddings=False)])
+def test_from_checkpoint_gives_back_the_gpt(kw):
+    ours = sharpen(GPT(tiny(**kw))).eval()
+    loaded = from_checkpoint(through_a_file(checkpoint_of(ours)))
+    assert type(loaded) is GPT and not loaded.training and loaded.config == ours.config
+    tensors = dict(itertools.chain(loaded.named_parameters(), loaded.named_buffers()))
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors.values())
+    assert (loaded.lm_head.weight is loaded.transformer.wte.weight) == ours.config.tie_embeddings
+    assert loaded.num_params() == ours.num_params()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx, idx)[0], ours(idx, idx)[0])  # RoPE's tables computed again, the same
+    assert torch.equal(loaded.generate(idx[:, :3], 20, temperature=0), ours.generate(idx[:, :3], 20, temperature=0))
+
+
+TIED = [("context_vector", dict(tie_embeddings=True)), ("lstm", dict(n_hidden=8, tie_embeddings=True))]
+
+
+@pytest.mark.parametrize("name, kw", [(name, {}) for name in RECURRENT_MODELS] + TIED)
+def test_from_checkpoint_gives_back_the_recurrent_model(name, kw):
+    ours = sharpen(build_recurrent(recurrent(name, **kw))).eval()
+    ckpt = checkpoint_of(ours)
+    ckpt["model_config"].update(chunk_sizes=[1, 2], surprise_weights=[0.1])  # as lists, as JSON would have them
+    loaded = from_checkpoint(through_a_file(ckpt))
+    assert type(loaded) is type(ours) and not loaded.training and loaded.config == ours.config
+    assert loaded.config.chunk_sizes == (1, 2) and loaded.config.surprise_weights == (0.1,)
+    assert (loaded.lm_head.weight is loaded.wte.weight) == ours.config.tie_embeddings
+    assert loaded.num_params() == ours.num_params()
+    idx = torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (logits, _, state, _), (ref, _, ref_state, _) = loaded(idx), ours(idx)
+    assert torch.equal(logits, ref) and all(torch.equal(a, b) for a, b in zip(state, ref_state))
+
+
+def test_from_checkpoint_refuses_a_huge_config_before_building_it():
+    """A few kilobytes of weights under a model_config of ~0.8 TB (n_layer=64, n_embd=16384): refused, naming the
+    first key or setting that does not fit, in milliseconds (the test of sample.py measures the memory)."""
+    small = checkpoint_of(GPT(tiny(n_layer=2, n_embd=16)))
+    for config, message in [
+        (dict(n_layer=64, n_embd=16384, n_head=128), "n_layer=64, but the weights are 15 tensors"),
+        (dict(n_embd=16384, n_head=128), "transformer.wte.weight is (64, 16), the model_config needs (64, 16384)"),
+        (dict(block_size=1 << 40), "block_size=1099511627776: its RoPE tables would take"),
+    ]:
+        start = time.perf_counter()
+        with pytest.raises(ValueError) as info:
+            from_checkpoint(dict(small, model_config=dict(small["model_config"], **config)))
+        assert time.perf_counter() - start < 1
+        assert str(info.value).startswith("a GPT of train_gpt2.py whose ") and message in str(info.value)
+
+
+def spoil(key, value):
+    return lambda sd, config: sd.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd, config: sd.pop("transformer.ln_f.weight"), "the state dict lacks transformer.ln_f.weight"),
+    (spoil("extra.weight", torch.zeros(1)), "the state dict has an unexpected extra.weight"),
+    (spoil("transformer.h.0.mlp.c_fc.weight", torch.zeros(3, 3)),
+     "transformer.h.0.mlp.c_fc.weight is (3, 3), the model_config needs (256, 32)"),
+    (spoil("transformer.ln_f.weight", torch.ones(32, dtype=torch.long)), "transformer.ln_f.weight is a torch.strided "
+                                                                         "torch.int64 tensor, the model wants"),
+    (spoil("transformer.ln_f.weight", [1.0] * 32), "'transformer.ln_f.weight' is no named tensor"),
+    (spoil("transformer.h.1.attn.c_proj.weight", torch.full((32, 32), float("nan"))),
+     "not finite: transformer.h.1.attn.c_proj.weight holds NaN or inf"),
+    (spoil("transformer.wte.weight", torch.full((64, 32), float("-inf"))), "transformer.wte.weight holds NaN or inf"),
+    (lambda sd, config: config.update(new_knob=1), "model_config has 'new_knob', which GPTConfig does not know"),
+    (lambda sd, config: config.update(n_layer="2"), "n_layer='2', not an integer"),
+    (lambda sd, config: config.update(n_head=True), "n_head=True, not an integer"),
+    (lambda sd, config: config.update(rope_base=float("inf")), "rope_base=inf, not a finite number"),
+    (lambda sd, config: config.update(n_head=3), "n_embd=32 must be divisible by n_head=3"),
+    (lambda sd, config: config.update(rope_base=-2.0), "rope_base=-2.0: its RoPE tables are not finite"),
+])
+def test_from_checkpoint_names_what_does_not_fit(change, message):
+    ckpt = checkpoint_of(GPT(tiny()))
+    change(ckpt["model"], ckpt["model_config"])
+    with pytest.raises(ValueError) as info:
+        from_checkpoint(ckpt)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("ckpt, message", [
+    ({"weights": torch.zeros(2)}, "not a checkpoint of train_gpt2.py or train_lstm.py"),
+    (dict(model={}, model_config="gpt"), "not a checkpoint of train_gpt2.py or train_lstm.py"),
+    (dict(model={}, model_config=dict(model="transformer")), "model='transformer'; known: lstm, nested_lstm"),
+    (dict(model={}, model_config=dict(model="lstm", n_hidden=0)), "n_hidden=0: sizes must be >= 1"),
+    (dict(model={}, model_config=dict(model="lstm", chunk_sizes="1,2")), "chunk_sizes='1,2', not a tuple"),
+    (dict(model={f"w{i}": torch.zeros(1) for i in range(3)},
+          model_config=dict(model="nested_lstm", chunk_sizes=[2, 16])),
+     "nested_lstm) of train_lstm.py whose model_config does not build: chunk_sizes must start with 1"),
+    (dict(model={}, model_config=dict(model="nested_lstm")), "nested_lstm) of train_lstm.py whose weights do not "
+                                                             "fit its model_config: n_layer=2, but the weights are 0"),
+])
+def test_from_checkpoint_refuses_what_is_no_model(ckpt, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_checkpoint(ckpt)
+    if "does not build" not in message and "weights" not in message:  # the config alone says it
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_from_checkpoint(ckpt)
