@@ -148,10 +148,9 @@ def make_optimizer(params, lr):
 
 def add_to_chunk_sums(slow_levels, sums, fast_norm, skip_overflow):
     """Add this step's gradients of the slow levels to their chunk sums, then clear them. Returns
-    level 1's gradient norm (fast_norm) plus the slow levels' norm, a device tensor that is finite
-    exactly when every gradient is: no host sync. skip_overflow (float16): a step whose gradients
-    overflowed, which GradScaler skips for level 1, adds nothing to the sums either; one check on
-    the device decides for all of them."""
+    fast_norm (level 1's) + the slow levels' norm: finite exactly when every gradient is, on the
+    device (no host sync). skip_overflow (float16): a step whose gradients overflowed, which
+    GradScaler skips for level 1, adds nothing to the sums either."""
     grads = [p.grad for params in slow_levels for p in params if p.grad is not None]
     norm = (fast_norm + torch.nn.utils.get_total_norm(grads)) if grads else fast_norm
     keep = torch.isfinite(norm) if skip_overflow else None
@@ -163,24 +162,20 @@ def add_to_chunk_sums(slow_levels, sums, fast_norm, skip_overflow):
     return norm
 
 
-def step_slow_levels(step, levels, optimizers, sums, lr_factor):
+def step_slow_levels(step, levels, chunks, optimizers, sums, lr_factor):
     """Level k >= 2 steps at the end of each chunk of C_k steps, on its chunk's summed gradient
     (clipped at grad_clip x C_k), then its sum starts again."""
     for k in range(1, len(levels)):
-        if (step + 1) % chunks_of(k) == 0:
+        if (step + 1) % chunks[k] == 0:
             for p, a in zip(levels[k], sums[k - 1], strict=True):
                 p.grad = a
             if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(levels[k], grad_clip * chunks_of(k))
+                torch.nn.utils.clip_grad_norm_(levels[k], grad_clip * chunks[k])
             training.set_lr([optimizers[k]], lr_factor)
             optimizers[k].step()
             optimizers[k].zero_grad(set_to_none=True)
             for a in sums[k - 1]:
                 a.zero_()
-
-
-def chunks_of(k):
-    return parse_levels()[0][k]
 
 
 def gather_rows(t, world_size):
@@ -284,13 +279,13 @@ def main(argv):
     sums = [[torch.zeros_like(p) for p in params] for params in levels[1:]]  # slow levels' chunks
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "float16")
     state, best_val, bad_evals = raw_net.init_state(B, dev), float("inf"), 0
-    settings, n_params, tokens_per_step = utils.settings_of(globals()), raw_net.num_params(), B * T * world_size
-    ckpt = run.begin(settings, model=raw_net, model_config=model_config, optimizers=optimizers,
-                     scaler=scaler, loader=train_loader, meta=meta, device=dev, compiled=compile,
-                     details=dict(dtype=precision), header=[
-                         f"{model}: {n_params:,} parameters | {tokens_per_step:,} tokens per step "
-                         f"({world_size} x {B} streams x {T} tokens) | {max_steps:,} steps | "
-                         f"{precision} on {dev}"])
+    tokens_per_step = B * T * world_size
+    ckpt = run.begin(utils.settings_of(globals()), model=raw_net, model_config=model_config,
+                     optimizers=optimizers, scaler=scaler, loader=train_loader, meta=meta,
+                     device=dev, compiled=compile, details=dict(dtype=precision), header=[
+                         f"{model}: {raw_net.num_params():,} parameters | {tokens_per_step:,} tokens "
+                         f"per step ({world_size} x {B} streams x {T} tokens) | {max_steps:,} steps "
+                         f"| {precision} on {dev}"])
     if ckpt is not None:
         for bufs, saved in zip(sums, ckpt["slow_grads"], strict=True):
             for a, s in zip(bufs, saved, strict=True):
@@ -337,11 +332,11 @@ def main(argv):
         # the slow levels add this step's gradient to their chunk's sum, and step at its end
         grad_norm = training.clip_grads(levels[0], grad_clip)
         norm_all = add_to_chunk_sums(levels[1:], sums, grad_norm, skip_overflow=scaler.is_enabled())
-        lr_factor = training.lr_factor(step, settings)
+        lr_factor = training.lr_factor(step, run.settings)
         training.set_lr(optimizers[:1], lr_factor)
         scaler.step(optimizers[0])
         optimizers[0].zero_grad(set_to_none=True)
-        step_slow_levels(step, levels, optimizers, sums, lr_factor)
+        step_slow_levels(step, levels, chunks, optimizers, sums, lr_factor)
         scaler.update()
         # the NaN watch (float16: an overflowed gradient is GradScaler's to skip, not a divergence)
         run.after_step(step, loss, *([] if scaler.is_enabled() else [norm_all]))

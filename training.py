@@ -3,18 +3,13 @@
 A trainer's main reads top to bottom as nanoGPT's train.py does:
     settings -> run = Run(...) -> processes, device -> data -> model -> optimizers
     -> run.begin(...) -> the loop (evaluate, step, log, save) -> run.end(...)
-Run owns everything about the run's folder and its life, the same for both trainers:
-- start: the out_dir lock (one run per folder; stale temporary files of killed writers removed), a
-  fresh start refused in a folder that holds a run, --resume=True from the newest checkpoint that
-  loads (one that does not is set aside, never counted as the newest) with the checkpoint's settings
-  merged with what the command line may change, the data checked against the checkpoint's;
-- begin: the checkpoint's state restored, the log truncated to the resume step, the start line and
-  event (settings, versions, device, the source: git commit and the diff of an edited tree);
-- the loop: the NaN watch (on the device until a log line needs a host sync), timing that counts
-  training only, log lines and log.jsonl (and Weights & Biases), checkpoints (never of weights that
-  are not finite; written atomically; pruned by step), --stop_step and SIGTERM/SIGINT (every rank
-  stops at the same step boundary, with a checkpoint);
-- end: the last checkpoint, loss.png, the exit status (0; 3 diverged; 130/143 after SIGINT/SIGTERM).
+Run owns the run's folder and its life, the same for both trainers: the folder's lock, a fresh
+start or --resume=True (the newest checkpoint that loads, its settings, the data it was trained
+on), the start line and event (settings, versions, the source: git commit and the diff of an edited
+tree), the NaN watch, timing that counts training only, log.jsonl (and Weights & Biases),
+checkpoints (never of weights that are not finite; atomic; pruned by step), --stop_step and
+SIGTERM/SIGINT (every rank stops at the same step, with a checkpoint), loss.png and the exit status
+(0; 2 a bad setting; 3 diverged; 130/143 after SIGINT/SIGTERM).
 """
 import contextlib
 import dataclasses
@@ -43,12 +38,11 @@ LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def lr_factor(step, s):
-    """The LR at `step` (0-based) as a fraction of max_lr, from the settings s (max_lr, min_lr,
-    warmup_steps, max_steps, lr_schedule, decay_steps). Warmup reaches 1 at step warmup_steps - 1.
-
-    cosine: min + (cos(pi * (t - a) / (b - a)) + 1) * (1 - min) / 2 for a <= t <= b, with
-            a = warmup_steps, b = max_steps - 1 (the last step trains at exactly min_lr)
-    wsd:    1 until the last decay_steps steps, then linear decay to min at the last step
+    """The LR at `step` (0-based) as a fraction of max_lr, from the settings s. Warmup reaches 1 at
+    step warmup_steps - 1, then
+    cosine: min + (cos(pi * (t - a) / (b - a)) + 1) * (1 - min) / 2, a = warmup_steps,
+            b = max_steps - 1 (the last step trains at exactly min_lr / max_lr)
+    wsd:    1 until the last decay_steps steps, then a linear decay to min at the last step
     """
     low, warmup, last = s["min_lr"] / s["max_lr"], s["warmup_steps"], s["max_steps"] - 1
     if step < warmup:
@@ -67,8 +61,8 @@ def lr_factor(step, s):
 
 
 def set_lr(optimizers, factor):
-    """Every param group trains at its own initial_lr (set where the optimizer is made: a group can
-    have its own LR scale) times the schedule's factor."""
+    """Every param group trains at its own initial_lr (set where the optimizer is made: a group may
+    have its own LR scale) x the schedule's factor."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -80,10 +74,9 @@ def set_lr(optimizers, factor):
 
 def train_step(model, optimizers, next_batch, factor, *, accum_steps, scaler, autocast, device,
                grad_clip):
-    """One optimizer step of accum_steps micro-steps at LR factor `factor`. Returns (loss,
-    grad_norm) as device tensors, the loss the mean over micro-steps: no host sync here, the caller
-    decides when a figure is worth one. The norm is computed even with clipping off: the NaN watch
-    reads it."""
+    """One optimizer step of accum_steps micro-steps at the schedule's `factor`. Returns (loss,
+    grad_norm), device tensors: no host sync here. The loss is the mean over micro-steps; the norm
+    is computed with clipping off too: the NaN watch reads it."""
     step_loss = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         x, y = next_batch()
@@ -115,9 +108,8 @@ def train_step(model, optimizers, next_batch, factor, *, accum_steps, scaler, au
 
 
 def clip_grads(params, clip):
-    """The global norm of the gradients of `params` (the NaN watch reads it), scaled down to at
-    most `clip` when clip > 0. With clipping off only the norm is computed: no pass that multiplies
-    every gradient by 1."""
+    """The global norm of the gradients of `params`, which are scaled down to at most `clip` when
+    clip > 0 (with clipping off, no pass multiplies every gradient by 1)."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if clip > 0:
@@ -146,9 +138,8 @@ DDP_SWITCHES = inspect.signature(DDP).parameters
 
 
 def provenance():
-    """{"commit", "dirty", "diff"} of the repo's git checkout: the diff of tracked files when the tree
-    is edited, so a run of a fork can be traced to the edit that made it. Outside a git checkout
-    {"commit": None, ...} and a note."""
+    """{"commit", "dirty", "diff"} of the repo's git checkout, the diff of tracked files when the tree
+    is edited: a run of a fork can be traced to the edit that made it. Outside git, a note."""
     def git(*args):
         out = subprocess.run(["git", *args], cwd=utils.REPO, capture_output=True, text=True,
                              timeout=30)
@@ -171,11 +162,10 @@ def provenance():
 class Run:
     """One training run in out_dir, from the command line to the exit status (module docstring).
 
-    Run(globals(), argv, can_change, check_settings) is called by every rank before the process
-    group exists: rank 0 takes the folder's lock; every rank makes the same read-only decision (the
-    folder is only written to after the barrier in begin), so every rank refuses or resumes alike.
-    A resumed run's settings are written into the script's namespace, and checked again.
-    """
+    Run(globals(), argv, can_change, check_settings) runs on every rank before the process group
+    exists: rank 0 takes the folder's lock, and every rank makes the same read-only decision (the
+    folder is written only after begin's barrier), so all refuse or resume alike. A resumed run's
+    settings go into the script's namespace and are checked again."""
 
     def __init__(self, namespace, argv, can_change, check_settings):
         self.s, self.rank = namespace, int(os.environ.get("RANK", "0"))
@@ -189,7 +179,7 @@ class Run:
                       f"(a new run needs no --resume)")
         self.lock = utils.lock_folder(self.out, "training run") if self.master else None
         if self.master:
-            utils.remove_stale_temporaries_in(self.out)  # of writers killed mid-checkpoint
+            utils.remove_stale_temporaries(self.out)  # of writers killed mid-checkpoint
         self.ckpt_path, self.ckpt, self.unreadable = None, None, []
         if resume:
             self.find_checkpoint()
@@ -211,36 +201,27 @@ class Run:
     # ---- the start: which checkpoint, which settings -------------------------------------------
 
     def refuse_a_used_folder(self):
-        """A fresh start never writes into the folder of another run: its pruning would delete the
-        new run's checkpoints, its log would interleave, and --resume would continue the old run."""
+        """A fresh start never writes into another run's folder: pruning would delete the new run's
+        checkpoints, the logs would interleave, and --resume would continue the old run."""
         held = [os.path.basename(p) for p in utils.checkpoint_paths(self.out)]
         held += [name for name in ("log.jsonl",) if os.path.exists(os.path.join(self.out, name))]
         utils.require(not held, f"{self.out} holds a run ({', '.join(held[-2:])}): continue it with "
                                 f"--resume=True, or start a new run with another --out_dir")
 
     def find_checkpoint(self):
-        """The newest checkpoint that loads. A newer one that does not (truncated by a full disk) is
-        skipped here and set aside by begin; checkpoints none of which loads are an error, never a
-        fresh start."""
-        paths = utils.checkpoint_paths(self.out)
-        for path in reversed(paths):
-            try:
-                self.ckpt_path, self.ckpt = path, utils.load_checkpoint(path)
-                return
-            except SystemExit as e:
-                reason = str(e).removeprefix("error: ")[:200]
-                self.unreadable.append(path)
-                self.print0(f"warning: skipping {path}, it does not load ({reason}); "
-                            f"it is set aside as {os.path.basename(path)}.unreadable")
-        if paths:
-            raise SystemExit(f"error: none of the {len(paths)} checkpoints in {self.out} loads; "
-                             f"nothing was changed. Resume from a copy of the run, or start anew "
-                             f"in another --out_dir")
-        self.print0(f"resume: no checkpoint in {self.out}, starting from scratch")
+        """The newest checkpoint that loads; newer ones that do not are set aside by begin (as
+        .unreadable). Checkpoints none of which loads are an error, never a fresh start."""
+        self.ckpt_path, self.ckpt = utils.load_latest_checkpoint(self.out, self.print0, self.unreadable)
+        if self.unreadable and self.ckpt is None:
+            raise SystemExit(f"error: none of the {len(self.unreadable)} checkpoints in {self.out} "
+                             f"loads; nothing was changed. Resume from a copy of the run, or start "
+                             f"anew in another --out_dir")
+        if self.ckpt is None:
+            self.print0(f"resume: no checkpoint in {self.out}, starting from scratch")
 
     def merge_settings(self, argv, can_change):
         """The checkpoint's settings, but for PER_RUN and what the command line may change
-        (can_change); any other change is refused, naming it."""
+        (can_change): any other change is refused, naming it."""
         saved = {k: v for k, v in self.ckpt["settings"].items() if k not in PER_RUN}
         current = utils.settings_of(self.s)
         given = utils.given_settings(argv, current)
@@ -266,11 +247,10 @@ class Run:
     def begin(self, settings, *, model, model_config, optimizers, scaler, loader, meta, device,
               compiled, header, details=None):
         """Every rank, once its model, optimizers and loader exist: restores them from the
-        checkpoint (returned, for what else the trainer keeps in it; None on a fresh start), then
-        rank 0 writes the start of the run: the log, the start event, the source's diff. `settings`
-        are the settings as run (derived values filled in): they go into the log and every
-        checkpoint. `header`: lines that say what runs; `details`: more for the start event.
-        `compiled`: the first step compiles."""
+        checkpoint (returned for the trainer's own state; None on a fresh start), then rank 0 starts
+        the log. `settings`: as run (derived values filled in), for the log and every checkpoint;
+        `header`: lines that say what runs; `details`: more for the start event; `compiled`: the
+        first step compiles."""
         self.settings, self.model, self.model_config = settings, model, model_config
         self.optimizers, self.scaler, self.loader, self.meta = optimizers, scaler, loader, meta
         self.device, self.world_size, self.compiled = device, utils.world_size(), compiled
@@ -318,20 +298,18 @@ class Run:
     def restore(self, ckpt):
         """Model, optimizers, GradScaler, loader and this rank's RNG from a checkpoint, after
         checking that the model and the data are the ones it was trained on."""
+        saved_meta = {k: ckpt["meta"].get(k) for k in ("tokenizer", "vocab_size", "itos")}
+        wrong = [k for k in saved_meta if saved_meta[k] != self.meta.get(k)]
+        if wrong:
+            raise SystemExit(f"error: {self.ckpt_path} was trained on data of another vocabulary "
+                             f"than --data_dir={self.s['data_dir']} holds: its {', '.join(wrong)} "
+                             f"differ; point --data_dir at the run's data")
         now = dataclasses.asdict(self.model_config)
-        if ckpt["model_config"] != now:  # e.g. a different data vocabulary
-            diff = {k: (ckpt["model_config"].get(k), v) for k, v in now.items()
-                    if ckpt["model_config"].get(k) != v}
+        diff = {k: (ckpt["model_config"].get(k), v) for k, v in now.items()
+                if ckpt["model_config"].get(k) != v}
+        if diff:
             raise SystemExit(f"error: {self.ckpt_path} was trained with a different model config "
                              f"(field: checkpoint, now): {diff}")
-        saved_meta = {k: ckpt["meta"].get(k) for k in ("tokenizer", "vocab_size", "itos")}
-        data_meta = {k: self.meta.get(k) for k in saved_meta}
-        if saved_meta != data_meta:
-            diff = {k: "differs" if k == "itos" else (saved_meta[k], data_meta[k])
-                    for k in saved_meta if saved_meta[k] != data_meta[k]}
-            raise SystemExit(f"error: {self.ckpt_path} was trained on data of another vocabulary "
-                             f"than --data_dir={self.s['data_dir']} holds (checkpoint, data): "
-                             f"{diff}; point --data_dir at the run's data")
         shards, now_shards = ckpt["loader"].get("shards"), self.loader.state_dict().get("shards")
         if shards != now_shards and not self.s.get("allow_data_change"):
             gone = sorted({tuple(x) for x in shards} - {tuple(x) for x in now_shards})

@@ -51,17 +51,24 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def bad_setting(message):
-    """Exit with status 2 and `error: message` on stderr: a setting (or a combination) that cannot
-    work. Under torchrun every rank exits and only rank 0 says why: one line, not one per GPU."""
+    """Exit 2 with `error: message`: a setting that cannot work. Under torchrun every rank exits and
+    only rank 0 says why: one line, not one per GPU."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_SETTING)
 
 
 def require(ok, message):
-    """bad_setting(message) unless ok: one line per check where a script validates its settings."""
     if not ok:
         bad_setting(message)
+
+
+def unknown_setting(name, settings, where=None):
+    """Exit 2: `name` is no setting (of the command line, or of a config file at `where`)."""
+    dash, close = "" if where else "--", difflib.get_close_matches(name, settings, n=1)
+    bad_setting((f"{where}: " if where else "") + f"unknown setting {dash}{name}"
+                + (f" (did you mean {dash}{close[0]}?)" if close else "")
+                + ("" if where else f". Settings: {', '.join(settings)} (--help explains each)"))
 
 
 FIELD_COMMENTS = {}  # setting name -> the comment of the dataclass field it comes from (--help)
@@ -87,37 +94,20 @@ def parse_value(name, text, current):
     """Parse `text` to the type of the current value of setting `name` (no eval, no exec)."""
     if text == "None":  # Python's spelling only: --norm=none is the string "none"
         return None
-    lowered = text.strip().lower()
-    kind = type(current)
-    if kind is bool:
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name} wants a bool (True/False), got {text!r}")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                number = float(text)  # accept 1e6 and 5.0 for integer settings, but not 2.5
-            except ValueError:
-                raise ValueError(f"--{name} wants an integer, got {text!r}") from None
-            if not number.is_integer():
-                raise ValueError(f"--{name} wants an integer, got {text!r}") from None
-            return int(number)
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--{name} wants a number, got {text!r}") from None
-    if kind is type(None):  # a setting that defaults to None takes an int, a float or a string
-        for cast in (int, float):
-            try:
-                return cast(text)
-            except ValueError:
-                pass
-    return text
+    kind, lowered = type(current), text.strip().lower()
+    if kind is bool and lowered in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return lowered in ("1", "true", "yes", "on")
+    if kind in (int, float, type(None)):  # None: a setting that takes an int, a float or a string
+        with contextlib.suppress(ValueError):
+            return int(text) if kind is not float else float(text)
+        with contextlib.suppress(ValueError):
+            number = float(text)  # 1e6 and 5.0 are integers, 2.5 is not
+            if kind is not int or number.is_integer():
+                return int(number) if kind is int else number
+    if kind is str or kind is type(None):
+        return text
+    raise ValueError(f"--{name} wants " + {bool: "a bool (True/False)", int: "an integer",
+                                           float: "a number"}[kind] + f", got {text!r}")
 
 
 def coerce(name, value, current):
@@ -160,9 +150,7 @@ def read_config(path, settings):
                         f"(it is read, never run)")
         name = node.targets[0].id
         if name not in settings:
-            close = difflib.get_close_matches(name, settings, n=1)
-            bad_setting(f"{where}: unknown setting {name}"
-                        + (f" (did you mean {close[0]}?)" if close else ""))
+            unknown_setting(name, settings, where)
         try:
             value = ast.literal_eval(node.value)
             if type(value) not in SETTING_TYPES:
@@ -208,20 +196,12 @@ def given_settings(argv, settings=None):
     return {name for name, _ in pairs} | from_files
 
 
-def setting_comments(namespace):
-    """{name: the comment after its definition} from the script's source, for --help."""
-    path = namespace.get("__file__")
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        found = [re.match(r"^([a-z_][a-z0-9_]*)\s*=.*?#\s*(.*)$", line) for line in f]
-    return {m.group(1): m.group(2).strip() for m in found if m}
-
-
 def usage(namespace, settings, choices):
-    """The script's docstring, then every setting
-    with its default, its comment and its allowed values."""
-    comments, lines = {**FIELD_COMMENTS, **setting_comments(namespace)}, []
+    """The script's docstring, then every setting with its default, its comment (from the source)
+    and its allowed values."""
+    with open(namespace["__file__"], encoding="utf-8") as f:
+        found = [re.match(r"^([a-z_][a-z0-9_]*)\s*=.*?#\s*(.*)$", line) for line in f]
+    comments, lines = {**FIELD_COMMENTS, **{m.group(1): m.group(2).strip() for m in found if m}}, []
     for name, value in settings.items():
         note = comments.get(name, "")
         if name in choices and not all(str(c) in note for c in choices[name] if c):
@@ -233,18 +213,15 @@ def usage(namespace, settings, choices):
 
 
 def apply_overrides(namespace, argv, choices=None):
-    """Apply config files, then --name=value (or --name value) arguments, to the settings in
-    `namespace` (a script's globals()).
+    """Apply config files, then --name=value (or --name value), to the settings in `namespace` (a
+    script's globals()), and return them all (for logs and checkpoints).
 
     python train_gpt2.py config/shakespeare_char.py --max_steps=500: each config file (an argument
-    ending in .py, read_config) sets settings in order, then each --name=value, so the command line
-    wins. Values are parsed to the type of the constant; a setting listed in `choices`
-    ({name: allowed values}) must take one of them. An unknown name (with a "did you mean"), an
-    unparsable value or one outside its choices exits with status 2. --help prints the docstring
-    and every setting with its default, comment and allowed values; --help=json prints the settings
-    (after the config files and overrides given with it) and the choices as JSON: sweep.py reads a
-    trainer's this way, without importing it. Returns the
-    dict of all settings after overriding, for logs and checkpoints.
+    ending in .py, read_config) in order, then the command line, which wins. Values take the type
+    of the constant; a setting in `choices` ({name: allowed values}) must take one of them; an
+    unknown name (with a "did you mean"), a value that does not parse or is not allowed exits 2.
+    --help prints the docstring and every setting; --help=json the settings (after the files and
+    overrides given with it) and the choices as JSON: sweep.py reads a trainer's this way.
     """
     settings, choices = settings_of(namespace), choices or {}
     as_json = "--help=json" in argv
@@ -253,24 +230,18 @@ def apply_overrides(namespace, argv, choices=None):
         print(usage(namespace, settings, choices))
         sys.exit(0)
     pairs, files = split_args(argv)
-    for path in files:
-        for name, value in read_config(path, settings).items():
-            if name in choices and value not in choices[name]:
-                bad_setting(f"{path}: {name} = {value!r}: allowed values are "
-                            f"{', '.join(map(str, choices[name]))}")
-            namespace[name] = settings[name] = value
+    given = [(f"{path}: {name} = {value!r}", name, value)
+             for path in files for name, value in read_config(path, settings).items()]
     for name, text in pairs:
         if name not in settings:
-            close = difflib.get_close_matches(name, settings, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            bad_setting(f"unknown setting --{name}{hint}. "
-                        f"Settings: {', '.join(settings)} (--help explains each)")
+            unknown_setting(name, settings)
         try:
-            value = parse_value(name, text, settings[name])
+            given.append((f"--{name}={text}", name, parse_value(name, text, settings[name])))
         except ValueError as e:
             bad_setting(f"cannot parse --{name}={text}: {e}")
+    for where, name, value in given:
         if name in choices and value not in choices[name]:
-            bad_setting(f"--{name}={text}: allowed values are {', '.join(map(str, choices[name]))}")
+            bad_setting(f"{where}: allowed values are {', '.join(map(str, choices[name]))}")
         namespace[name] = settings[name] = value
     if as_json:  # the settings as config files and --name=value leave them, and the choices
         print(json.dumps({"settings": settings, "choices": {k: list(v) for k, v in choices.items()}}))
@@ -286,13 +257,9 @@ os.umask(UMASK)
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temporary file in the same folder, fsync it,
-    then rename over `path`.
-
-    A full disk or a folder that cannot be written ends the script with one line naming the path
-    and the cause (exit 1): the temporary file is removed and the file already at `path` is left
-    as it was. Temporary files of `path` left by a writer that was killed (kill -9) are removed
-    first."""
+    """write_fn(file) on a temporary file in the same folder, fsync, rename over `path`. A full disk
+    or a folder that cannot be written: one line naming path and cause (exit 1), the temporary file
+    removed, the file at `path` as it was. Temporaries of `path` of killed writers go first."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -325,21 +292,12 @@ def remove_quietly(path):
 
 
 def remove_stale_temporaries(path):
-    """Delete .tmp_<name>.<pid>.* files of `path` whose writing process is gone;
-    a live writer's stay."""
-    prefix = f".tmp_{os.path.basename(path)}."
-    folder = glob.escape(os.path.dirname(os.path.abspath(path)))
-    for tmp in glob.glob(os.path.join(folder, glob.escape(prefix) + "*")):
-        pid = os.path.basename(tmp)[len(prefix):].split(".")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            remove_quietly(tmp)
-
-
-def remove_stale_temporaries_in(folder):
-    """Delete the .tmp_<name>.<pid>.* files in `folder` of every writer that is gone (a checkpoint
-    write killed half-way leaves one of 1.5 GB at 124M)."""
-    for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp_*")):
-        pid = os.path.basename(tmp).split(".")[-2]  # .tmp_<name>.<pid>.<mkstemp's random part>
+    """Delete the .tmp_<name>.<pid>.<random> files of `path` (of any file, if `path` is a folder)
+    whose writer is gone: a checkpoint write killed half-way leaves 1.5 GB at 124M."""
+    folder, name = (path, None) if os.path.isdir(path) else os.path.split(os.path.abspath(path))
+    prefix = ".tmp_" + (glob.escape(name) + "." if name else "")
+    for tmp in glob.glob(os.path.join(glob.escape(folder), prefix + "*")):
+        pid = os.path.basename(tmp).split(".")[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             remove_quietly(tmp)
 
@@ -355,10 +313,8 @@ def process_alive(pid):
 
 
 def lock_folder(folder, what="run"):
-    """An exclusive lock on `folder` for the life of this process (flock on folder/.lock, released
-    by the OS when the process ends, kill -9 included: never a stale lock). A second process gets
-    exit 1 with a message naming the holder's PID.
-    Returns the open lock file: keep it referenced."""
+    """An exclusive lock on `folder` while the returned file is open (flock on folder/.lock: the OS
+    releases it when the process ends, kill -9 included). A second process: exit 1 naming the PID."""
     path = os.path.join(folder, ".lock")
     # the first write into the folder: a folder that cannot be written is one line, not a traceback
     try:
@@ -459,15 +415,16 @@ def setup_distributed(device):
 
 
 def finish_distributed():
-    """Wait for every rank (rank 0 may still be writing a checkpoint), then tear the group down.
-    Without the barrier a rank that leaves early can abort gloo's teardown on the others."""
-    if dist.is_available() and dist.is_initialized():
+    """Wait for every rank (rank 0 may still be writing a checkpoint), then tear the group down:
+    a rank that leaves early can abort gloo's teardown on the others."""
+    if world_size() > 1:
         dist.barrier()
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier():
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         dist.barrier()
 
 
@@ -486,14 +443,13 @@ def all_gather_objects(obj):
 
 def all_reduce_sum(tensor):
     """Sum over ranks in place (a no-op in one process). ReduceOp.AVG does not exist on gloo."""
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: ckpt_{step:06d}.pt in out_dir, written atomically, the newest `keep` kept
-
+# checkpoint files: ckpt_{step:06d}.pt in a run's folder (training.Run writes them)
 
 CHECKPOINT = re.compile(r"ckpt_(\d+)\.pt")
 
@@ -510,8 +466,6 @@ def checkpoint_step(path):
     return int(CHECKPOINT.fullmatch(os.path.basename(path)).group(1))
 
 
-
-
 def load_checkpoint(path, map_location="cpu"):
     """Load with weights_only=True: tensors and plain containers only, no pickled code runs."""
     if not os.path.isfile(path):
@@ -525,23 +479,18 @@ def load_checkpoint(path, map_location="cpu"):
                          f"complete, and not from an untrusted source?") from None
 
 
-def load_latest_checkpoint(out_dir, print_fn=print):
-    """(path, checkpoint) of the newest checkpoint in out_dir that loads,
-    or (None, None) if there is none. A newer one that does not load (truncated by a full disk, say)
-    is skipped with a message naming it."""
+def load_latest_checkpoint(out_dir, print_fn=print, skipped=None):
+    """(path, checkpoint) of the newest checkpoint in out_dir that loads, or (None, None). A newer
+    one that does not (truncated by a full disk, say) is skipped, named, and added to `skipped`."""
     for path in reversed(checkpoint_paths(out_dir)):
         try:
             return path, load_checkpoint(path)
         except SystemExit as e:
-            reason = str(e).removeprefix("error: ")[:200]
-            print_fn(f"warning: skipping {path}, it does not load ({reason})")
+            print_fn(f"warning: skipping {path}, it does not load "
+                     f"({str(e).removeprefix('error: ')[:200]})")
+            if skipped is not None:
+                skipped.append(path)
     return None, None
-
-
-def all_finite(tensors):
-    """Whether every tensor is free of NaN/inf: one reduction and one host sync for all of them."""
-    tensors = [t.detach() for t in tensors if t.is_floating_point()]
-    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 # -----------------------------------------------------------------------------
@@ -549,8 +498,8 @@ def all_finite(tensors):
 
 
 class JsonlLog:
-    """Appends one JSON object per line; only the process that owns the log writes (rank 0).
-    With a wandb run, the numeric fields of each event go to Weights & Biases too."""
+    """One JSON object per line, written by the process that owns the log (rank 0); with a wandb
+    run, each event's numbers go to Weights & Biases too."""
 
     def __init__(self, path, enabled=True, wandb_run=None):
         self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
