@@ -14,6 +14,9 @@ export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 status=0
 step() { echo; echo "== $1"; }
+# before anything slow: on a machine without CUDA the 124M steps would run on the CPU for minutes
+$py -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+    || { echo "gpu_check: no CUDA GPU that torch can use here: run it on a machine with one" >&2; exit 1; }
 
 step "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"

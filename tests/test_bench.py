@@ -143,3 +143,16 @@ def test_timed_step_is_train_gpt2_step(monkeypatch):
     assert loss.item() == pytest.approx(mean.item(), rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, params[name], rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path, repo_dir):
+    """scripts/gpu_check.sh on a machine without CUDA: one line and a non-zero exit before any work (it ran the 124M
+    bench on the CPU for minutes, then ran out of memory)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run(["bash", os.path.join(repo_dir, "scripts", "gpu_check.sh")], capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, OUT=str(tmp_path / "out"),
+                                                              PYTHON=sys.executable))
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU that torch can use here: run it on a machine with one"]
+    assert result.stdout == "" and os.listdir(tmp_path / "out") == []
