@@ -4,29 +4,25 @@ no custom code.
     python export_hf.py --checkpoint=out/ckpt_038146.pt --out_dir=hf/my-gpt
     python export_hf.py --checkpoint=out --out_dir=hf/my-gpt --dtype=bfloat16 --force=True  # newest in out/
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("hf/my-gpt")
+    model = transformers.AutoModelForCausalLM.from_pretrained("hf/my-gpt")
     lm_eval --model hf --model_args pretrained=hf/my-gpt --tasks hellaswag
 
 The architecture is chosen from the model's switches, and must match exactly:
-    modern (rope, swiglu, rmsnorm, pre-norm)     LlamaForCausalLM (our RoPE pairs x[i] with
-                                                 x[i + hs/2]: Llama's rotate_half); with
-                                                 qk_norm=True Qwen3ForCausalLM (per-head q/k
-                                                 RMSNorm before RoPE); biases only without qk_norm
-    classic (learned, gelu, layernorm, pre-norm, biases, 4x MLP)   GPT2LMHeadModel
-Any other combination is refused, naming the switch no Hugging Face architecture has. Tied or untied
-embeddings both work; the padded vocabulary rows stay in the weights (config.json's vocab_size is
-the model's). The folder holds config.json, model.safetensors, generation_config.json and, for
-GPT-2 BPE models, the tokenizer (built from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline).
-It is written to a temporary folder beside out_dir and renamed at the end (a symlinked out_dir: beside
-the folder it points to, which is the one replaced). The training data is never read.
-Checkpoints of train_lstm.py's recurrent models have no Hugging Face architecture and are refused, as
-is a checkpoint of weights that are not finite, or of a GPTConfig switch this script does not know
-(a new field is refused until export_hf.py learns what it means for each architecture).
-Paths, as in every script: --checkpoint, a file or folder you name, is read as given (relative to the
-current directory); --out_dir, a folder setting, is relative to the repo folder.
+    modern (rope, swiglu, rmsnorm, pre-norm)  LlamaForCausalLM (our RoPE pairs x[i] with
+        x[i + hs/2]: Llama's rotate_half); with qk_norm=True Qwen3ForCausalLM (per-head q/k RMSNorm
+        before RoPE); biases only without qk_norm
+    classic (learned, gelu, layernorm, pre-norm, biases, 4x MLP)  GPT2LMHeadModel
+Refused in one line: any other combination (naming the switch no Hugging Face architecture has),
+train_lstm.py's recurrent models, weights that are not finite, a GPTConfig field not known here yet.
+Tied or untied embeddings both work; the padded vocabulary rows stay (config.json's vocab_size is
+the model's). The folder holds config.json, model.safetensors, generation_config.json and, for GPT-2
+BPE models, the tokenizer (from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline); it is written
+beside out_dir and renamed at the end (a symlinked out_dir: the folder it points to is replaced).
+--checkpoint is read as given (relative to the current directory); --out_dir, a folder setting, is
+relative to the repo folder.
 """
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -47,31 +43,24 @@ dtype = "float32"    # float32 | bfloat16: precision of the saved weights
 force = False        # True = replace out_dir when it is not empty
 
 CHOICES = dict(dtype=("float32", "bfloat16"))
-# tiktoken's GPT-2 files (tiktoken_ext/openai_public.py),
-# read from its cache or downloaded and checked there
+# tiktoken's GPT-2 files (tiktoken_ext/openai_public.py), read from its cache or downloaded there
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 EOT_TEXT = "<|endoftext|>"
-# every GPTConfig field, and what the architectures make of it: a field missing here (a new switch) is
-# refused unless it has its default value, since the exported model would silently lack it
-HANDLED_FIELDS = {
-    "block_size": "max_position_embeddings / n_positions",
-    "vocab_size": "vocab_size (padded rows kept)",
-    "n_layer": "num_hidden_layers / n_layer",
-    "n_head": "num_attention_heads (and key-value heads) / n_head",
-    "n_embd": "hidden_size / n_embd",
-    "pos_emb": "chooses the architecture: rope -> Llama or Qwen3, learned -> GPT-2",
-    "mlp": "Llama and Qwen3 need swiglu, GPT-2 gelu",
-    "norm": "Llama and Qwen3 need rmsnorm, GPT-2 layernorm",
-    "norm_pos": "pre only",
-    "qk_norm": "Qwen3 (per-head q/k RMSNorm); GPT-2 has none",
-    "tie_embeddings": "tie_word_embeddings",
-    "bias": "attention_bias and mlp_bias (Llama); GPT-2 needs biases, Qwen3 none",
-    "dropout": "training only: exported with dropout 0",
-    "rope_base": "rope_theta",
-    "mlp_hidden": "intermediate_size (GPT-2 needs 4 x n_embd)",
-}
+# the GPTConfig fields hf_architecture and hf_config handle (dropout, training only, is exported
+# as 0). A field missing here (a new switch) is refused unless it has its default value, since the
+# exported model would silently lack it
+HANDLED_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pos_emb", "mlp",
+                  "norm", "norm_pos", "qk_norm", "tie_embeddings", "bias", "dropout", "rope_base",
+                  "mlp_hidden")
+# our modules of each layer -> Llama's and Qwen3's: c_attn stacks q, k and v on its output dim,
+# c_fc gate and up (gate first, as MLP.forward chunks it)
+LLAMA_LAYER = {"ln_1": ["input_layernorm"], "ln_2": ["post_attention_layernorm"],
+               "attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+               "attn.c_proj": ["self_attn.o_proj"], "attn.q_norm": ["self_attn.q_norm"],
+               "attn.k_norm": ["self_attn.k_norm"],
+               "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"], "mlp.c_proj": ["mlp.down_proj"]}
 
 
 def check_settings(settings):
@@ -86,12 +75,43 @@ def check_settings(settings):
 
 
 # -----------------------------------------------------------------------------
-# which Hugging Face architecture, and its config
+# the checkpoint, and which Hugging Face architecture computes it
+
+
+def load_gpt(path):
+    """(GPT, meta, checkpoint path) of a checkpoint file, or of the newest one in a run folder (the
+    path as given); a one-line exit for anything else, a recurrent model's checkpoint included."""
+    if os.path.isdir(path):
+        warn = functools.partial(print, file=sys.stderr)
+        ckpt_path, ckpt = utils.load_latest_checkpoint(path, warn)
+        if ckpt_path is None:
+            raise SystemExit(f"error: --checkpoint={path}: no checkpoint (ckpt_*.pt) in that folder")
+    else:
+        ckpt_path, ckpt = path, utils.load_checkpoint(path)
+    try:
+        config = config_from_checkpoint(ckpt)
+        if not isinstance(config, GPTConfig):
+            raise SystemExit(f"error: {ckpt_path} holds {describe(config)}; export_hf.py takes GPT "
+                             f"checkpoints of train_gpt2.py (no Hugging Face architecture computes "
+                             f"the recurrent models)")
+        net = from_checkpoint(ckpt)
+    except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
+        raise SystemExit(f"error: {ckpt_path}: {e}") from None
+    meta = ckpt.get("meta")
+    if meta is None:
+        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
+                         f"meta.json, which train_gpt2.py stores in every checkpoint)")
+    problem = data.meta_problem(meta)
+    if problem is None and meta["vocab_size"] > net.config.vocab_size:
+        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
+    if problem:
+        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
+                         f"{problem}")
+    return net, meta, ckpt_path
 
 
 def hf_architecture(config):
-    """'llama', 'qwen3' or 'gpt2' for a GPTConfig;
-    a one-line exit naming the switches none of them matches."""
+    """'llama', 'qwen3' or 'gpt2'; a one-line exit naming the switches none of them matches."""
     unknown = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
                if f.name not in HANDLED_FIELDS and getattr(config, f.name) != f.default]
     if unknown:
@@ -122,19 +142,16 @@ def hf_architecture(config):
 
 
 def hf_config(name, config, eot, precision):
-    """The transformers config of architecture `name`
-    that computes exactly what GPT(config) computes."""
+    """The transformers config of architecture `name` computing exactly what GPT(config) does."""
     import transformers  # here: --help and the setting checks need no transformers
     common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
                   bos_token_id=eot, eos_token_id=eot, dtype=precision)
     if name == "gpt2":
-        return transformers.GPT2Config(n_embd=config.n_embd, n_layer=config.n_layer,
-                                       n_head=config.n_head, n_positions=config.block_size,
-                                       n_inner=4 * config.n_embd,
-                                       # the tanh approximation, as ours
-                                       activation_function="gelu_new",
-                                       layer_norm_epsilon=NORM_EPS,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+        return transformers.GPT2Config(
+            n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+            n_positions=config.block_size, n_inner=4 * config.n_embd, layer_norm_epsilon=NORM_EPS,
+            activation_function="gelu_new",  # the tanh approximation, as ours
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
     cls = transformers.Qwen3Config if name == "qwen3" else transformers.LlamaConfig
     extra = {} if name == "qwen3" else dict(mlp_bias=config.bias)
     hf = cls(hidden_size=config.n_embd, intermediate_size=config.mlp_hidden_size,
@@ -143,162 +160,86 @@ def hf_config(name, config, eot, precision):
              hidden_act="silu", max_position_embeddings=config.block_size, rms_norm_eps=NORM_EPS,
              rope_parameters=dict(rope_type="default", rope_theta=config.rope_base),
              attention_bias=config.bias, **extra, **common)
-    # saved beside rope_parameters: transformers 4.x reads only this key
-    hf.rope_theta = config.rope_base
+    hf.rope_theta = config.rope_base  # beside rope_parameters: transformers 4.x reads only this
     return hf
 
 
 def llama_state_dict(model):
-    """Our modern GPT's weights under Llama/Qwen3 names: c_attn split into q, k, v (stacked in
-    that order on the output dim), c_fc split into gate and up (gate first, as MLP.forward
-    chunks them)."""
-    sd, C = model.state_dict(), model.config.n_embd
+    """Our modern GPT's weights under Llama/Qwen3 names (LLAMA_LAYER)."""
+    sd = model.state_dict()
     out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
-           "model.norm.weight": sd["transformer.ln_f.weight"]}
-    out["lm_head.weight"] = sd["lm_head.weight"]  # wte itself when tied
-    for i in range(model.config.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        renames = {"ln_1.weight": "input_layernorm.weight",
-                   "ln_2.weight": "post_attention_layernorm.weight",
-                   "attn.q_norm.weight": "self_attn.q_norm.weight",
-                   "attn.k_norm.weight": "self_attn.k_norm.weight"}
-        for kind in ("weight", "bias"):
-            renames[f"attn.c_proj.{kind}"] = f"self_attn.o_proj.{kind}"
-            renames[f"mlp.c_proj.{kind}"] = f"mlp.down_proj.{kind}"
-            if ours + f"attn.c_attn.{kind}" in sd:
-                qkv = sd[ours + f"attn.c_attn.{kind}"].split(C)
-                out.update({theirs + f"self_attn.{p}_proj.{kind}": t
-                            for p, t in zip("qkv", qkv, strict=True)})
-            if ours + f"mlp.c_fc.{kind}" in sd:
-                gate, up = sd[ours + f"mlp.c_fc.{kind}"].chunk(2)
-                out.update({theirs + f"mlp.gate_proj.{kind}": gate,
-                            theirs + f"mlp.up_proj.{kind}": up})
-        out.update({theirs + new: sd[ours + old]
-                    for old, new in renames.items() if ours + old in sd})
+           "model.norm.weight": sd["transformer.ln_f.weight"],
+           "lm_head.weight": sd["lm_head.weight"]}  # wte itself when tied
+    for key, tensor in sd.items():
+        if key.startswith("transformer.h."):
+            _, _, i, rest = key.split(".", 3)  # transformer.h.3.attn.c_attn.weight
+            module, _, kind = rest.rpartition(".")
+            theirs = LLAMA_LAYER[module]
+            for name, part in zip(theirs, tensor.chunk(len(theirs)), strict=True):
+                out[f"model.layers.{i}.{name}.{kind}"] = part
     return out
 
 
 # -----------------------------------------------------------------------------
-# the GPT-2 tokenizer
+# the GPT-2 tokenizer, and the folder, written whole or not at all
 
 
 def gpt2_tokenizer(block_size):
-    """A fast tokenizer that encodes exactly as tiktoken's gpt2: byte-level BPE from GPT-2's
-    encoder.json and vocab.bpe, no prefix space, <|endoftext|> = 50256 the only special token
-    and the eos token."""
+    """A fast tokenizer that encodes exactly as tiktoken's gpt2: byte-level BPE, no prefix space,
+    <|endoftext|> = 50256 the only special token and the eos token."""
     import tiktoken.load
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    # tiktoken's cache (TIKTOKEN_CACHE_DIR) holds each file under sha1(url);
-    # otherwise it downloads it
-    try:
+    try:  # tiktoken's cache (TIKTOKEN_CACHE_DIR) holds each file under sha1(url), else it downloads
         encoder = tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json", ENCODER_JSON_SHA256)
-        vocab = json.loads(encoder)
         bpe = tiktoken.load.read_file_cached(GPT2_FILES + "vocab.bpe", VOCAB_BPE_SHA256).decode()
     except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken
         raise SystemExit(f"error: cannot load GPT-2's BPE files for the tokenizer "
                          f"({type(e).__name__}). Offline, point TIKTOKEN_CACHE_DIR at a folder "
                          f"where tiktoken has cached them") from None
-    # a version line first, a newline last
-    merges = [tuple(line.split()) for line in bpe.split("\n")[1:-1]]
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    merges = [tuple(line.split()) for line in bpe.split("\n")[1:-1]]  # a version line first, "" last
+    tokenizer = Tokenizer(models.BPE(vocab=json.loads(encoder), merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([EOT_TEXT])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=block_size,
                                    bos_token=EOT_TEXT, eos_token=EOT_TEXT, unk_token=EOT_TEXT,
-                                   model_max_length=block_size,
-                                   # decode gives back the exact text
-                                   clean_up_tokenization_spaces=False)
-
-
-# -----------------------------------------------------------------------------
-# the folder, written whole or not at all
+                                   clean_up_tokenization_spaces=False)  # decode: the exact text
 
 
 def write_folder(out, write_fn):
-    """write_fn(folder) into a temporary folder beside `out`, then rename it to `out`, replacing an
-    old one (moved aside first, and put back if the rename fails). A symlinked `out` is written
-    where it points: the link stays, the folder it names is the one replaced (renaming the link
-    itself over a folder fails). Nothing is left beside it, whatever happens."""
+    """write_fn(folder) into a temporary folder beside `out`, then renamed to `out`; an old `out` is
+    moved aside first (never half old, half new) and put back if the rename fails (nothing lost). A
+    symlinked `out` is written where it points: the link stays (renaming it over a folder fails).
+    Nothing is left beside it, whatever happens."""
     out = os.path.realpath(out)
-    parent = os.path.dirname(out)
+    parent, tmp, old = os.path.dirname(out), None, None
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp_{os.path.basename(out)}.")
-    except OSError as e:
-        raise SystemExit(f"error: cannot write {out}: {e.strerror or e}") from None
-    try:
         write_fn(tmp)
         # the usual permissions of new files: mkdtemp and safetensors make 0600
         for file in os.listdir(tmp):
             os.chmod(os.path.join(tmp, file), 0o666 & ~utils.UMASK)
         os.chmod(tmp, 0o777 & ~utils.UMASK)
         if os.path.isdir(out):  # empty, or --force
-            replace_folder(tmp, out, parent)
-        else:
-            os.replace(tmp, out)
+            old = tempfile.mkdtemp(dir=parent, prefix=f".old_{os.path.basename(out)}.")
+            os.replace(out, old)
+        os.replace(tmp, out)
     except OSError as e:
-        raise SystemExit(f"error: cannot write {out}: {e.strerror or e}") from None
+        message = f"error: cannot write {out}: {e.strerror or e}"
+        if old is not None and not os.path.exists(out):  # moved aside: put it back
+            try:
+                os.replace(old, out)
+            except OSError:
+                message += f"; its previous content is in {old}"
+                old = None  # kept
+        raise SystemExit(message) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_folder(new, out, parent):
-    """Rename the folder `new` to `out`, an existing folder in `parent`: `out` is moved aside first,
-    so it is never half old, half new, and put back if the rename fails, so nothing is lost."""
-    old = tempfile.mkdtemp(dir=parent, prefix=f".old_{os.path.basename(out)}.")
-    try:
-        os.replace(out, old)
-    except OSError:
-        os.rmdir(old)  # still the empty folder mkdtemp made
-        raise
-    try:
-        os.replace(new, out)
-    except OSError as e:
-        try:
-            os.replace(old, out)  # the old folder back where it was
-        except OSError:
-            raise SystemExit(f"error: cannot write {out}: {e.strerror or e}; its previous content "
-                             f"is in {old}") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def warn(message):
-    print(message, file=sys.stderr)
-
-
-def load_gpt(path):
-    """(GPT, meta, checkpoint path) of a checkpoint file, or of the newest checkpoint in a run folder
-    (the path as given); a one-line exit for anything else, a recurrent model's checkpoint included."""
-    if os.path.isdir(path):
-        ckpt_path, ckpt = utils.load_latest_checkpoint(path, warn)
-        if ckpt_path is None:
-            raise SystemExit(f"error: --checkpoint={path}: no checkpoint (ckpt_*.pt) in that folder")
-    else:
-        ckpt_path, ckpt = path, utils.load_checkpoint(path)
-    try:
-        config = config_from_checkpoint(ckpt)
-        if not isinstance(config, GPTConfig):
-            raise SystemExit(f"error: {ckpt_path} holds {describe(config)}; export_hf.py takes GPT "
-                             f"checkpoints of train_gpt2.py (no Hugging Face architecture computes "
-                             f"the recurrent models)")
-        net = from_checkpoint(ckpt)
-    except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
-        raise SystemExit(f"error: {ckpt_path}: {e}") from None
-    meta = ckpt.get("meta")
-    if meta is None:
-        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
-                         f"meta.json, which train_gpt2.py stores in every checkpoint)")
-    problem = data.meta_problem(meta)
-    if problem is None and meta["vocab_size"] > net.config.vocab_size:
-        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
-    if problem:
-        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
-                         f"{problem}")
-    return net, meta, ckpt_path
+        for folder in (tmp, old):  # old: the replaced folder, or still the empty one mkdtemp made
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv):
@@ -311,15 +252,12 @@ def main(argv):
                          f"pip install transformers") from None
     model, meta, ckpt_path = load_gpt(checkpoint)
     name = hf_architecture(model.config)
-    out = utils.in_repo(out_dir)
-
     transformers.utils.logging.disable_progress_bar()
     eot = meta.get("eot")
     config = hf_config(name, model.config, eot, dtype)
     hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     weights = model.to_hf_state_dict() if name == "gpt2" else llama_state_dict(model)
-    # strict: a weight left out or left over is a bug here, not user error
-    hf_model.load_state_dict(weights)
+    hf_model.load_state_dict(weights)  # strict: a weight left out or left over is a bug here
     tokenizer = gpt2_tokenizer(model.config.block_size) if meta.get("tokenizer") == "gpt2" else None
 
     def write(folder):
@@ -327,29 +265,26 @@ def main(argv):
         transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot).save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-            # transformers 5 names its own class, which 4.x lacks;
-            # both load PreTrainedTokenizerFast from tokenizer.json
+            # a class transformers 4.x knows too (5 names its own): both load it from tokenizer.json
             path = os.path.join(folder, "tokenizer_config.json")
             with open(path) as f:
-                tokenizer_config = json.load(f)
-            utils.atomic_write_json(path, {**tokenizer_config,
-                                           "tokenizer_class": "PreTrainedTokenizerFast"})
+                tokenizer_config = dict(json.load(f), tokenizer_class="PreTrainedTokenizerFast")
+            utils.atomic_write_json(path, tokenizer_config)
 
+    out = utils.in_repo(out_dir)
     write_folder(out, write)
     print(f"exported {ckpt_path} as {type(hf_model).__name__} ({dtype}) to {out}")
     if tokenizer is None:
-        print(f"no tokenizer saved: the model uses a {meta.get('tokenizer')} vocabulary, "
-              f"which Hugging Face tokenizers do not provide; "
-              f"encode with data.encode and pass token ids")
+        print(f"no tokenizer saved: the model uses a {meta.get('tokenizer')} vocabulary, which "
+              f"Hugging Face tokenizers do not provide; encode with data.encode and pass token ids")
 
 
 if __name__ == "__main__":
     try:
         try:
             main(sys.argv[1:])
-        finally:  # output still buffered goes now, while a closed pipe can be caught
+        finally:  # flush now, while a closed pipe (`export_hf.py --help | head`) can be caught
             sys.stdout.flush()
-    except BrokenPipeError:  # `python export_hf.py --help | head`: the reader has all it wanted
-        # Python's recipe: stdout to devnull, or the flush at exit raises again
+    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

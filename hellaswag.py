@@ -1,35 +1,24 @@
-"""HellaSwag (validation, 10,042 examples x 4 endings): download, render, score a GPT,
-standalone or in training.
+"""HellaSwag (validation, 10,042 examples x 4 endings): download, render and score a GPT, standalone
+or in training (train_gpt2.py calls for_training once, then evaluate on every rank).
 
     python hellaswag.py --checkpoint=out/ckpt_005000.pt        # a train_gpt2.py checkpoint
     python hellaswag.py --model=gpt2 --limit=500               # Hugging Face weights via model.py
     python hellaswag.py --checkpoint=out/ckpt_005000.pt --data_file=hellaswag_val.jsonl --limit=1000 \\
         --style=harness --json_out=hs.json
 
-Exactly one of --checkpoint and --model names the model scored. It must work in GPT-2 BPE tokens (a
-checkpoint's meta.json says so; HellaSwag is scored in them): the model is checked before the data
-is downloaded. Paths, as in every script: the files you name (--checkpoint, --data_file, --json_out)
-are read and written as given, relative to the current directory; cache_dir, a folder setting, is
-relative to the repo folder.
+Exactly one of --checkpoint and --model names the model scored; it must work in GPT-2 BPE tokens
+(HellaSwag is scored in them) and is checked before the data is downloaded. The files you name
+(--checkpoint, --data_file, --json_out) are read and written as given, relative to the current
+directory; cache_dir, a folder setting, is relative to the repo folder.
 
 Two conventions (say which one a figure uses; the CLI prints it):
-  completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending;
-      acc = lowest summed token loss, acc_norm = lowest mean token loss.
-      GPT-2 124M: acc 0.2859, acc_norm 0.2955.
-  harness (lm-eval-harness):
-      context = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()),
-      ending = " " + preprocess(ending); acc = highest summed log-prob,
-      acc_norm = highest summed log-prob divided by len(preprocessed ending) in characters.
-      GPT-2 124M: acc 0.2892, acc_norm 0.3114.
-Ties: every prediction is torch.argmin over the 4 scores, so on an exact tie the lowest ending index
-wins (lm-eval-harness's np.argmax does the same). Token losses are summed in float64, so endings
-whose token losses are equal tie exactly (k*x/k == x holds in float64 for float32 x).
-
-In training (train_gpt2.py), on every rank, with the raw model (not the DDP or compiled wrapper):
-    examples = load_examples(ensure_data())   # once, at start-up
-    evaluate(raw_model, examples, enc, device, autocast_ctx=ctx, rank=rank, world_size=world_size)
-each rank scores examples[rank::world_size] and the counts are summed over ranks (gloo or nccl), so
-every rank returns the same figures.
+  completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending; acc = lowest
+      summed token loss, acc_norm = lowest mean token loss. GPT-2 124M: acc 0.2859, acc_norm 0.2955.
+  harness (lm-eval-harness): context = preprocess(activity_label + ": " + ctx_a + " "
+      + ctx_b.capitalize()), ending = " " + preprocess(ending); acc = highest summed log-prob,
+      acc_norm = that / len(preprocessed ending). GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+Ties go to the lowest ending index (torch.argmin; lm-eval-harness's np.argmax does the same), and
+token losses are summed in float64, so equal ones tie exactly (k*x/k == x in float64 for float32 x).
 """
 import hashlib
 import json
@@ -45,8 +34,6 @@ import torch
 import data
 import utils
 from model import GPT, GPTConfig, config_from_checkpoint, describe, from_checkpoint
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
@@ -65,16 +52,15 @@ json_out = None  # also write the figures to this JSON file (atomically)
 # fixed facts about the data set
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_LINES = 10042  # non-empty lines of the official validation file
-RETRIES = 3  # download attempts, waiting 1 s, 2 s, 4 s between them
+RETRIES = 3  # download attempts, waiting 1 s, then 2 s, between them
 STYLES = ("completion", "harness")
 CHOICES = dict(dtype=utils.DTYPES, style=STYLES)
 
 
 def check_settings():
     utils.require(checkpoint is not None or model is not None,
-                  "--checkpoint or --model is required, to name the model to score: "
-                  "--checkpoint=path/to/ckpt.pt (a train_gpt2.py checkpoint) or --model=gpt2 "
-                  "(GPT-2's weights)")
+                  "--checkpoint or --model is required, to name the model to score: --checkpoint="
+                  "path/to/ckpt.pt (a train_gpt2.py checkpoint) or --model=gpt2 (GPT-2's weights)")
     utils.require(checkpoint is None or model is None,
                   "--checkpoint and --model: give only one of them, the model to score")
     utils.require(limit >= 0, f"--limit must be >= 0 (0 = all), got {limit}")
@@ -86,12 +72,9 @@ def check_settings():
 
 
 def download(folder):
-    """Fetch the validation JSONL into `folder`: retried, streamed to a temporary file, verified,
-    renamed. The file gets the permissions of any new file (the umask), and a killed download's
-    temporary file is removed by the next one."""
-    import requests  # imported here: only the download needs it
+    """Fetch the validation JSONL into `folder`: retried, verified in a temporary file, renamed."""
+    import requests  # only the download needs it
     path = os.path.join(folder, os.path.basename(URL))
-    error = None
     for attempt in range(RETRIES):
         if attempt:
             time.sleep(2 ** (attempt - 1))
@@ -99,8 +82,8 @@ def download(folder):
         try:
             os.makedirs(folder, exist_ok=True)
             utils.remove_stale_temporaries(path)
-            fd, tmp = tempfile.mkstemp(dir=folder,
-                                       prefix=f".tmp_{os.path.basename(path)}.{os.getpid()}.")
+            prefix = f".tmp_{os.path.basename(path)}.{os.getpid()}."
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
             with os.fdopen(fd, "wb") as f, requests.get(URL, stream=True, timeout=30) as response:
                 response.raise_for_status()
                 for chunk in response.iter_content(chunk_size=1 << 20):
@@ -108,8 +91,7 @@ def download(folder):
             verify(tmp, source=URL)
             os.chmod(tmp, 0o666 & ~utils.UMASK)  # mkstemp makes 0600 files
             os.replace(tmp, path)
-            # after the rename: an interruption here leaves a file ensure_data re-verifies
-            record_sha256(path)
+            record_sha256(path)  # after the rename: interrupted here, ensure_data re-verifies it
             return path
         except requests.RequestException as e:  # before OSError: requests' errors are OSErrors too
             error = e
@@ -123,8 +105,7 @@ def download(folder):
 
 
 def verify(path, source):
-    """The upstream file publishes no checksum, so check what we can:
-    10,042 lines, all in HellaSwag's schema."""
+    """The upstream file publishes no checksum: check 10,042 lines, all in HellaSwag's schema."""
     try:
         n = len(load_examples(path, style="harness"))  # harness needs every field
     except SystemExit as e:
@@ -146,25 +127,14 @@ def record_sha256(path):
     utils.atomic_write(path + ".sha256", lambda f: f.write(digest + "\n"), mode="w")
 
 
-def read_sha256(path):
-    with open(path + ".sha256") as f:
-        return f.read().strip()
-
-
 def default_path(cache_dir=cache_dir):
-    """Where the download is cached: cache_dir relative to this script's folder
-    (an absolute one stays)."""
-    return os.path.join(HERE, cache_dir, os.path.basename(URL))
+    return os.path.join(utils.in_repo(cache_dir), os.path.basename(URL))
 
 
 def ensure_data(data_file=None, cache_dir=cache_dir):
-    """Path of the validation JSONL: `data_file` as given,
-    else the cached download (fetched on first use).
-
-    Trust on first use: the sha256 of the verified download is recorded beside it and checked on
-    every later load, so a cache that was changed or truncated since is caught. A file placed in the
-    cache by hand (no sidecar) is verified once and then recorded the same way.
-    """
+    """Path of the validation JSONL: `data_file` as given, else the cached download. Trust on first
+    use: the sha256 of the verified download (or of a file placed there by hand, verified once) is
+    recorded beside it and checked on every later load, so a cache changed since is caught."""
     if data_file is not None:
         if not os.path.isfile(data_file):
             raise SystemExit(f"error: --data_file={data_file}: no such file")
@@ -175,9 +145,11 @@ def ensure_data(data_file=None, cache_dir=cache_dir):
     if not os.path.exists(path + ".sha256"):
         verify(path, source=path)
         record_sha256(path)
-    elif read_sha256(path) != sha256_of(path):
-        raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from "
-                         f"{path}.sha256); delete both files to download again")
+        return path
+    with open(path + ".sha256") as f:
+        if f.read().strip() != sha256_of(path):
+            raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from "
+                             f"{path}.sha256); delete both files to download again")
     return path
 
 
@@ -186,11 +158,10 @@ def check_example(ex, style):
     if not isinstance(ex, dict):
         return "not a JSON object"
     harness_keys = ("activity_label", "ctx_a", "ctx_b") if style == "harness" else ()
-    keys = ("ctx", "endings", "label") + harness_keys
-    missing = [k for k in keys if k not in ex]
+    missing = [k for k in ("ctx", "endings", "label") + harness_keys if k not in ex]
     if missing:
         return f"missing field(s) {missing}"
-    if not all(isinstance(ex[k], str) for k in keys if k not in ("endings", "label")):
+    if not all(isinstance(ex[k], str) for k in ("ctx",) + harness_keys):
         return "text fields must be strings"
     endings = ex["endings"]
     if (not isinstance(endings, list) or len(endings) != 4
@@ -202,16 +173,11 @@ def check_example(ex, style):
 
 
 def load_examples(path, skip_bad=False, limit=0, style="completion"):
-    """The examples of a HellaSwag JSONL file, each line validated. Blank lines are ignored.
-
-    A malformed line (not UTF-8, not JSON, not the schema) stops with `path:line: problem`, or is
-    skipped (and counted on stderr) with skip_bad. limit > 0 keeps the first `limit` valid examples.
-    A file with no examples is an error: it would score 0 out of 0.
-    """
+    """The examples of a HellaSwag JSONL file, the first `limit` if > 0; a malformed line (not
+    UTF-8, not JSON, not the schema) stops with `path:line: problem`, or is skipped (skip_bad)."""
     examples, bad = [], 0
     try:
-        # bytes: a line that is not UTF-8 is named like any other bad line
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -235,7 +201,7 @@ def load_examples(path, skip_bad=False, limit=0, style="completion"):
         raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
     if bad:
         print(f"hellaswag: skipped {bad} malformed line(s) of {path}", file=sys.stderr)
-    if not examples:
+    if not examples:  # it would score 0 out of 0
         detail = f", {bad} malformed line(s)" if bad else " (an empty file?)"
         raise SystemExit(f"error: {path}: no HellaSwag examples" + detail)
     return examples
@@ -246,10 +212,8 @@ def load_examples(path, skip_bad=False, limit=0, style="completion"):
 
 
 def preprocess(text):
-    """lm-eval-harness's HellaSwag cleanup: WikiHow bracket markup out,
-    " [title]" becomes a sentence end."""
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
+    """lm-eval-harness's cleanup: WikiHow bracket markup out, " [title]" becomes a sentence end."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
     return text.replace("  ", " ")
 
 
@@ -269,12 +233,9 @@ def render_example(example, enc, style="completion"):
 
 
 def ending_losses(model, rendered, device, autocast_ctx=None):
-    """Summed loss and token count of every ending of `rendered` examples:
-    two (n, 4) tensors on the CPU.
-
-    One forward pass for all 4n rows, right-padded; a mask selects the ending tokens' targets.
-    Rows longer than the model's block_size lose tokens from the left (the context's start).
-    """
+    """Summed loss and token count of every ending of `rendered` examples: two (n, 4) CPU tensors.
+    One forward pass for all 4n rows, right-padded; rows longer than the model's block_size lose
+    tokens from the left (the context's start)."""
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     rows, n_ending = [], []
     for context, endings, _ in rendered:
@@ -292,25 +253,16 @@ def ending_losses(model, rendered, device, autocast_ctx=None):
         idx[i, :len(row) - 1] = torch.tensor(row[:-1])
         if n:  # 0 only for a one-token row (empty context): nothing to score
             targets[i, len(row) - 1 - n:len(row) - 1] = torch.tensor(row[-n:])
-    idx, targets = idx.to(device), targets.to(device)
-    with autocast_ctx or nullcontext():
-        _, token_loss = model(idx, targets, reduction="none")  # (R, L) float32, 0 where ignored
+    with autocast_ctx or nullcontext():  # token_loss: (R, L) float32, 0 where ignored
+        _, token_loss = model(idx.to(device), targets.to(device), reduction="none")
     losses = token_loss.double().cpu()  # float64 sums: equal token losses tie exactly
-    counts = (targets >= 0).sum(dim=1).cpu()
-    return losses.sum(dim=1).view(-1, 4), counts.view(-1, 4)
-
-
-def predict(sum_loss, n_tokens, n_chars, style):
-    """(pred, pred_norm) index tensors; argmin returns the lowest index on ties."""
-    norm = n_tokens if style == "completion" else n_chars  # harness: log-prob per character
-    return sum_loss.argmin(dim=1), (sum_loss / norm.clamp(min=1)).argmin(dim=1)
+    return losses.sum(dim=1).view(-1, 4), (targets >= 0).sum(dim=1).view(-1, 4)
 
 
 @torch.no_grad()
 def score_examples(model, examples, enc, device, style="completion", autocast_ctx=None,
                    batch_size=16):
-    """List of (pred_sum, pred_norm) ending indices, one per example,
-    batch_size examples per forward."""
+    """(pred_sum, pred_norm) ending indices of each example, batch_size examples per forward."""
     was_training = model.training
     model.eval()
     try:
@@ -319,8 +271,9 @@ def score_examples(model, examples, enc, device, style="completion", autocast_ct
             rendered = [render_example(ex, enc, style) for ex in examples[start:start + batch_size]]
             sum_loss, n_tokens = ending_losses(model, rendered, device, autocast_ctx)
             n_chars = torch.tensor([r[2] for r in rendered], dtype=torch.float64)
-            pred, pred_norm = predict(sum_loss, n_tokens, n_chars, style)
-            preds.extend(zip(pred.tolist(), pred_norm.tolist(), strict=True))
+            norm = n_tokens if style == "completion" else n_chars  # harness: log-prob per character
+            pred_norm = (sum_loss / norm.clamp(min=1)).argmin(dim=1)  # argmin: lowest index on ties
+            preds.extend(zip(sum_loss.argmin(dim=1).tolist(), pred_norm.tolist(), strict=True))
         return preds
     finally:
         model.train(was_training)
@@ -328,8 +281,9 @@ def score_examples(model, examples, enc, device, style="completion", autocast_ct
 
 def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None,
              rank=0, world_size=1, batch_size=16):
-    """dict(acc, acc_norm, correct, correct_norm, total, style)
-    over all ranks' shares of `examples`."""
+    """dict(acc, acc_norm, correct, correct_norm, total, style) over all ranks: each rank scores
+    examples[rank::world_size] with the raw model (not the DDP or compiled wrapper) and the counts
+    are summed over ranks, so every rank returns the same figures."""
     shard = examples[rank::world_size]
     preds = score_examples(model, shard, enc, device, style, autocast_ctx, batch_size)
     correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard, strict=True))
@@ -341,10 +295,9 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None
 
 
 def for_training(meta, data_file, limit, local_rank, world_size, device, print0):
-    """(examples, GPT-2 encoding) for scoring inside training, or None after one line saying why.
-    GPT-2 BPE data only. A file the run names is read as given; otherwise the cache, which local
-    rank 0 of each node downloads once while the other ranks wait for it. Every rank scores or none
-    does: evaluate's all-reduce would hang otherwise."""
+    """(examples, GPT-2 encoding) for evaluate in training on GPT-2 BPE data, or None after one line
+    saying why. A file the run names is read as given; else the cache, which local rank 0 of each
+    node downloads while the others wait. Every rank scores or none (evaluate's all-reduce)."""
     if meta.get("tokenizer") != "gpt2":
         print0(f"HellaSwag: skipped, it needs GPT-2 BPE tokens and the data holds "
                f"{meta['tokenizer']} tokens")
@@ -370,9 +323,8 @@ def for_training(meta, data_file, limit, local_rank, world_size, device, print0)
 
 
 def load_checkpoint(path, device):
-    """The GPT of a train_gpt2.py checkpoint (the path as given), on `device`; a one-line exit for a
-    file that is no such checkpoint (model.from_checkpoint's checks), a recurrent model, or a model
-    that does not work in GPT-2 BPE tokens, which HellaSwag is scored in."""
+    """The GPT of a train_gpt2.py checkpoint (as given) on `device`; a one-line exit for anything
+    else (model.from_checkpoint's checks), a recurrent model or one not in GPT-2 BPE tokens."""
     ckpt = utils.load_checkpoint(path)
     try:
         config = config_from_checkpoint(ckpt)
@@ -386,25 +338,14 @@ def load_checkpoint(path, device):
     problem = data.meta_problem(meta) if meta is not None else None
     if problem:
         raise SystemExit(f"error: {path}: its tokenizer description (\"meta\") is unusable: {problem}")
-    tokens = meta.get("tokenizer") if meta is not None else None
-    if tokens not in (None, "gpt2") or net.config.vocab_size < 50257:
-        trained_on = f"{tokens} tokens" if tokens not in (None, "gpt2") else \
+    tokens = (meta or {}).get("tokenizer", "gpt2")  # no meta: the vocabulary must tell
+    if tokens != "gpt2" or net.config.vocab_size < 50257:
+        trained_on = f"{tokens} tokens" if tokens != "gpt2" else \
             f"a vocabulary of {net.config.vocab_size} ids"
         raise SystemExit(f"error: --checkpoint={path}: the model works in {trained_on}; HellaSwag is "
                          f"scored in GPT-2 BPE tokens, so only a model trained on GPT-2 BPE data "
                          f"can be scored")
     return net.to(device)
-
-
-def load_model(device):
-    """(model on device, what it is) for --checkpoint or --model."""
-    if checkpoint is not None:
-        return load_checkpoint(checkpoint, device), checkpoint
-    try:
-        return GPT.from_pretrained(model).to(device), model
-    except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise SystemExit(f"error: --model={model}: {first_line}") from None
 
 
 def main(argv):
@@ -418,7 +359,14 @@ def main(argv):
     # then the download, which a model that cannot be scored would have wasted
     examples = load_examples(ensure_data(data_file), skip_bad, limit, style) \
         if data_file is not None else None
-    net, source = load_model(dev)
+    if checkpoint is not None:
+        net, source = load_checkpoint(checkpoint, dev), checkpoint
+    else:
+        try:
+            net, source = GPT.from_pretrained(model).to(dev), model
+        except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise SystemExit(f"error: --model={model}: {first_line}") from None
     if examples is None:
         examples = load_examples(ensure_data(None, cache_dir), skip_bad, limit, style)
     enc = data.tiktoken_encoding("gpt2")
@@ -440,9 +388,8 @@ if __name__ == "__main__":
     try:
         try:
             main(sys.argv[1:])
-        finally:  # output still buffered goes now, while a closed pipe can be caught
+        finally:  # flush now, while a closed pipe (`hellaswag.py --help | head`) can be caught
             sys.stdout.flush()
-    except BrokenPipeError:  # `python hellaswag.py --help | head`: the reader has all it wanted
-        # Python's recipe: stdout to devnull, or the flush at exit raises again
+    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -6,15 +6,14 @@
     python sample.py --checkpoint=out/ckpt_000500.pt --prompt=FILE:prompt.txt
     python sample.py --checkpoint=gpt2 --prompt="Hello, I'm a language model,"   # needs transformers and the hub
 
-The prompt is encoded and the samples decoded with the tokenizer the model was trained with (GPT-2
-BPE, char or word: the data's meta.json, which the trainers store in every checkpoint). The
-samples are printed one after the other, each starting with the prompt and followed by a line of
-dashes; a control character a sample holds (an escape sequence, say) is printed escaped (\\x1b),
-never raw to the terminal. The same seed gives the same text. A recurrent model of train_lstm.py
-carries its state from token to token, so it has no context limit.
-Paths, as in every script: --out_dir is relative to the repo folder; the files you name (--checkpoint,
-a FILE: prompt) are read as given, relative to the current directory.
+Prompt and samples go through the tokenizer the model was trained with (GPT-2 BPE, char or word:
+the data's meta.json, stored in every checkpoint). Each sample starts with the prompt and is
+followed by a line of dashes; its control characters (an escape sequence, say) are printed escaped
+(\\x1b), never raw to the terminal. The same seed gives the same text. A recurrent model of
+train_lstm.py carries its state from token to token, so it has no context limit. --out_dir is
+relative to the repo folder; the files you name (--checkpoint, a FILE: prompt) are read as given.
 """
+import functools
 import os
 import sys
 
@@ -38,8 +37,7 @@ device = ""            # "" = cuda, then mps, then cpu
 dtype = ""             # "" = bfloat16 on GPUs with native bf16, float16 on older ones, bfloat16 on MPS, float32 on CPU
 
 CHOICES = dict(dtype=utils.DTYPES)
-MAX_SAMPLES = 1000
-MAX_NEW_TOKENS = 100_000
+MAXIMUM = dict(num_samples=1000, max_new_tokens=100_000)
 # below 0.001, logits / temperature can overflow to inf (and NaN probabilities); 0 is greedy anyway.
 # Above 100 every token is about as likely as any other: noise, not the model
 TEMPERATURES = (1e-3, 100.0)
@@ -49,7 +47,7 @@ RULE = "-" * 15  # printed after every sample, as nanoGPT's sample.py does
 
 
 def check_settings(settings):
-    for name, most in (("num_samples", MAX_SAMPLES), ("max_new_tokens", MAX_NEW_TOKENS)):
+    for name, most in MAXIMUM.items():
         utils.require(settings[name] >= 1, f"--{name} must be at least 1, got {settings[name]}")
         utils.require(settings[name] <= most, f"--{name} must be at most {most}, got {settings[name]}")
     low, high = TEMPERATURES
@@ -63,32 +61,9 @@ def check_settings(settings):
 # checkpoints
 
 
-def warn(message):
-    print(message, file=sys.stderr)  # stdout holds the samples only
-
-
-def checkpoint_meta(ckpt, ckpt_path, vocab_size):
-    """The tokenizer description (data.py's meta.json) the trainers store in a checkpoint under
-    "meta", checked as read_meta checks a meta.json (no control characters in the vocabulary) and
-    against the model's vocabulary of vocab_size ids."""
-    meta = ckpt.get("meta")
-    if meta is None:
-        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
-                         f"meta.json, which the trainers store in every checkpoint): without it "
-                         f"prompts cannot be encoded nor samples decoded")
-    problem = data.meta_problem(meta)
-    if problem is None and meta["vocab_size"] > vocab_size:
-        problem = f"vocab_size {meta['vocab_size']} is more than the model's {vocab_size} ids"
-    if problem:
-        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
-                         f"{problem}")
-    return meta
-
-
 def load_model(name_or_path, folder):
     """(model, meta, what) for --checkpoint: GPT-2's weights by name, a file (as given), or the
-    newest checkpoint in folder (relative to the repo folder). The model is a GPT or a recurrent
-    model, whichever the checkpoint holds, on the CPU in eval mode."""
+    newest checkpoint in folder; a GPT or a recurrent model, on the CPU in eval mode."""
     if name_or_path in SIZES:
         try:
             return GPT.from_pretrained(name_or_path).eval(), GPT2_META, name_or_path
@@ -98,6 +73,7 @@ def load_model(name_or_path, folder):
     if name_or_path:
         ckpt_path, ckpt = name_or_path, utils.load_checkpoint(name_or_path)
     else:
+        warn = functools.partial(print, file=sys.stderr)  # stdout holds the samples only
         ckpt_path, ckpt = utils.load_latest_checkpoint(utils.in_repo(folder), warn)
         if ckpt_path is None:
             raise SystemExit(f"error: no checkpoint (ckpt_*.pt) in {utils.in_repo(folder)}: train "
@@ -106,7 +82,18 @@ def load_model(name_or_path, folder):
         net = from_checkpoint(ckpt)
     except ValueError as e:
         raise SystemExit(f"error: {ckpt_path}: {e}") from None
-    return net, checkpoint_meta(ckpt, ckpt_path, net.config.vocab_size), ckpt_path
+    meta = ckpt.get("meta")  # checked as read_meta checks a meta.json, and against the model
+    if meta is None:
+        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
+                         f"meta.json, which the trainers store in every checkpoint): without it "
+                         f"prompts cannot be encoded nor samples decoded")
+    problem = data.meta_problem(meta)
+    if problem is None and meta["vocab_size"] > net.config.vocab_size:
+        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
+    if problem:
+        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
+                         f"{problem}")
+    return net, meta, ckpt_path
 
 
 # -----------------------------------------------------------------------------
@@ -142,13 +129,9 @@ def encode_prompt(text, meta):
 
 
 def printable(text):
-    """text with its control characters but newline and tab (data.CONTROL) escaped, \\x1b for ESC: a
-    sample goes to a terminal, where an escape sequence would act instead of showing. A char or word
-    vocabulary has none (meta_problem), but byte-level BPE has a token for every byte."""
+    """text with control characters other than newline and tab (data.CONTROL) escaped (\\x1b for
+    ESC): byte-level BPE has a token for every byte, and a terminal acts on escape sequences."""
     return data.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv):
@@ -179,9 +162,8 @@ if __name__ == "__main__":
     try:
         try:
             main(sys.argv[1:])
-        finally:  # output still buffered goes now, while a closed pipe can be caught
+        finally:  # flush now, while a closed pipe (`python sample.py ... | head`) can be caught
             sys.stdout.flush()
-    except BrokenPipeError:  # `python sample.py ... | head`: the reader has all it wanted
-        # Python's recipe: stdout to devnull, or the flush at exit raises again
+    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
