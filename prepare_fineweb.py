@@ -305,8 +305,7 @@ def resume_point(folder, shard_prefix, wanted, inputs):
                          f"this one's: give another --out_dir, or delete {folder} to start over")
     try:
         for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
-            data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",
-                                              k))
+            data.read_shard(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train", k))
     except data.ShardError as e:
         raise SystemExit(f"error: {e}; {progress_path} counts {progress['shards']} shards: "
                          f"delete {folder} to start over") from None
