@@ -382,7 +382,7 @@ class WindowLoader:
 
 
 class StreamLoader:
-    """B (micro_batch_size) contiguous streams per rank through one split, for models with states.
+    """B (micro_batch_size) contiguous streams per rank through one split, for stateful models.
 
     The split's shards are read as one sequence of n tokens, cut into B * world_size equal segments:
     stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
@@ -410,8 +410,8 @@ class StreamLoader:
     def load_state_dict(self, state):
         if int(state["seg_len"]) != self.seg_len:
             raise SystemExit(f"error: the checkpoint's streams are {state['seg_len']} tokens long, "
-                             f"these are {self.seg_len}: the data or micro_batch_size x world_size "
-                             f"changed")
+                             f"these are {self.seg_len}: "
+                             f"the data or micro_batch_size x world_size changed")
         self.window = int(state["window"])
 
     def reset(self):

@@ -131,7 +131,7 @@ def documents(skip=0):
             ds = datasets.load_dataset(dataset, name=name, split=split,
                                        streaming=streaming or max_tokens > 0)
         batches = ds.skip(skip).iter(batch_size=batch_size)
-        first = next(batches, None)  # checked here, in the main thread, not in the pool's feeder
+        first = next(batches, None)  # read here, in the main thread, not in the pool's feeder thread
     except StopIteration:  # what datasets raises when every local file is empty
         first = None
     except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
@@ -157,7 +157,7 @@ def documents(skip=0):
                 yield column
         except ReadError:
             raise
-        except Exception as e:  # the pool re-raises this in the main loop, which says it in a line
+        except Exception as e:  # the pool re-raises this in the main loop, which prints it as one line
             raise ReadError(f"error: cannot read {source}: {type(e).__name__}: {e}") from e
     return texts()
 
@@ -277,8 +277,7 @@ def resume_point(folder, shard_prefix, wanted, inputs):
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
-    # the settings stay as given; what they mean for this run is worked out here
-    folder = utils.in_repo(out_dir)
+    folder = utils.in_repo(out_dir)  # the settings stay as given; what they mean is worked out here
     if prefix is not None:
         shard_prefix = prefix
     elif data_files:
@@ -356,7 +355,8 @@ def write_shards(folder, shard_prefix, progress, batches):
     data.write_meta(folder, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                                  itos=None, unk=None))
     seconds = time.time() - t0
-    progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index, tokens=tokens_done)
+    progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index,
+                    tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
