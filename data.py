@@ -2,9 +2,8 @@
 train_lstm.py.
 
 Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest
-zero), then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids).
-build-nanogpt's `.npy` uint16 shards are read too. Shard names: {prefix}_{split}_{k:06d}.bin,
-splits train / val / test.
+zero), then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids);
+build-nanogpt's .npy uint16 shards are read too. Names: {prefix}_{split}_{k:06d}.bin (train/val/test).
 meta.json beside the shards: tokenizer ("gpt2" or another tiktoken name, "char", "word"),
 vocab_size, eot (document separator id or null), itos (id -> string, null for tiktoken), unk
 (unknown id or null), eos (word level: the end-of-line id); decode(tokens, meta) turns ids back
@@ -25,8 +24,6 @@ MAGIC = 20240520
 HEADER_INTS = 256  # header size in int32
 TOKEN_DTYPES = {1: np.uint16, 2: np.uint32}
 SPLITS = ("train", "val", "test")
-
-
 # control characters (C0, DEL, C1) but newline and tab: no vocabulary entry may hold one
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -58,18 +55,10 @@ def write_shard(path, tokens, vocab_size=None):
     utils.atomic_write(path, write)
 
 
-def shard_length(path):
-    """Number of tokens in a shard, from its header (checked against the file size)."""
-    return len(read_shard(path))
-
-
 def read_shard(path, vocab_size=None):
-    """Memory-map a shard after checking its header against the file size.
-
-    With vocab_size, every token is also checked to be below it (one vectorized pass over the file):
-    the loaders do this once per shard when they open it, so an id the model cannot embed stops the
-    run at the start, naming the shard, whether or not a batch would ever have drawn it.
-    """
+    """Memory-map a shard after checking its header against the file size. With vocab_size, every
+    token is also checked to be below it (one vectorized pass): the loaders do this once per shard,
+    so an id the model cannot embed stops the run at the start, even one no batch would draw."""
     if not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard")
     if path.endswith(".npy"):  # build-nanogpt's shards: plain uint16 arrays
@@ -109,27 +98,26 @@ def read_shard(path, vocab_size=None):
     return tokens
 
 
-def check_ids(paths, vocab_size, rank=0, world_size=1):
-    """Every token of every shard below vocab_size (one vectorised pass over each file), each shard
-    read once among the processes: with a process group of world_size ranks, rank r reads shards r,
-    r + world_size, ... (start-up does not grow with ranks x data). A bad shard stops every rank
-    with the same message naming it."""
-    split = world_size > 1 and utils.world_size() == world_size
-    problem = None
-    for path in paths[rank::world_size] if split else paths:
-        try:
-            read_shard(path, vocab_size)
-        except ShardError as e:
-            problem = str(e)
-            break
-    problems = [p for p in (utils.all_gather_objects(problem) if split else [problem]) if p]
-    if problems:
-        raise ShardError(problems[0])
-
-
-def shard_set(paths, lengths):
-    """What a loader's position refers to: [[shard name, tokens], ...]; resume compares it."""
-    return [[os.path.basename(p), int(n)] for p, n in zip(paths, lengths, strict=True)]
+def open_split(data_dir, split, vocab_size, rank, world_size):
+    """A loader's shards: paths, lengths and [[shard name, tokens], ...] (what a position refers to,
+    which resume compares). With vocab_size, every id is checked to be below it, each shard read once
+    among the processes (rank r of world_size reads shards r, r + world_size, ...: start-up does not
+    grow with ranks x data); a bad shard stops every rank with the same message naming it."""
+    paths = list_shards(data_dir, split)
+    lengths = [len(read_shard(p)) for p in paths]  # every header, checked against the file size
+    if vocab_size is not None:
+        sharded = world_size > 1 and utils.world_size() == world_size
+        problem = None
+        for path in paths[rank::world_size] if sharded else paths:
+            try:
+                read_shard(path, vocab_size)
+            except ShardError as e:
+                problem = str(e)
+                break
+        problems = [p for p in (utils.all_gather_objects(problem) if sharded else [problem]) if p]
+        if problems:
+            raise ShardError(problems[0])
+    return paths, lengths, [[os.path.basename(p), int(n)] for p, n in zip(paths, lengths)]
 
 
 def list_shards(data_dir, split):
@@ -146,19 +134,18 @@ def list_shards(data_dir, split):
                 if data_dir.endswith(".txt") else "a file, not a folder of shards")
         raise ShardError(f"{data_dir!r} is {kind}")
     if not os.path.isdir(data_dir):
-        parent = os.path.dirname(os.path.normpath(data_dir))
-        near = difflib.get_close_matches(os.path.basename(os.path.normpath(data_dir)),
-                                         os.listdir(parent) if os.path.isdir(parent) else [], n=3)
-        raise ShardError(f"there is no folder {data_dir!r}"
-                         + (f" (did you mean {', '.join(near)}?)" if near else "")
-                         + ": run prepare_fineweb.py or prepare_wikitext.py first (see README), "
-                           "or set --data_dir")
-    held = sorted(os.listdir(data_dir))
-    raise ShardError(f"no {split} shards (*_{split}_*.bin) in {data_dir!r}"
-                     + (f", which holds {', '.join(held[:4])}{' ...' * (len(held) > 4)}"
-                        if held else ", an empty folder")
-                     + ": run prepare_fineweb.py or prepare_wikitext.py first (see README), "
-                       "or set --data_dir")
+        parent, name = os.path.split(os.path.normpath(data_dir))
+        siblings = os.listdir(parent) if os.path.isdir(parent) else []
+        near = difflib.get_close_matches(name, siblings, n=3)
+        what = (f"there is no folder {data_dir!r}"
+                + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    else:
+        names = sorted(os.listdir(data_dir))
+        held = (f"which holds {', '.join(names[:4])}{' ...' * (len(names) > 4)}" if names
+                else "an empty folder")
+        what = f"no {split} shards (*_{split}_*.bin) in {data_dir!r}, {held}"
+    raise ShardError(f"{what}: run prepare_fineweb.py or prepare_wikitext.py first (see README), "
+                     "or set --data_dir")
 
 
 def model_vocab_size(meta):
@@ -177,9 +164,8 @@ def write_meta(data_dir, meta):
 
 
 def read_meta(data_dir):
-    """meta.json of a shard folder, or None if the folder has none (e.g. llm.c's shards).
-    A file that is not JSON, or not of the shape write_meta writes, ends the script with one line
-    naming it (exit 1)."""
+    """meta.json of a shard folder, or None if there is none (llm.c's shards). A file that is not
+    JSON of the shape write_meta writes ends the script with one line naming it (exit 1)."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         return None
@@ -209,10 +195,9 @@ def meta_problem(meta):
         return "itos must be a list of strings (or null)"
     if itos is not None and len(itos) > vocab_size:
         return f"itos has {len(itos)} entries, more than vocab_size {vocab_size}"
-    if itos is not None:  # samples print these: an escape sequence would reach the terminal raw
-        bad = next((k for k, piece in enumerate(itos) if CONTROL.search(piece)), None)
-        if bad is not None:
-            return (f"itos[{bad}] = {itos[bad]!r} holds a control character "
+    for k, piece in enumerate(itos or []):  # samples print these: no raw escape sequence
+        if CONTROL.search(piece):
+            return (f"itos[{k}] = {piece!r} holds a control character "
                     f"(only newline and tab may appear in a vocabulary)")
     for key in ("eot", "unk", "eos"):
         value = meta.get(key)
@@ -222,15 +207,13 @@ def meta_problem(meta):
 
 
 class ShardWriter:
-    """Cuts a stream of token arrays into shards of exactly shard_size tokens
-    (the last one may be short).
+    """Cuts a stream of token arrays into shards of shard_size tokens (the last one may be shorter).
 
-    Shard k is named {prefix}_{split}_{k:06d}.bin with split = splits[min(k, len(splits) - 1)]: the
-    default ("val", "train") makes the first shard val and every later one train, numbered on from 1
-    as llm.c and build-nanogpt do. A document that crosses a boundary is split, nothing is dropped.
-    first_index lets a restarted job continue after its last complete shard; on_shard(path, used),
-    if given, is called after each shard is written, with `used` = how many tokens of the current
-    add() call that shard completed at.
+    Shard k is {prefix}_{split}_{k:06d}.bin, split = splits[min(k, len(splits) - 1)]: by default
+    shard 0 is val and the rest train, as in llm.c and build-nanogpt. A document that crosses a
+    boundary is split, nothing is dropped. first_index lets a restarted job continue after its last
+    complete shard; on_shard(path, used), if given, runs after each shard is written, `used` being
+    where in the tokens of the current add() call that shard ended.
     """
 
     def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"),
@@ -239,13 +222,11 @@ class ShardWriter:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.data_dir, self.prefix, self.shard_size = data_dir, prefix, shard_size
         self.vocab_size, self.splits, self.index = vocab_size, tuple(splits), first_index
-        self.on_shard = on_shard
-        # arrays of the shard being filled, their total
-        self.pending, self.fill, self.paths = [], 0, []
+        self.on_shard, self.paths = on_shard, []
+        self.pending, self.fill = [], 0  # arrays of the shard being filled, their total
 
     def add(self, tokens):
-        """Append a 1-D token array; write every shard it completes.
-        Returns the paths written now."""
+        """Append a 1-D token array, write every shard it completes; return the paths written."""
         tokens, written, used = np.asarray(tokens), [], 0
         while self.fill + len(tokens) - used >= self.shard_size:
             take = self.shard_size - self.fill
@@ -281,8 +262,7 @@ def printable(text):
 
 
 def tiktoken_encoding(name="gpt2"):
-    """tiktoken's encoding,
-    or a clear exit when its BPE files can be neither found nor downloaded."""
+    """tiktoken's encoding, or a clear exit when its BPE files can be neither found nor fetched."""
     import tiktoken
     try:
         return tiktoken.get_encoding(name)
@@ -293,8 +273,7 @@ def tiktoken_encoding(name="gpt2"):
 
 
 def encode(text, meta):
-    """Text to token ids with the tokenizer a meta.json describes;
-    unknown symbols map to meta["unk"]."""
+    """Text to token ids with the tokenizer a meta.json describes; unknown ones -> meta["unk"]."""
     if meta.get("itos") is None:  # a tiktoken encoding such as gpt2
         return tiktoken_encoding(meta["tokenizer"]).encode_ordinary(text)
     stoi, unk = {s: i for i, s in enumerate(meta["itos"])}, meta.get("unk")
@@ -321,20 +300,17 @@ def decode(tokens, meta):
                 pieces, run = pieces + [enc.decode(run), "\ufffd"], []
         return "".join(pieces) + enc.decode(run)
     itos = meta["itos"]
-
-    def symbol(i):
-        return itos[i] if 0 <= i < len(itos) else "\ufffd"
-
+    symbols = [itos[i] if 0 <= i < len(itos) else "\ufffd" for i in ids]
     if meta["tokenizer"] == "char":
-        return "".join(symbol(i) for i in ids)
+        return "".join(symbols)
     # word: words joined by spaces, the end-of-line token back to a newline
     eos, text, line = meta.get("eos"), [], []
-    for i in ids:
+    for i, symbol in zip(ids, symbols):
         if i == eos:
             text.append(" ".join(line) + "\n")
             line = []
         else:
-            line.append(symbol(i))
+            line.append(symbol)
     return "".join(text) + " ".join(line)
 
 
@@ -347,22 +323,16 @@ class WindowLoader:
 
     A window starts at a multiple of T inside one shard and needs T+1 tokens (targets are shifted by
     one), so a shard of n tokens has (n - 1) // T windows. Each step the global batch is the next
-    B * world_size windows of the epoch's order; rank r takes the r-th slice of B. The order is
-    either the natural one (shard by shard) or a permutation of all windows of all shards drawn from
-    (seed, epoch), so every epoch is reshuffled and any rank can compute it alone. When fewer than
-    B * world_size windows are left, the next epoch starts. The state is just (epoch, cursor).
-    With vocab_size, every shard's largest id is checked when the loader opens it (check_ids).
-    """
+    B * world_size windows of the epoch's order, rank r taking the r-th slice of B. The order is
+    shard by shard, or with shuffle a permutation of all windows drawn from (seed, epoch), which any
+    rank can compute alone; when less than a global batch is left, the next epoch starts. The state
+    is just (epoch, cursor)."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
                  vocab_size=None):
-        self.paths = list_shards(data_dir, split)
+        self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
-        lengths = [shard_length(p) for p in self.paths]  # every header, up front
-        if vocab_size is not None:
-            check_ids(self.paths, vocab_size, rank, world_size)
-        self.shards = shard_set(self.paths, lengths)
         windows = [max(0, (n - 1) // T) for n in lengths]
         self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
@@ -370,7 +340,7 @@ class WindowLoader:
             raise ShardError(f"{split} split in {data_dir!r} has {sum(lengths)} tokens = "
                              f"{self.n_windows} windows of {T}+1 tokens, fewer than one batch "
                              f"needs (micro_batch_size {B} x world_size {world_size})")
-        self.epoch, self.cursor, self.order = 0, 0, None
+        self.reset()
 
     def state_dict(self):
         return {"epoch": self.epoch, "cursor": self.cursor, "shards": self.shards}
@@ -383,11 +353,8 @@ class WindowLoader:
 
     def _epoch_order(self):
         if self.order is None:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self.order = rng.permutation(self.n_windows)
-            else:
-                self.order = np.arange(self.n_windows)
+            rng, n = np.random.default_rng([self.seed, self.epoch]), self.n_windows
+            self.order = rng.permutation(n) if self.shuffle else np.arange(n)
         return self.order
 
     def next_batch(self):
@@ -402,11 +369,10 @@ class WindowLoader:
         buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
         shards = {}  # fresh memmaps per batch keep resident memory flat over a long run
         for row, (w, s) in enumerate(zip(window_ids, shard_ids, strict=True)):
-            tokens = shards.get(s)
-            if tokens is None:
-                tokens = shards[s] = read_shard(self.paths[s])
+            if s not in shards:
+                shards[s] = read_shard(self.paths[s])
             pos = (int(w) - int(self.first_window[s])) * self.T
-            buf[row] = tokens[pos:pos + self.T + 1]
+            buf[row] = shards[s][pos:pos + self.T + 1]
         batch = torch.from_numpy(buf)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
@@ -416,27 +382,16 @@ class WindowLoader:
 
 
 class StreamLoader:
-    """micro_batch_size contiguous streams per rank through one split,
-    for models with persistent states.
+    """B (micro_batch_size) contiguous streams per rank through one split, for stateful models.
 
-    The shards of the split are read as one token sequence of n tokens, cut into B * world_size
-    equal segments: stream s starts at token s * (n // (B * world_size)) and rank r owns streams
-    r*B .. r*B + B-1. Every stream advances T tokens per batch in lockstep (a window needs T+1
-    tokens: targets shift by one), across shard boundaries; when the segments are used up all
-    streams restart at their segment starts.
-    With vocab_size, every shard's largest id is checked when the loader opens it (check_ids).
-
-    next_batch() -> (x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the
-    streams just restarted (the caller zeroes its states: the text no longer continues).
-    The state is one int.
-    """
+    The split's shards are read as one sequence of n tokens, cut into B * world_size equal segments:
+    stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
+    Every stream advances T tokens per batch in lockstep (a window needs T+1 tokens: targets shift
+    by one), across shard boundaries; when the segments are used up all streams restart at their
+    segment starts. The state is one int."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
-        self.paths = list_shards(data_dir, split)
-        lengths = [shard_length(p) for p in self.paths]  # every header, up front
-        if vocab_size is not None:
-            check_ids(self.paths, vocab_size, rank, world_size)
-        self.shards = shard_set(self.paths, lengths)
+        self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)
         self.shard_start = np.cumsum([0] + lengths)
         self.B, self.T = B, T
         n_streams = B * world_size
@@ -476,6 +431,8 @@ class StreamLoader:
         return np.concatenate(out)
 
     def next_batch(self):
+        """(x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the streams just
+        restarted (the caller zeroes its states: the text no longer continues)."""
         restarted = self.window == self.windows
         if restarted:
             self.window = 0

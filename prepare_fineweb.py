@@ -4,23 +4,19 @@
     python prepare_fineweb.py --max_tokens=100000000          # stream only the first 100M tokens
     python prepare_fineweb.py --data_files="corpus/*.jsonl"   # local parquet / jsonl / txt, offline
 
-Every document becomes <|endoftext|> (50256) followed by its tokens exactly as tiktoken's
-encode_ordinary gives them (a literal "<|endoftext|>" in a text stays plain text), and the token
-stream is cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest
-train; documents that cross a shard boundary are split, nothing is dropped. Interrupted runs
-continue after their last complete shard (out_dir/progress.json), with the same settings and input
-files; a finished one does nothing. One run per out_dir at a time, and one job per out_dir: a folder
-holding another job's shards or meta.json is refused.
-Local .txt files count as one document each.
-The last line printed is the --data_dir to train on.
+Every document (a local .txt file is one) becomes <|endoftext|> (50256) and its tokens exactly as
+tiktoken's encode_ordinary gives them (a literal "<|endoftext|>" stays plain text); the stream is
+cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest train,
+nothing is dropped. An interrupted run goes on after its last complete shard (progress.json) given
+the same settings and input files. One run and one job per out_dir: a folder holding another job's
+shards or meta.json is refused. The last line printed is the --data_dir to train on.
 
-Exact dataset names (--dataset= / --name=):
-    HuggingFaceFW/fineweb-edu   sample-10BT (default), sample-100BT
+Datasets (--dataset= / --name=) with a "text" column and a "train" split, sizes in GPT-2 tokens:
+    HuggingFaceFW/fineweb-edu   sample-10BT (default): ~9.9B, 9.67M documents, 100 shards, ~19 GB;
+                                sample-100BT: ~100B, ~1,000 shards
     HuggingFaceFW/fineweb       sample-10BT
-    roneneldan/TinyStories      name=None  (--name=None)
-    Skylion007/openwebtext      name=None  (--name=None)
-All four have a "text" column and a "train" split;
-give each its own --out_dir (e.g. data/tinystories).
+    roneneldan/TinyStories      --name=None: ~0.5B
+    Skylion007/openwebtext      --name=None: ~9B
 """
 import glob
 import gzip
@@ -57,8 +53,7 @@ CHOICES = dict(tokenizer=tuple(tiktoken.list_encoding_names()))
 # the settings that decide the shards' contents: a restart must use the same values
 OUTPUT_SETTINGS = ("dataset", "name", "split", "text_column", "data_files", "prefix", "shard_size",
                    "max_tokens", "tokenizer")
-# extension -> builder
-LOCAL_KINDS = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}
+LOCAL_KINDS = {"parquet": "parquet", "json": "json", "jsonl": "json", "txt": "text"}  # -> builder
 
 
 def check_settings():
@@ -93,9 +88,8 @@ def local_files(pattern):
 
 
 def places(path, builder):
-    """Where each document of a local file is, in reading order: 'file:line' (JSON lines),
-    'file, record k' (a JSON array, parquet rows), 'file' (a text file is one document).
-    Read only to name a bad document."""
+    """Where each document of a local file is, in reading order, to name a bad one: 'file:line'
+    (JSON lines), 'file, record k' (a JSON array, parquet rows), 'file' (a text file)."""
     if builder == "text":
         yield path
     elif builder == "parquet":
@@ -129,8 +123,7 @@ def documents(skip=0):
         if data_files:
             paths, builder = local_files(data_files)
             source = paths[0] if len(paths) == 1 else data_files
-            # streaming reads local files in place (no Arrow copy in the HF cache);
-            # a .txt file is one document
+            # streaming reads local files in place (no Arrow copy in the HF cache)
             extra = {"sample_by": "document"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=paths, split="train",
                                        streaming=True, **extra)
@@ -138,12 +131,10 @@ def documents(skip=0):
             ds = datasets.load_dataset(dataset, name=name, split=split,
                                        streaming=streaming or max_tokens > 0)
         batches = ds.skip(skip).iter(batch_size=batch_size)
-        # checked here, in the main thread, not inside the pool's feeder thread
-        first = next(batches, None)
+        first = next(batches, None)  # read here, in the main thread, not in the pool's feeder thread
     except StopIteration:  # what datasets raises when every local file is empty
         first = None
-    except Exception as e:
-        # offline, a wrong dataset name or subset, a file the reader cannot parse
+    except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
         hint = ("" if data_files
                 else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'")
         raise SystemExit(f"error: cannot read {source}: {type(e).__name__}: {e}{hint}") from None
@@ -158,8 +149,7 @@ def documents(skip=0):
         try:
             for batch in itertools.chain([first] if first is not None else [], batches):
                 column = batch[text_column]
-                # None is an empty document; anything else is no text
-                for k, text in enumerate(column):
+                for k, text in enumerate(column):  # None is an empty document
                     if text is not None and not isinstance(text, str):
                         raise ReadError(f"error: {place_of(index + k)}: column {text_column!r} "
                                         f"holds {type(text).__name__} {text!r:.40}, not text")
@@ -167,15 +157,13 @@ def documents(skip=0):
                 yield column
         except ReadError:
             raise
-        except Exception as e:
-            # the pool re-raises this in the main loop, which turns it into a message
+        except Exception as e:  # the pool re-raises this in the main loop, which prints it as one line
             raise ReadError(f"error: cannot read {source}: {type(e).__name__}: {e}") from e
     return texts()
 
 
 class ReadError(Exception):
-    """A dataset that fails while being read
-    (an Exception: the pool's feeder thread passes those on)."""
+    """A dataset that fails while being read (an Exception: the pool's feeder thread passes it on)."""
 
 
 # -----------------------------------------------------------------------------
@@ -190,13 +178,9 @@ def init_worker(encoding_name):
 
 
 def tokenize(texts):
-    """A batch of documents -> (their tokens concatenated, each as [EOT] + tokens;
-    each one's length).
-
-    encode_to_numpy with no special tokens gives exactly encode_ordinary's tokens (a literal
-    <|endoftext|> in the text is plain text; encode() would raise on it) without building a Python
-    list: ~15% faster.
-    """
+    """A batch of documents -> (their tokens, each as [EOT] + tokens, concatenated; each one's
+    length). encode_to_numpy with no special tokens gives exactly encode_ordinary's tokens (a literal
+    <|endoftext|> stays plain text) without building a Python list: ~15% faster."""
     eot = np.array([_encoder.eot_token], dtype=np.uint32)
     pieces = []
     for text in texts:
@@ -207,8 +191,7 @@ def tokenize(texts):
 
 
 def locate(ends, position):
-    """(document, offset in it) of a token position
-    in a batch whose documents end at `ends` (cumsum)."""
+    """(document, offset in it) of a token position in a batch whose documents end at `ends`."""
     doc = int(np.searchsorted(ends, position, side="right"))
     return doc, int(position - (ends[doc - 1] if doc else 0))
 
@@ -217,36 +200,11 @@ def locate(ends, position):
 # the job
 
 
-def default_prefix():
-    """The shard name prefix when --prefix is None: llm.c's "edufineweb" for FineWeb-Edu,
-    else the dataset's name ("local" for local files)."""
-    if data_files:
-        return "local"
-    return "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
-
-
 def input_files():
     """[absolute path, size, mtime] of each local file, in reading order; [] for a hub dataset.
     A resumed run skips the documents the shards hold by count, so it must read the same files."""
-    if not data_files:
-        return []
-    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns]
-            for p in local_files(data_files)[0]]
-
-
-def changed_inputs(before, now):
-    """What differs between two input_files() lists, file by file."""
-    then, current = {p: rest for p, *rest in before}, {p: rest for p, *rest in now}
-    return ([f"{p} added" for p in current if p not in then]
-            + [f"{p} removed" for p in then if p not in current]
-            + [f"{p} changed" for p in current if p in then and then[p] != current[p]]
-            or ["the files' order"])
-
-
-def shard_files(folder):
-    """Names of the files in `folder` that a loader reads as shards (data.list_shards' patterns)."""
-    return sorted({os.path.basename(p) for split in data.SPLITS for ext in ("bin", "npy")
-                   for p in glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.{ext}"))})
+    paths = local_files(data_files)[0] if data_files else []
+    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
 
 
 def listed(names):
@@ -254,19 +212,20 @@ def listed(names):
 
 
 def resume_point(folder, shard_prefix, wanted, inputs):
-    """The sidecar of an earlier run (documents to skip, tokens of the next one to drop,
-    shards done, done), checked against the current settings, the input files and the shards
-    on disk; a fresh one when there is none. Shards or a meta.json of another job are refused:
-    a loader reads every shard in the folder, and meta.json would be overwritten."""
+    """The sidecar of an earlier run (documents to skip, tokens of the next one to drop, shards done,
+    done) checked against the settings, input files and shards on disk, or a fresh one. Another
+    job's shards or meta.json are refused: loaders read every shard, meta.json would be replaced."""
     progress_path = os.path.join(folder, "progress.json")
-    shards = shard_files(folder)
+    start_over = f"delete {folder} to start over"
+    # the files a loader reads as shards (data.list_shards' patterns)
+    shards = sorted({os.path.basename(p) for split in data.SPLITS for ext in ("bin", "npy")
+                     for p in glob.glob(os.path.join(glob.escape(folder), f"*_{split}_*.{ext}"))})
     if not os.path.exists(progress_path):
         meta = ["meta.json"] if os.path.exists(os.path.join(folder, "meta.json")) else []
         if shards or meta:
             what = "shards" if shards else "a meta.json"
-            raise SystemExit(f"error: {folder} already holds {what} ({listed(shards + meta)}) "
-                             f"but no progress.json: another job's. "
-                             f"Give another --out_dir, or delete {folder} to start over")
+            raise SystemExit(f"error: {folder} already holds {what} ({listed(shards + meta)}) but no "
+                             f"progress.json: another job's. Give another --out_dir, or {start_over}")
         return dict(settings=wanted, inputs=inputs, documents=0, skip_tokens=0, shards=0)
     try:
         with open(progress_path) as f:
@@ -280,87 +239,84 @@ def resume_point(folder, shard_prefix, wanted, inputs):
         ok = False
     if not ok:
         raise SystemExit(f"error: {progress_path} is not a readable progress file of this script: "
-                         f"give another --out_dir, or delete {folder} to start over")
+                         f"give another --out_dir, or {start_over}")
     if progress["settings"] != wanted:
         before = progress["settings"]
         diff = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
-        raise SystemExit(f"error: {progress_path} was written with other settings "
-                         f"(name: (before, now)) {diff}; "
-                         f"rerun with the old values, give another --out_dir, "
-                         f"or delete {folder} to start over")
+        raise SystemExit(f"error: {progress_path} was written with other settings (name: (before, "
+                         f"now)) {diff}; rerun with the old values, give another --out_dir, or "
+                         f"{start_over}")
     # a sidecar written before the inputs were recorded cannot be checked: it takes today's
     if progress.setdefault("inputs", inputs) != inputs:
-        changes = changed_inputs(progress["inputs"], inputs)
+        then, now = {p: rest for p, *rest in progress["inputs"]}, {p: rest for p, *rest in inputs}
+        changes = ([f"{p} added" for p in now if p not in then]
+                   + [f"{p} removed" for p in then if p not in now]
+                   + [f"{p} changed" for p in now if p in then and then[p] != now[p]]
+                   or ["the files' order"])
         raise SystemExit(f"error: the files of --data_files={data_files} are not those "
                          f"{progress_path} was written from: {'; '.join(changes[:3])}"
                          f"{' ...' if len(changes) > 3 else ''}. Rerun with the same files, "
-                         f"or delete {folder} to start over")
+                         f"or {start_over}")
     # this job's shards: those progress.json counts, and the next one, which a run stopped
     # between writing it and counting it leaves behind (it is written again)
-    ours = {os.path.basename(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train", k))
-            for k in range(progress["shards"] + 1)}
-    theirs = [name for name in shards if name not in ours]
+    ours = [os.path.basename(data.shard_name(folder, shard_prefix, "train" if k else "val", k))
+            for k in range(progress["shards"] + 1)]
+    theirs = sorted(set(shards) - set(ours))
     if theirs:
         raise SystemExit(f"error: {folder} holds shards of another job ({listed(theirs)}) beside "
-                         f"this one's: give another --out_dir, or delete {folder} to start over")
+                         f"this one's: give another --out_dir, or {start_over}")
     try:
-        for k in range(progress["shards"]):  # every shard the sidecar counts exists and is valid
-            data.shard_length(data.shard_name(folder, shard_prefix, "val" if k == 0 else "train",
-                                              k))
+        for name in ours[:-1]:  # every shard the sidecar counts exists and is valid
+            data.read_shard(os.path.join(folder, name))
     except data.ShardError as e:
         raise SystemExit(f"error: {e}; {progress_path} counts {progress['shards']} shards: "
-                         f"delete {folder} to start over") from None
+                         f"{start_over}") from None
     return progress
 
 
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
-    # the settings stay as given; what they mean for this run is worked out here
-    folder = utils.in_repo(out_dir)
-    shard_prefix = default_prefix() if prefix is None else prefix
-    # the sidecar records the prefix the shards are named with, not None
-    wanted = dict({k: settings[k] for k in OUTPUT_SETTINGS}, prefix=shard_prefix)
+    folder = utils.in_repo(out_dir)  # the settings stay as given; what they mean is worked out here
+    if prefix is not None:
+        shard_prefix = prefix
+    elif data_files:
+        shard_prefix = "local"
+    else:  # llm.c's name for FineWeb-Edu shards, else the dataset's
+        shard_prefix = "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
+    wanted = dict({k: settings[k] for k in OUTPUT_SETTINGS}, prefix=shard_prefix)  # prefix as used
     try:
-        return prepare(folder, shard_prefix, wanted)
+        inputs = input_files()
+        progress = resume_point(folder, shard_prefix, wanted, inputs)
+        if progress.get("done"):
+            print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} tokens): "
+                  f"nothing to do. To prepare it again, delete {folder} (or give another --out_dir)")
+        else:
+            # reads the first batch: a file that cannot work stops before there is a folder; only
+            # then one run per folder (two would mix their shards), released by closing the file
+            batches = documents(skip=progress["documents"])
+            with utils.lock_folder(folder, "prepare run"):
+                if resume_point(folder, shard_prefix, wanted, inputs) != progress:
+                    raise SystemExit(f"error: another prepare run wrote {folder} while this one "
+                                     f"was starting: run the same command again to go on from "
+                                     f"where it is now")
+                write_shards(folder, shard_prefix, progress, batches)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: rerun the same command to continue after the last complete "
                          "shard") from None
-
-
-def prepare(folder, shard_prefix, wanted):
-    inputs = input_files()
-    progress = resume_point(folder, shard_prefix, wanted, inputs)
-    if progress.get("done"):
-        print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} "
-              f"tokens): nothing to do. To prepare it again, delete {folder} "
-              f"(or give another --out_dir)")
-        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
-        return progress
-    # reads the first batch: a file that cannot work stops here, before the folder is created
-    batches = documents(skip=progress["documents"])
-    # one run per folder for the rest of the job (two would write a mix of their shards), taken
-    # only now so that bad input leaves no folder behind; closing the file releases it
-    with utils.lock_folder(folder, "prepare run"):
-        if resume_point(folder, shard_prefix, wanted, inputs) != progress:
-            raise SystemExit(f"error: another prepare run wrote {folder} while this one was "
-                             f"starting: run the same command again to go on from where it is now")
-        return write_shards(folder, shard_prefix, progress, batches)
+    print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
+    return progress
 
 
 def write_shards(folder, shard_prefix, progress, batches):
-    """Tokenize `batches` into the shards after the progress file's last complete one,
-    updating it after every shard."""
+    """Tokenize `batches` into the shards after the last complete one, updating progress after each."""
     from tqdm import tqdm
     progress_path = os.path.join(folder, "progress.json")
-    # every complete shard holds exactly shard_size tokens
-    tokens_done = progress["shards"] * shard_size
-    # first document of the next batch
-    doc_index, drop = progress["documents"], progress["skip_tokens"]
+    tokens_done = progress["shards"] * shard_size  # every complete shard holds shard_size tokens
+    doc_index, drop = progress["documents"], progress["skip_tokens"]  # doc_index: of the next batch
     enc = data.tiktoken_encoding(tokenizer)
     if progress["shards"]:
-        print(f"resuming after {progress['shards']} complete shards "
-              f"({progress['documents']:,} documents)")
+        print(f"resuming after {progress['shards']} complete shards ({doc_index:,} documents)")
 
     # the sidecar, after every complete shard: where the next shard starts
     def on_shard(path, used):
@@ -370,13 +326,11 @@ def write_shards(folder, shard_prefix, progress, batches):
     writer = data.ShardWriter(folder, shard_prefix, shard_size, enc.n_vocab,
                               first_index=progress["shards"], on_shard=on_shard)
     t0, docs_start, docs_end, tokens_start = time.time(), doc_index, doc_index, tokens_done
-    bar = tqdm(total=max_tokens or None, initial=tokens_done,
-               unit="tok", unit_scale=True, smoothing=0.1)
+    bar = tqdm(total=max_tokens or None, initial=tokens_done, unit="tok", unit_scale=True, smoothing=0.1)
     processes = num_proc or os.cpu_count()
     pool = Pool(processes, initializer=init_worker, initargs=(tokenizer,)) if processes > 1 else None
+    init_worker(tokenizer)  # for map() when there is no pool
     try:
-        if pool is None:
-            init_worker(tokenizer)
         for tokens, lengths in (pool.imap(tokenize, batches) if pool else map(tokenize, batches)):
             ends = np.cumsum(lengths)  # where each document of the batch ends, before any drop
             start, drop = drop, 0  # a resumed job drops what the written shards already hold
@@ -401,24 +355,16 @@ def write_shards(folder, shard_prefix, progress, batches):
     data.write_meta(folder, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                                  itos=None, unk=None))
     seconds = time.time() - t0
-    progress.update(done=True, documents=docs_end, skip_tokens=0,
-                    shards=writer.index, tokens=tokens_done)
+    progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index,
+                    tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
     rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
           f"this run ({tokens_done:,} total) in {writer.index} shards under {folder}, "
           f"{seconds:.1f} s, {rate:,.0f} tokens/s")
     if writer.index == 1:
-        print("warning: everything fits in one shard, so there is no train split: "
-              "lower --shard_size")
-    print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(folder)}")
-    return progress
+        print("warning: everything fits in one shard, so there is no train split: lower --shard_size")
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-
-# Expected sizes (GPT-2 tokens, EOT included): fineweb-edu sample-10BT ~9.9B tokens
-# (9.67M documents) = 100 shards of 100M (1 val + 99 train), ~19 GB;
-# sample-100BT ~100B tokens, ~1,000 shards.
-# TinyStories ~0.5B tokens, OpenWebText ~9B tokens.

@@ -1,5 +1,4 @@
-"""WikiText-2 / WikiText-103 (or any text file) -> train / val / test token shards,
-GPT-2, char or word level.
+"""WikiText-2/-103 (or any text file) -> train / val / test token shards, GPT-2, char or word level.
 
     python prepare_wikitext.py                              # wikitext-2-raw-v1 from the hub, gpt2
     python prepare_wikitext.py --source=wikitext-103-v1 --tokenizer=word --vocab_words=1000
@@ -7,24 +6,21 @@ GPT-2, char or word level.
     python prepare_wikitext.py --tokenizer=char --text_file=\
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
-Sources: the hub's wikitext configs wikitext-2-raw-v1, wikitext-2-v1, wikitext-103-raw-v1,
-wikitext-103-v1; a local folder (wiki.{train,valid,test}.{tokens,raw} or {train,valid,test}.txt);
-or one text file (or http(s) URL, downloaded once into cache_dir) whose last val_fraction becomes
-val (cut at a line end).
+Sources: a wikitext config on the hub (--source); a local folder of wiki.{train,valid,test}.tokens
+(or .raw, or {train,valid,test}.txt); one text file or http(s) URL (downloaded once into cache_dir),
+whose last val_fraction becomes val (cut at a line end). Train splits: wikitext-2 ~11M characters,
+~2.5M GPT-2 tokens; wikitext-103 ~540M characters, ~125M GPT-2 tokens (2 shards of 100M).
 
 out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
 it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
 The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
-    gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream;
-          meta eot = 50256)
-    char  the sorted characters of the train split, then one unknown id (unk) for characters
-          unseen in train
+    gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream; eot 50256)
+    char  the sorted characters of the train split, then one unknown id (unk) for unseen ones
     word  whitespace-separated words: the vocab_words most frequent of train (ties: alphabetical),
-          then "<unk>" (every other word, and wikitext's own <unk>) and "<eos>" (one at the end of
-          every line, empty lines too, as PyTorch's word_language_model does).
-          vocab_size <= vocab_words + 2.
+          then "<unk>" (every other word, and wikitext's own <unk>) and "<eos>" (ending every line,
+          empty lines too, as PyTorch's word_language_model does): vocab_words + 2 ids at most.
 """
 import array
 import collections
@@ -60,13 +56,11 @@ cache_dir = "data/downloads"  # where text_file URLs are saved, relative to the 
 
 HUB_DATASET = "Salesforce/wikitext"  # the hub's wikitext (formerly "wikitext")
 SOURCES = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
-TOKENIZERS = ("gpt2", "char", "word")
-CHOICES = dict(source=SOURCES, tokenizer=TOKENIZERS)
+CHOICES = dict(source=SOURCES, tokenizer=("gpt2", "char", "word"))
 LOCAL_NAMES = {"train": ("wiki.train.tokens", "wiki.train.raw", "train.txt"),
                "val": ("wiki.valid.tokens", "wiki.valid.raw", "valid.txt", "val.txt"),
                "test": ("wiki.test.tokens", "wiki.test.raw", "test.txt")}
-# what a prepared folder holds; anything else in out_dir is someone else's,
-# and a re-run replaces the folder
+# what a prepared folder holds; anything else in out_dir is someone else's (a re-run replaces it)
 PREPARED_FILE = re.compile(r"meta\.json|.+_(train|val|test)_\d{6}\.(bin|npy)|\.tmp_.*")
 
 
@@ -77,8 +71,7 @@ def check_settings():
                   "--text_sha256 checks --text_file: give both")
     utils.require(text_sha256 is None or re.fullmatch(r"[0-9a-fA-F]{64}", str(text_sha256)),
                   f"--text_sha256 must be 64 hex digits, got {text_sha256!r}")
-    utils.require(0 < val_fraction < 1,
-                  f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    utils.require(0 < val_fraction < 1, f"--val_fraction must be between 0 and 1, got {val_fraction}")
     utils.require(vocab_words >= 1, f"--vocab_words must be >= 1, got {vocab_words}")
     utils.require(shard_size >= 1, f"--shard_size must be >= 1, got {shard_size}")
 
@@ -89,8 +82,10 @@ def check_settings():
 
 def read_text(path):
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
-            return f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        check_sha256(path, raw)  # only --text_file can have a --text_sha256
+        return raw.decode("utf-8")  # \r\n stays as it is
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read {path} as UTF-8 text: {e}") from None
 
@@ -122,8 +117,7 @@ def check_sha256(where, content):
 
 
 def split_text(text, fraction):
-    """(train, val): val is the last `fraction` of the text,
-    starting at a line start when there is one."""
+    """(train, val): val is the last `fraction` of the text, starting at a line start if one is."""
     cut = int(len(text) * (1 - fraction))
     if cut > 0 and text[cut - 1] != "\n":  # move to the next line start, if it leaves val non-empty
         line_end = text.find("\n", cut)
@@ -135,9 +129,6 @@ def load_splits():
     """{split: text} and a short name for the source."""
     if text_file:
         path = fetch(text_file) if text_file.startswith(("http://", "https://")) else text_file
-        if text_sha256:
-            with open(path, "rb") as f:
-                check_sha256(path, f.read())
         text = read_text(path)
         train, val = split_text(text, val_fraction)
         if not train or not val:
@@ -147,17 +138,15 @@ def load_splits():
     if data_dir_in:
         folder, found = utils.in_repo(data_dir_in), {}
         for split, names in LOCAL_NAMES.items():
-            paths = [os.path.join(folder, n) for n in names]
-            paths = [p for p in paths if os.path.isfile(p)]
+            paths = [p for p in (os.path.join(folder, n) for n in names) if os.path.isfile(p)]
             if paths:
                 found[split] = read_text(paths[0])
         if "train" not in found or "val" not in found:
             have = ", ".join(found) or "none"
-            raise SystemExit(f"error: {folder}: needs a train and a val file "
-                             f"({' / '.join(LOCAL_NAMES['train'])}; "
-                             f"{' / '.join(LOCAL_NAMES['val'])}), found splits: {have}. "
-                             f"To split one file into train and val instead, use "
-                             f"--text_file={os.path.join(folder, 'valid.txt')}")
+            raise SystemExit(f"error: {folder}: needs a train and a val file ("
+                             f"{' / '.join(LOCAL_NAMES['train'])}; {' / '.join(LOCAL_NAMES['val'])})"
+                             f", found splits: {have}. To split one file into train and val "
+                             f"instead, use --text_file={os.path.join(folder, 'valid.txt')}")
         return found, os.path.basename(os.path.normpath(data_dir_in))
     import datasets
     try:
@@ -165,11 +154,9 @@ def load_splits():
     except (ConnectionError, OSError, ValueError) as e:  # offline
         raise SystemExit(f"error: cannot load {HUB_DATASET} ({source}) from the Hugging Face hub: "
                          f"{type(e).__name__}: {e}\n  offline, use local files: "
-                         f"--data_dir_in=folder/with/wiki.train.tokens "
-                         f"or --text_file=path") from None
-    # each row is one line with its newline, except the file's blank lines (" \n"),
-    # which the hub stores as "": restoring them gives back the original wiki.*.tokens / .raw file,
-    # as a local copy reads
+                         f"--data_dir_in=folder/with/wiki.train.tokens or --text_file=path") from None
+    # each row is one line with its newline, except the file's blank lines (" \n"), which the hub
+    # stores as "": restoring them gives back the wiki.*.tokens / .raw file a local copy reads
     return {s: "".join(line or " \n" for line in ds[hub]["text"])
             for s, hub in (("train", "train"), ("val", "validation"), ("test", "test"))}, source
 
@@ -178,8 +165,7 @@ def load_splits():
 # tokenizers: each returns (encode function, meta dict)
 
 # Cut points for encoding a long text in pieces with exactly the tokens of one whole-text encode:
-# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always ends one piece and starts
-# the next.
+# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always starts a new piece.
 SAFE_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
 
 
@@ -194,11 +180,10 @@ def gpt2_pieces(text, size=1 << 20):
     return pieces
 
 
-def gpt2_tokenizer(train):
+def gpt2_tokenizer():
     enc = data.tiktoken_encoding("gpt2")
 
-    # pieces encoded on all cores (tiktoken releases the GIL), as arrays, not lists
-    def encode(text):
+    def encode(text):  # pieces on all cores (tiktoken releases the GIL), as arrays, not lists
         with ThreadPoolExecutor(os.cpu_count()) as threads:  # no special tokens = encode_ordinary
             ids = list(threads.map(lambda piece: enc.encode_to_numpy(piece, disallowed_special=()),
                                    gpt2_pieces(text)))
@@ -209,15 +194,13 @@ def gpt2_tokenizer(train):
 
 def char_tokenizer(train):
     chars = sorted(set(train))
-    # sorted code points of the train set
     codes = np.array([ord(c) for c in chars], dtype=np.uint32)
     unk = len(chars)
 
     # vectorized: code points -> positions in the sorted train set, misses -> unk
     def encode(text):
         out = []
-        # 16M characters at a time bounds the temporary arrays
-        for i in range(0, len(text), 1 << 24):
+        for i in range(0, len(text), 1 << 24):  # 16M characters at a time bound the temporaries
             points = np.frombuffer(text[i:i + (1 << 24)].encode("utf-32-le"), dtype=np.uint32)
             ids = np.searchsorted(codes, points)
             ids[ids == len(codes)] = 0  # past the end: a miss, caught by the comparison below
@@ -241,31 +224,23 @@ def word_tokenizer(train, k):
             ids.extend([stoi.get(w, unk) for w in line.split()])
             ids.append(eos)
         return np.frombuffer(ids, dtype=np.int32)
-    return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None,
-                        itos=itos, unk=unk, eos=eos)
+    return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None, itos=itos, unk=unk, eos=eos)
 
 
 def lines(text):
-    """Lines split at "\\n" only (str.splitlines also splits at \\x1c, \\u2028, ...);
-    no empty last line."""
+    """Lines split at "\\n" only (str.splitlines splits at \\x1c, \\u2028, ...), no empty last one."""
     parts = text.split("\n")
-    return parts[:-1] if parts and parts[-1] == "" else parts
-
-
-def make_tokenizer(train):
-    if tokenizer == "word":
-        return word_tokenizer(train, vocab_words)
-    return gpt2_tokenizer(train) if tokenizer == "gpt2" else char_tokenizer(train)
+    return parts[:-1] if parts[-1] == "" else parts
 
 
 # -----------------------------------------------------------------------------
-# the output folder: replaced as a whole, so training never reads shards of two different runs
+# the job: the output folder is replaced as a whole, so training never reads shards of two runs
 
 
-def remove_stale_sets(folder):
-    """Undo what a killed run left beside `folder`: its unfinished set ({folder}.tmp-<pid>) is
-    deleted, and the old set it had just moved aside ({folder}.old-<pid>) goes back in place when
-    nothing replaced it."""
+def check_out_dir(folder):
+    """Refuse an out_dir that holds anything but a prepared set: a re-run replaces the whole folder.
+    First, undo what a killed run left beside it: its unfinished set ({folder}.tmp-<pid>) is
+    deleted, the old set it had moved aside ({folder}.old-<pid>) goes back if nothing replaced it."""
     for kind in ("old", "tmp"):
         for path in glob.glob(f"{glob.escape(folder)}.{kind}-*"):
             pid = path.rsplit("-", 1)[-1]
@@ -275,18 +250,11 @@ def remove_stale_sets(folder):
                 os.rename(path, folder)
             else:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def check_out_dir(folder):
-    """Refuse an out_dir that holds anything but a prepared set:
-    a re-run replaces the whole folder."""
-    remove_stale_sets(folder)
-    if not os.path.lexists(folder):
-        return
     try:
-        others = sorted(n for n in os.listdir(folder) if not PREPARED_FILE.fullmatch(n))
+        names = os.listdir(folder) if os.path.lexists(folder) else []
     except OSError as e:
         utils.bad_setting(f"--out_dir={folder}: {e.strerror or e}")
+    others = sorted(n for n in names if not PREPARED_FILE.fullmatch(n))
     utils.require(not others, f"--out_dir={folder} holds files that are not shards or meta.json "
                               f"({', '.join(others[:3])}): a re-run replaces the whole folder, "
                               f"so give it one of its own")
@@ -294,11 +262,9 @@ def check_out_dir(folder):
 
 @contextlib.contextmanager
 def one_run(folder):
-    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID.
-
-    The lock cannot live in the folder, which switch() moves aside with everything in it: it is the
-    file .{name}.lock beside the folder, held with flock (the OS releases it when the process ends,
-    kill -9 included) and removed when the run ends. One left by a killed run is simply taken."""
+    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID. The lock
+    is the file .{name}.lock beside the folder (which switch() moves aside), held with flock (the OS
+    releases it when the process ends, kill -9 included) and removed when the run ends."""
     path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
     while True:
         try:
@@ -317,14 +283,12 @@ def one_run(folder):
             raise SystemExit(f"error: --out_dir={folder} is in use by another prepare run "
                              f"(PID {holder}): one run per folder. Wait for it, stop it, or choose "
                              f"another --out_dir") from None
-        # locked, unless the run that held it removed the file in between: then lock the new one
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # locked, unless the holder removed the file: retry
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break
         handle.close()
     handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    print(os.getpid(), file=handle, flush=True)
     try:
         yield
     finally:  # removed while still held, so the next run finds no file or a file of its own
@@ -334,8 +298,7 @@ def one_run(folder):
 
 def switch(new, folder):
     """Put the complete set `new` in place of `folder`: a reader sees the old set or the new one.
-    Killed between the two renames, the run leaves no folder, and the next run puts the old set
-    back."""
+    Killed between the two renames, the run leaves no folder; the next run puts the old set back."""
     old = f"{folder}.old-{os.getpid()}"
     try:
         if os.path.lexists(folder):
@@ -348,42 +311,35 @@ def switch(new, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# -----------------------------------------------------------------------------
-# the job
-
-
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
     texts, name = load_splits()
     if not texts["train"]:
         raise SystemExit(f"error: the train split of {name} is empty")
-    default_dir = os.path.join("data", f"{name}_{tokenizer}")
-    out = os.path.normpath(utils.in_repo(out_dir or default_dir))
-    shard_prefix = prefix or name
+    out = os.path.normpath(utils.in_repo(out_dir or os.path.join("data", f"{name}_{tokenizer}")))
     folder = os.path.realpath(out)  # an out_dir that is a symlink: the set goes where it points
     with one_run(folder):
-        meta = write_set(folder, shard_prefix, texts, name, settings)
+        meta = write_set(folder, prefix or name, texts, name, settings)
     print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
-    if tokenizer == "gpt2":
-        print(f"train with: python train_gpt2.py --data_dir={utils.repo_relative(out)}")
-    else:
-        print(f"train with: python train_lstm.py --data_dir={utils.repo_relative(out)} "
-              f"(or train_gpt2.py)")
+    trainer = "train_gpt2.py" if tokenizer == "gpt2" else "train_lstm.py"
+    also = "" if tokenizer == "gpt2" else " (or train_gpt2.py)"
+    print(f"train with: python {trainer} --data_dir={utils.repo_relative(out)}{also}")
     return out, meta
 
 
 def write_set(folder, shard_prefix, texts, name, settings):
     """The set of `texts` written beside `folder` and switched in; returns its meta."""
     check_out_dir(folder)
-    encode, meta = make_tokenizer(texts["train"])
-    # the new set is written beside the old one, then switched in
+    if tokenizer == "word":
+        encode, meta = word_tokenizer(texts["train"], vocab_words)
+    else:
+        encode, meta = gpt2_tokenizer() if tokenizer == "gpt2" else char_tokenizer(texts["train"])
     new = f"{folder}.tmp-{os.getpid()}"
     try:
         os.makedirs(new)
     except OSError as e:
-        raise SystemExit(f"error: cannot create {new} (beside --out_dir): "
-                         f"{e.strerror or e}") from None
+        raise SystemExit(f"error: cannot create {new} (beside --out_dir): {e.strerror or e}") from None
     try:
         counts = {}
         for split, text in texts.items():
@@ -393,12 +349,10 @@ def write_set(folder, shard_prefix, texts, name, settings):
             writer.add(tokens)
             paths = writer.close()
             counts[split] = len(tokens)
-            unknown = int((tokens == meta["unk"]).sum()) if meta["unk"] is not None else 0
-            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens "
-                  f"in {len(paths)} shard(s)"
-                  + (f", {unknown:,} unknown" if meta["unk"] is not None else ""))
-        # where the folder is says nothing about what it holds, and it may move
-        settings.pop("out_dir")
+            unknown = "" if meta["unk"] is None else f", {(tokens == meta['unk']).sum():,} unknown"
+            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} "
+                  f"shard(s){unknown}")
+        settings.pop("out_dir")  # where the folder is says nothing about what it holds; it may move
         meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
         data.write_meta(new, meta)
         switch(new, folder)
@@ -409,7 +363,3 @@ def write_set(folder, shard_prefix, texts, name, settings):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-
-# Expected sizes, estimated from wikitext-2's valid.txt (1.12M characters -> 0.26M GPT-2 tokens):
-# wikitext-2 train ~11M characters ~2.5M GPT-2 tokens (one shard per split with any tokenizer);
-# wikitext-103 train ~540M characters ~125M GPT-2 tokens (2 gpt2 shards, 6 char shards of 100M).
