@@ -181,6 +181,22 @@ def read_meta(data_dir):
     return meta
 
 
+def checkpoint_meta(ckpt, path, vocab_size, required=True):
+    """The tokenizer description a checkpoint carries (its data's meta.json), checked as read_meta
+    checks one and against the model's vocabulary; one line naming `path` when it is unusable or
+    (required) missing."""
+    meta = ckpt.get("meta")
+    if meta is None and required:
+        raise SystemExit(f"error: {path} lacks its tokenizer description (\"meta\", the data's "
+                         f"meta.json, which the trainers store in every checkpoint)")
+    problem = meta_problem(meta) if meta is not None else None
+    if problem is None and meta is not None and meta["vocab_size"] > vocab_size:
+        problem = f"vocab_size {meta['vocab_size']} is more than the model's {vocab_size} ids"
+    if problem:
+        raise SystemExit(f"error: {path}: its tokenizer description (\"meta\") is unusable: {problem}")
+    return meta
+
+
 def meta_problem(meta):
     """What is wrong with the content of a meta.json, or None."""
     if not isinstance(meta, dict):

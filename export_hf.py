@@ -97,17 +97,7 @@ def load_gpt(path):
         net = from_checkpoint(ckpt)
     except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
         raise SystemExit(f"error: {ckpt_path}: {e}") from None
-    meta = ckpt.get("meta")
-    if meta is None:
-        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
-                         f"meta.json, which train_gpt2.py stores in every checkpoint)")
-    problem = data.meta_problem(meta)
-    if problem is None and meta["vocab_size"] > net.config.vocab_size:
-        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
-    if problem:
-        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
-                         f"{problem}")
-    return net, meta, ckpt_path
+    return net, data.checkpoint_meta(ckpt, ckpt_path, net.config.vocab_size), ckpt_path
 
 
 def hf_architecture(config):
@@ -280,11 +270,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        try:
-            main(sys.argv[1:])
-        finally:  # flush now, while a closed pipe (`export_hf.py --help | head`) can be caught
-            sys.stdout.flush()
-    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    utils.run_script(main)

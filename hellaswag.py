@@ -334,10 +334,7 @@ def load_checkpoint(path, device):
         net = from_checkpoint(ckpt)
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
-    meta = ckpt.get("meta")
-    problem = data.meta_problem(meta) if meta is not None else None
-    if problem:
-        raise SystemExit(f"error: {path}: its tokenizer description (\"meta\") is unusable: {problem}")
+    meta = data.checkpoint_meta(ckpt, path, net.config.vocab_size, required=False)
     tokens = (meta or {}).get("tokenizer", "gpt2")  # no meta: the vocabulary must tell
     if tokens != "gpt2" or net.config.vocab_size < 50257:
         trained_on = f"{tokens} tokens" if tokens != "gpt2" else \
@@ -385,11 +382,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        try:
-            main(sys.argv[1:])
-        finally:  # flush now, while a closed pipe (`hellaswag.py --help | head`) can be caught
-            sys.stdout.flush()
-    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    utils.run_script(main)

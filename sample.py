@@ -14,7 +14,6 @@ train_lstm.py carries its state from token to token, so it has no context limit.
 relative to the repo folder; the files you name (--checkpoint, a FILE: prompt) are read as given.
 """
 import functools
-import os
 import sys
 
 import torch
@@ -82,18 +81,7 @@ def load_model(name_or_path, folder):
         net = from_checkpoint(ckpt)
     except ValueError as e:
         raise SystemExit(f"error: {ckpt_path}: {e}") from None
-    meta = ckpt.get("meta")  # checked as read_meta checks a meta.json, and against the model
-    if meta is None:
-        raise SystemExit(f"error: {ckpt_path} lacks its tokenizer description (\"meta\", the data's "
-                         f"meta.json, which the trainers store in every checkpoint): without it "
-                         f"prompts cannot be encoded nor samples decoded")
-    problem = data.meta_problem(meta)
-    if problem is None and meta["vocab_size"] > net.config.vocab_size:
-        problem = f"vocab_size {meta['vocab_size']} is more than the model's {net.config.vocab_size} ids"
-    if problem:
-        raise SystemExit(f"error: {ckpt_path}: its tokenizer description (\"meta\") is unusable: "
-                         f"{problem}")
-    return net, meta, ckpt_path
+    return net, data.checkpoint_meta(ckpt, ckpt_path, net.config.vocab_size), ckpt_path
 
 
 # -----------------------------------------------------------------------------
@@ -159,11 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        try:
-            main(sys.argv[1:])
-        finally:  # flush now, while a closed pipe (`python sample.py ... | head`) can be caught
-            sys.stdout.flush()
-    except BrokenPipeError:  # Python's recipe: stdout to devnull, or the flush at exit raises again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    utils.run_script(main)

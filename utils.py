@@ -50,6 +50,19 @@ def repo_relative(folder):
 SETTING_TYPES = (bool, int, float, str, type(None))
 
 
+def run_script(main):
+    """main(argv) of a script; one piped into `head` exits quietly when the pipe closes (Python's
+    recipe: stdout to devnull, or the flush at exit raises again)."""
+    try:
+        try:
+            main(sys.argv[1:])
+        finally:  # flush now, while a closed pipe can still be caught
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
 def bad_setting(message):
     """Exit 2 with `error: message`: a setting that cannot work. Under torchrun every rank exits and
     only rank 0 says why: one line, not one per GPU."""
