@@ -6,13 +6,11 @@
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
 The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
-grid axis (so no value can hold a comma), a single value goes to every run; no config files. Each
-run has a folder sweep_dir/<name>/ (run.json, stdout.log, the trainer's log.jsonl) and ends
-finished, diverged (NaN stop), oom, failed or interrupted, or is skipped before launch. A rerun
-skips finished runs, resumes interrupted ones and relaunches the others with --retry_failed=True;
-a run whose folder a trainer still holds (its .lock) is left alone. Ctrl-C or SIGTERM goes on to
-the running trainers, which checkpoint and stop; the sweep launches no more and exits 130 or 143.
-One sweep.py at a time per sweep_dir.
+grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
+sweep_dir/<name>/ (run.json, stdout.log, log.jsonl) and ends finished, diverged, oom, failed or
+interrupted, or is skipped before launch. A rerun skips finished runs, resumes interrupted ones and
+relaunches the others with --retry_failed=True. Ctrl-C or SIGTERM goes on to the running trainers
+(they checkpoint and stop) and the sweep exits 130 or 143. One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
 import contextlib
@@ -82,8 +80,7 @@ RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")  # <name>
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
 # exit statuses of a Ctrl-C'd or terminated run: killed by the signal, or stopped by its handler
 INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
-# table order
-STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")
+STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")  # table order
 SET_BY_SWEEP = ("out_dir", "resume")
 # set per run by the random search
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
@@ -146,9 +143,8 @@ def trainer_settings():
     lines = out.stdout.strip().splitlines()
     with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
         answer = json.loads(lines[-1])  # the last line: anything printed on import comes first
-        settings, choices = answer["settings"], answer["choices"]
-        if out.returncode == 0 and isinstance(settings, dict) and isinstance(choices, dict):
-            return settings, choices
+        if out.returncode == 0:
+            return dict(answer["settings"]), dict(answer["choices"])
     # a traceback's last line says why; otherwise what it printed instead
     why = (out.stderr.strip().splitlines() or lines or ["no output"])[-1][:200]
     utils.bad_setting(f"{asked} gave no settings (exit {out.returncode}: {why})")
@@ -173,9 +169,8 @@ def trainer_overrides(passed):
         utils.require(all(k in defaults for k in DRAWN),
                       f"--mode=random: {script} lacks train_gpt2.py's settings")
         taken = [k for k in passed if k in DRAWN or k in axes]
-        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws "
-                      f"{', '.join(DRAWN)} itself (set their ranges instead) "
-                      f"and takes no grid axes")
+        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws {', '.join(DRAWN)}"
+                      f" itself (set their ranges instead) and takes no grid axes")
     elif flop_budget is not None:  # the trainer derives max_steps from it
         utils.require("flop_budget" in defaults, f"--flop_budget: {script} has no such setting")
         fixed["flop_budget"] = f"{flop_budget:g}"
@@ -378,8 +373,7 @@ def launch(run, gpu, trainers):
         return
     # a trainer may have started there since the plan was made (runs wait for a free slot):
     # its log, checkpoints, stdout and run.json are its own
-    pid = lock_holder(run_dir)
-    if pid:
+    if pid := lock_holder(run_dir):
         print(left_alone(run["name"], pid), flush=True)
         return
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
@@ -453,8 +447,7 @@ def summarize(run_dir):
                default=None)
     hellaswag = [e["hellaswag_acc_norm"] for e in events if e.get("hellaswag_acc_norm") is not None]
     bad = [e["step"] for e in events if e.get("event") == "diverged"]
-    # the diverging step included
-    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad], default=0)
+    steps = max([st for st, _ in curve] + bad, default=-1) + 1  # the diverging step included
     # sequences per step: train_gpt2.py's tokens / block_size, train_lstm.py's streams x processes
     batch = s["total_batch_size"] // s["block_size"] if s.get("total_batch_size") else (
         s.get("micro_batch_size", 0) * start.get("world_size", 1))
@@ -475,8 +468,7 @@ def report(folder):
     if not dirs:
         raise SystemExit(f"error: no runs found in {folder}")
     rows = sorted((summarize(os.path.join(folder, d)) for d in dirs), key=lambda r: (
-        STATES.index(r["state"]),
-        math.inf if r["best_val_loss"] is None else r["best_val_loss"],
+        STATES.index(r["state"]), math.inf if r["best_val_loss"] is None else r["best_val_loss"],
         r["run"]))
     # the Markdown table shows the overrides that differ between runs (all if none do), the CSV all
     every = {k for r in rows for k in r["overrides"]}
@@ -571,8 +563,7 @@ def main(argv):
         run["dir"] = os.path.join(folder, run["name"])
         old = (read_json(os.path.join(run["dir"], "run.json"))
                or {"state": "new", "overrides": run["overrides"]})
-        changed = sorted(k for k in {**old["overrides"], **run["overrides"]}
-                         if old["overrides"].get(k) != run["overrides"].get(k))
+        changed = sorted({k for k, _ in old["overrides"].items() ^ run["overrides"].items()})
         utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
                       f"use another --sweep_dir")
         # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
@@ -594,8 +585,7 @@ def main(argv):
             kept.append(f"{old['state']:>11} {run['name']}" + hint)
         else:
             # new, interrupted (resumed from its last checkpoint if it has one) or retried afresh
-            interrupted = old["state"] in ("running", "interrupted")
-            run["resume"] = (interrupted and "resume" in defaults
+            run["resume"] = (old["state"] in ("running", "interrupted") and "resume" in defaults
                              and bool(utils.checkpoint_paths(run["dir"])))
             run["runtime_s"] = (old.get("runtime_s") or 0) if run["resume"] else 0
             os.makedirs(run["dir"], exist_ok=True)
