@@ -250,8 +250,7 @@ def bench_loader(dev, device_type):
         t0 = time.perf_counter()
         x, y = loader.next_batch()
         if device_type == "cuda":  # what train_gpt2.py does with each batch before the forward
-            x = x.pin_memory().to(dev, non_blocking=True)
-            y = y.pin_memory().to(dev, non_blocking=True)
+            x, y = (t.pin_memory().to(dev, non_blocking=True) for t in (x, y))
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
     row = dict(variant="loader", status="ok", **summary(times))
@@ -353,8 +352,7 @@ def main(argv):
     rows, done = [], {}
     for name, setup in setups:
         key = tuple(sorted(setup.items()))
-        reason = unavailable(setup, device_type)
-        if reason:
+        if reason := unavailable(setup, device_type):
             row = dict(variant=name, status="n/a", reason=reason, **setup)
         elif key in done:  # e.g. "base" and "eager" are the same run on a CPU
             row = dict(done[key], variant=name, same_as=done[key]["variant"])
@@ -362,8 +360,7 @@ def main(argv):
             try:
                 row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps,
                                                 dev, device_type)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                # OOM; SDPA refusing a forced kernel here
+            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM, SDPA refusing a kernel
                 row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
         rows.append(row)
         result = f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]
