@@ -109,10 +109,10 @@ def check_settings():
     utils.require(mode != "random" or flop_budget is not None, "--mode=random needs --flop_budget")
     for name in RANGES:
         lo, hi = globals()[f"{name}_lo"], globals()[f"{name}_hi"]
-        utils.require(0 < lo <= hi < math.inf,
-                      f"--{name}_lo={lo}, --{name}_hi={hi}: want 0 < lo <= hi")
+        given = f"--{name}_lo={lo}, --{name}_hi={hi}"
+        utils.require(0 < lo <= hi < math.inf, f"{given}: want 0 < lo <= hi")
         utils.require(name not in ("batch", "seq_len") or 2 ** math.ceil(math.log2(lo)) <= hi,
-                      f"--{name}_lo={lo}, --{name}_hi={hi}: the range holds no power of two")
+                      f"{given}: the range holds no power of two")
 
 
 # -----------------------------------------------------------------------------
@@ -545,8 +545,7 @@ def main(argv):
     check_settings()
     folder = os.path.join(HERE, sweep_dir)  # an absolute sweep_dir stays as it is
     if report_only:
-        report(folder)
-        return
+        return report(folder)
     defaults, fixed, axes = trainer_overrides(passed)
     runs = plan_random(fixed, defaults) if mode == "random" else plan_grid(fixed, axes, defaults)
     utils.require(len({r["name"] for r in runs}) == len(runs),
