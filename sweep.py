@@ -307,20 +307,18 @@ def classify(rc, run_dir):
     return "oom" if "out of memory" in tail or "outofmemoryerror" in tail else "failed"
 
 
-def lock_holder(run_dir):
-    """The PID in run_dir/.lock if a process (a trainer's utils.lock_folder) holds it, else None.
-    Tried without waiting and let go at once: the trainer launched next must be able to take it."""
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, ".lock")) as f:
+def left_alone(run):
+    """A line saying so if a process (a trainer's utils.lock_folder) holds the run's .lock, else
+    None. Tried without waiting and let go at once: the trainer launched next must take it."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run["dir"], ".lock")) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read().strip() or "unknown"
+            pid = f.read().strip() or "unknown"
+            return (f"{'running':>11} {run['name']} (PID {pid} holds its folder: left alone, "
+                    f"rerun when it ends)")
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
-
-
-def left_alone(name, pid):
-    return f"{'running':>11} {name} (PID {pid} holds its folder: left alone, rerun when it ends)"
 
 
 def die_with(parent):
@@ -373,8 +371,8 @@ def launch(run, gpu, trainers):
         return
     # a trainer may have started there since the plan was made (runs wait for a free slot):
     # its log, checkpoints, stdout and run.json are its own
-    if pid := lock_holder(run_dir):
-        print(left_alone(run["name"], pid), flush=True)
+    if busy := left_alone(run):
+        print(busy, flush=True)
         return
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
         for path in utils.checkpoint_paths(run_dir) + [os.path.join(run_dir, "log.jsonl")]:
@@ -567,14 +565,13 @@ def main(argv):
                       f"use another --sweep_dir")
         # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
         # retrying or restarting it would delete or truncate what it is writing
-        pid = lock_holder(run["dir"])
+        busy = left_alone(run)
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
-            print(left_alone(run["name"], pid) if pid
-                  else f"{run['name']} ({old['state']}): " + status)
-        elif pid:
-            kept.append(left_alone(run["name"], pid))
+            print(busy or f"{run['name']} ({old['state']}): " + status)
+        elif busy:
+            kept.append(busy)
         elif run["reason"]:
             utils.atomic_write_json(os.path.join(run["dir"], "run.json"),
                                     dict(name=run["name"], overrides=run["overrides"],
