@@ -158,10 +158,11 @@ def time_steps(step, n, device_type, first=0):
     return times
 
 
-def summary(times_ms):
+def summary(times_ms, tokens):
     q1, median, q3 = (statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1
                       else times_ms * 3)
-    return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms))
+    return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms),
+                tokens_per_s=tokens / (median / 1000))
 
 
 def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
@@ -176,9 +177,9 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
         times = time_steps(step, steps, device_type, first=warmup)
         loss_finite = bool(torch.isfinite(step(warmup + steps)))  # one more step, to check the loss
     peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
-    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s,
+    tokens = micro_batch_size * block_size * grad_accum_steps
+    row = dict(variant=name, status="ok", **setup, **summary(times, tokens), warmup_s=warmup_s,
                loss_finite=loss_finite, peak_mem_mb=peak_mem_mb)
-    row["tokens_per_s"] = micro_batch_size * block_size * grad_accum_steps / (row["ms_median"] / 1000)
     row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], dev)
     return row
 
@@ -253,9 +254,7 @@ def bench_loader(dev, device_type):
             x, y = (t.pin_memory().to(dev, non_blocking=True) for t in (x, y))
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
-    row = dict(variant="loader", status="ok", **summary(times))
-    row["tokens_per_s"] = micro_batch_size * block_size / (row["ms_median"] / 1000)
-    return row
+    return dict(variant="loader", status="ok", **summary(times, micro_batch_size * block_size))
 
 
 def synthetic_hellaswag(n, rng):
