@@ -278,9 +278,8 @@ def plan_random(fixed, defaults):
 
 
 def read_json(path):
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return json.load(f)
 
 
 def read_events(run_dir):
