@@ -113,7 +113,7 @@ def unavailable(setup, device_type):
 
 def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
     """(step(i) -> the step's loss, raw model) for a fresh model: training.train_step over a few
-    CPU batches made beforehand (the loader has its own row), copied to the device as it does."""
+    CPU batches made beforehand (the loader has its own row), moved to the device as in training."""
     torch.manual_seed(seed)
     if setup["compile"]:
         torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
@@ -359,7 +359,7 @@ def main(argv):
             try:
                 row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps,
                                                 dev, device_type)
-            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM, SDPA refusing a kernel
+            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM; SDPA refusing a forced kernel
                 row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
         rows.append(row)
         result = f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]
