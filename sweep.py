@@ -283,8 +283,8 @@ def read_json(path):
 
 
 def read_events(run_dir):
-    """log.jsonl's events but a line that does not parse (a running run's half-written last one),
-    quietly: utils.read_log would warn on stderr, which worker threads cannot redirect safely."""
+    """log.jsonl's events, skipping quietly a line that does not parse (a running run's half-written
+    last one): utils.read_log would warn on stderr, which worker threads cannot redirect safely."""
     events, path = [], os.path.join(run_dir, "log.jsonl")
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         for line in f:
@@ -307,7 +307,7 @@ def classify(rc, run_dir):
 
 
 def left_alone(run):
-    """A line saying so if a process (a trainer's utils.lock_folder) holds the run's .lock, else
+    """The line to print if a process (a trainer's utils.lock_folder) holds the run's .lock, else
     None. Tried without waiting and let go at once: the trainer launched next must take it."""
     with contextlib.suppress(FileNotFoundError), open(os.path.join(run["dir"], ".lock")) as f:
         try:
