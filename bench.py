@@ -1,17 +1,15 @@
-"""Time train_gpt2.py's training step, the data loader and HellaSwag scoring;
-profile where a step's time goes.
+"""Time train_gpt2.py's training step, the data loader and HellaSwag scoring; profile a step.
 
     python bench.py                                    # CPU: the tiny preset; CUDA: GPT-2 124M, B=32, T=1024
     python bench.py --variants=base,classic,adamw      # rows side by side
     python bench.py --profile=True                     # ms per step by kernel group, and the top kernels
     python bench.py --data_dir=data/fineweb10B --hellaswag=True   # add a loader row and a HellaSwag row
 
-A variant changes the base configuration (what train_gpt2.py runs on this device: the modern GPT and
-Muon, compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names
-with "+" to change several (classic+adamw). Steps run training.train_step on synthetic tokens:
-the loss means nothing, the work is the real step's. Warm-up steps first (compilation), then each
-step timed alone (CUDA events, no host sync in between; perf_counter on CPU): the median and the
-interquartile range. Peak memory: CUDA only.
+A variant changes the base configuration (train_gpt2.py's on this device: the modern GPT and Muon,
+compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names with
+"+" to change several (classic+adamw). Steps are training.train_step on synthetic tokens (the loss
+means nothing, the work is real): warm-up steps (compilation), then each step timed alone (CUDA
+events without a host sync in between, or perf_counter): median and interquartile range.
 """
 import collections
 import dataclasses
@@ -69,16 +67,14 @@ CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm
 PRESETS = {"tiny": {},
            "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                         micro_batch_size=32)}
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH}
 AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
         "float32": dict(dtype="float32"), "bfloat16": dict(dtype="bfloat16"),
-        "sdpa_flash": dict(sdpa="flash"), "sdpa_efficient": dict(sdpa="efficient"),
-        "sdpa_math": dict(sdpa="math"),
+        **{f"sdpa_{k}": dict(sdpa=k) for k in SDPA},
         # the rest of the model is AdamW's
         "muon": dict(optimizer="muon"), "adamw": dict(optimizer="adamw"),
         "modern": dict(arch="modern"), "classic": dict(arch="classic")}  # model.STYLES
-SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH}
-MODEL_FIELDS = [f.name for f in dataclasses.fields(GPTConfig)]
 # the profile's kernel groups, matched on lower-cased kernel / op names in this order
 GROUPS = (("optimizer", ("optimizer.", "adam", "muon", "foreach", "multi_tensor")),
           ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
@@ -97,8 +93,7 @@ def base_setup(device_type, dtype):
 def parse_variant(name, base):
     setup = dict(base)
     for part in name.split("+"):
-        utils.require(part in AXES,
-                      f"--variants: unknown variant {part!r}; known: {', '.join(AXES)}")
+        utils.require(part in AXES, f"--variants: unknown variant {part!r}; known: {', '.join(AXES)}")
         setup.update(AXES[part])
     return setup
 
@@ -117,9 +112,8 @@ def unavailable(setup, device_type):
 
 
 def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
-    """(step(i) -> the step's loss, raw model) for one variant, on a fresh model:
-    training.train_step over a few pre-made CPU batches (the loader has its own row),
-    copied to the device as train_gpt2.py does."""
+    """(step(i) -> the step's loss, raw model) for a fresh model: training.train_step over a few
+    CPU batches made beforehand (the loader has its own row), moved to the device as in training."""
     torch.manual_seed(seed)
     if setup["compile"]:
         torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
@@ -132,24 +126,21 @@ def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
     scaler = torch.amp.GradScaler(device_type, enabled=setup["dtype"] == "float16")
     autocast = utils.autocast_context(device_type, setup["dtype"])
     generator = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, model_config.vocab_size, (micro_batch_size, block_size + 1),
-                            generator=generator)
-              for _ in range(min(grad_accum_steps, 4))]
+    shape = (min(grad_accum_steps, 4), micro_batch_size, block_size + 1)
+    tokens = torch.randint(model_config.vocab_size, shape, generator=generator)
     batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
     def step(i):
         feed = iter(batches[(i * grad_accum_steps + k) % len(batches)]
                     for k in range(grad_accum_steps))
-        loss, _ = training.train_step(model, optimizers, lambda: next(feed), 1.0,
-                                      accum_steps=grad_accum_steps, scaler=scaler,
-                                      autocast=autocast, device=dev, grad_clip=grad_clip)
-        return loss
+        return training.train_step(model, optimizers, lambda: next(feed), 1.0,
+                                   accum_steps=grad_accum_steps, scaler=scaler,
+                                   autocast=autocast, device=dev, grad_clip=grad_clip)[0]
     return step, raw_model
 
 
 def time_steps(step, n, device_type, first=0):
-    """Milliseconds of each of n calls step(first + k):
-    CUDA events (no host sync in between), or perf_counter."""
+    """Milliseconds of each of n calls step(first + k): CUDA events, then a sync; or perf_counter."""
     if device_type == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(n)]
@@ -167,10 +158,11 @@ def time_steps(step, n, device_type, first=0):
     return times
 
 
-def summary(times_ms):
+def summary(times_ms, tokens):
     q1, median, q3 = (statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1
                       else times_ms * 3)
-    return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms))
+    return dict(ms_median=median, ms_q1=q1, ms_q3=q3, ms_min=min(times_ms), ms_max=max(times_ms),
+                tokens_per_s=tokens / (median / 1000))
 
 
 def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
@@ -181,15 +173,13 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
     with nullcontext() if setup["sdpa"] == "auto" else sdpa_kernel(SDPA[setup["sdpa"]]):
         t0 = time.perf_counter()
         time_steps(step, warmup, device_type)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t0
         times = time_steps(step, steps, device_type, first=warmup)
         loss_finite = bool(torch.isfinite(step(warmup + steps)))  # one more step, to check the loss
     peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None
-    row = dict(variant=name, status="ok", **setup, **summary(times), warmup_s=warmup_s,
+    tokens = micro_batch_size * block_size * grad_accum_steps
+    row = dict(variant=name, status="ok", **setup, **summary(times, tokens), warmup_s=warmup_s,
                loss_finite=loss_finite, peak_mem_mb=peak_mem_mb)
-    row["tokens_per_s"] = micro_batch_size * block_size * grad_accum_steps / (row["ms_median"] / 1000)
     row["mfu"] = raw_model.estimate_mfu(row["tokens_per_s"], dev)
     return row
 
@@ -199,9 +189,8 @@ def bench_variant(name, setup, model_config, grad_accum_steps, dev, device_type)
 
 
 def kernel_group(names, device_type):
-    """The group of a kernel (CUDA) or op (CPU) from its name and the names of the ops around it,
-    innermost first: a multiply inside RMSNormFunctionBackward is norm work, a matmul inside
-    Optimizer.step the optimizer's."""
+    """A kernel's (CUDA) or op's (CPU) group from its name and those of the ops around it, innermost
+    first: a multiply inside RMSNormFunctionBackward is norm work, one in Optimizer.step not."""
     lowered = [n.lower() for n in names]
     for group, keys in GROUPS:
         if any(k in n for n in (lowered if group == "optimizer" else lowered[:1]) for k in keys):
@@ -213,14 +202,12 @@ def kernel_group(names, device_type):
 
 
 def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_type):
-    """ms per step by kernel group (CUDA: kernel time on the GPU; CPU: each op's own CPU time)
-    and the top 8."""
+    """ms per step by kernel group and the top 8 (CUDA: GPU kernel time; CPU: each op's own)."""
     step, _ = setup_step(setup, model_config, grad_accum_steps, dev, device_type)
     time_steps(step, warmup, device_type)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device_type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
         time_steps(step, profile_steps, device_type, first=warmup)
     groups, kernels = collections.Counter(), collections.Counter()
@@ -239,8 +226,8 @@ def profile_variant(name, setup, model_config, grad_accum_steps, dev, device_typ
     total = sum(groups.values())
     what = "CUDA kernel time" if device_type == "cuda" else "CPU time of each op itself"
     print(f"\nprofile of {name}: {what}, ms per step over {profile_steps} steps")
-    print("\n".join(f"  {g:<12} {ms:8.2f}  {100 * ms / total:5.1f}%"
-                    for g, ms in groups.most_common()))
+    for g, ms in groups.most_common():
+        print(f"  {g:<12} {ms:8.2f}  {100 * ms / total:5.1f}%")
     print(f"  {'total':<12} {total:8.2f}\n  top kernels:")
     print("\n".join(f"  {ms:8.2f}  {k[:110]}" for k, ms in kernels.most_common(8)))
     return dict(variant=name, ms_per_step=dict(groups.most_common()), total_ms=total,
@@ -264,18 +251,14 @@ def bench_loader(dev, device_type):
         t0 = time.perf_counter()
         x, y = loader.next_batch()
         if device_type == "cuda":  # what train_gpt2.py does with each batch before the forward
-            x = x.pin_memory().to(dev, non_blocking=True)
-            y = y.pin_memory().to(dev, non_blocking=True)
+            x, y = (t.pin_memory().to(dev, non_blocking=True) for t in (x, y))
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
-    row = dict(variant="loader", status="ok", **summary(times))
-    row["tokens_per_s"] = micro_batch_size * block_size / (row["ms_median"] / 1000)
-    return row
+    return dict(variant="loader", status="ok", **summary(times, micro_batch_size * block_size))
 
 
 def synthetic_hellaswag(n, rng):
-    """n examples in HellaSwag's schema,
-    random words of HellaSwag-like lengths (context ~40, endings ~20)."""
+    """n examples in HellaSwag's schema, random words (context ~40 of them, endings ~20)."""
     words = ("the a man woman is are then he she they it and to of with on in at person ball water "
              "car dog takes puts walks runs jumps shows talks holds begins continues camera screen "
              "kitchen").split()
@@ -285,11 +268,10 @@ def synthetic_hellaswag(n, rng):
     examples = []
     for _ in range(n):
         ctx_a, ctx_b = pick(30).capitalize() + ".", pick(8)
+        endings = [pick(15 + int(k)) for k in torch.randint(10, (4,), generator=rng)]
+        label = int(torch.randint(4, (1,), generator=rng))
         examples.append(dict(activity_label="Synthetic", ctx_a=ctx_a, ctx_b=ctx_b,
-                             ctx=ctx_a + " " + ctx_b,
-                             endings=[pick(15 + int(k))
-                                      for k in torch.randint(10, (4,), generator=rng)],
-                             label=int(torch.randint(4, (1,), generator=rng))))
+                             ctx=f"{ctx_a} {ctx_b}", endings=endings, label=label))
     return examples
 
 
@@ -350,7 +332,7 @@ def main(argv):
                   f"{micro_batch_size} x block_size {block_size} = {tokens_per_micro}")
     grad_accum_steps = max(1, total_batch_size // tokens_per_micro)
     try:
-        model_config = GPTConfig(**{k: settings[k] for k in MODEL_FIELDS})
+        model_config = GPTConfig(**{f.name: settings[f.name] for f in dataclasses.fields(GPTConfig)})
     except ValueError as e:
         utils.bad_setting(str(e))
     base = base_setup(device_type, dtype)
@@ -369,8 +351,7 @@ def main(argv):
     rows, done = [], {}
     for name, setup in setups:
         key = tuple(sorted(setup.items()))
-        reason = unavailable(setup, device_type)
-        if reason:
+        if reason := unavailable(setup, device_type):
             row = dict(variant=name, status="n/a", reason=reason, **setup)
         elif key in done:  # e.g. "base" and "eager" are the same run on a CPU
             row = dict(done[key], variant=name, same_as=done[key]["variant"])
@@ -378,8 +359,7 @@ def main(argv):
             try:
                 row = done[key] = bench_variant(name, setup, model_config, grad_accum_steps,
                                                 dev, device_type)
-            except (torch.OutOfMemoryError, RuntimeError) as e:
-                # OOM; SDPA refusing a forced kernel here
+            except (torch.OutOfMemoryError, RuntimeError) as e:  # OOM; SDPA refusing a forced kernel
                 row = dict(variant=name, status="n/a", reason=str(e).split("\n")[0][:90], **setup)
         rows.append(row)
         result = f"{row['ms_median']:.2f} ms/step" if row["status"] == "ok" else row["reason"]

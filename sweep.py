@@ -1,5 +1,4 @@
-"""Run a trainer once per point of a grid, of §2's ablation set,
-or of §3's FLOP-budgeted random search.
+"""Run a trainer once per point of a grid, of §2's ablations or of §3's FLOP-budgeted random search.
 
     python sweep.py --sweep_dir=sweeps/lr --max_lr=3e-4,1e-3,2e-3,3e-3 --micro_batch_size=128
     python sweep.py --mode=ablations --sweep_dir=sweeps/ablations --max_lr=1e-3,2e-3
@@ -7,21 +6,16 @@ or of §3's FLOP-budgeted random search.
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
 The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
-grid axis (so no value can hold a comma), a single value goes to every run; config files are refused
-(give their settings as --name=value). Each run has a folder sweep_dir/<name>/ with run.json,
-stdout.log and the trainer's log.jsonl, and ends finished, diverged (NaN stop), oom, failed or
-interrupted, or is skipped before launch. A rerun skips finished runs,
-resumes interrupted ones from their last checkpoint and relaunches the others only with
---retry_failed=True; a run whose folder a trainer still holds (its .lock) is left alone. Ctrl-C or
-SIGTERM passes the signal on to the running trainers, which checkpoint and stop, launches nothing
-more and exits 130 or 143; on Linux the trainers get SIGTERM even when the sweep is killed hard.
-One sweep.py at a time per sweep_dir.
+grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
+sweep_dir/<name>/ (run.json, stdout.log, log.jsonl) and ends finished, diverged, oom, failed or
+interrupted, or is skipped before launch. A rerun skips finished runs, resumes interrupted ones and
+relaunches the others with --retry_failed=True. Ctrl-C or SIGTERM goes on to the running trainers
+(they checkpoint and stop) and the sweep exits 130 or 143. One sweep.py at a time per sweep_dir.
 """
 import concurrent.futures
 import contextlib
 import csv
 import ctypes
-import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -82,21 +76,18 @@ CHOICES = dict(mode=("grid", "ablations", "random"), lr_scaling=("none", "linear
 # EXPERIMENTS.md §2: each changes one switch of the baseline
 ABLATIONS = dict(baseline={}, no_rmsnorm={"norm": "none"}, post_norm={"norm_pos": "post"},
                  no_rope={"pos_emb": "none"}, silu_ffn={"mlp": "silu"})
-# the random search's <name>_lo, _hi
-RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")
+RANGES = ("batch", "seq_len", "n_embd", "n_layer", "n_head", "min_lr")  # <name>_lo, <name>_hi
 RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed=True
 # exit statuses of a Ctrl-C'd or terminated run: killed by the signal, or stopped by its handler
 INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
-# table order
-STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")
+STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")  # table order
 SET_BY_SWEEP = ("out_dir", "resume")
 # set per run by the random search
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
          "min_lr", "max_lr", "warmup_steps", "max_steps")
-try:  # Linux's prctl: a trainer gets a signal when the sweep dies, however it dies (kill -9)
-    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # elsewhere a sweep killed hard leaves its trainers running
-    PRCTL = None
+# Linux's prctl: a trainer gets a signal when the sweep dies, however it dies (kill -9); elsewhere
+# (no prctl) a sweep killed hard leaves its trainers running
+PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 PR_SET_PDEATHSIG = 1
 COLUMNS = dict(run="", overrides="", params=",", tokens=",", best_val_loss=".4f",  # and formats
                val_ppl=".2f", hellaswag_acc_norm=".4f", runtime_s=".0f", state="", note="")
@@ -118,10 +109,10 @@ def check_settings():
     utils.require(mode != "random" or flop_budget is not None, "--mode=random needs --flop_budget")
     for name in RANGES:
         lo, hi = globals()[f"{name}_lo"], globals()[f"{name}_hi"]
-        utils.require(0 < lo <= hi < math.inf,
-                      f"--{name}_lo={lo}, --{name}_hi={hi}: want 0 < lo <= hi")
+        given = f"--{name}_lo={lo}, --{name}_hi={hi}"
+        utils.require(0 < lo <= hi < math.inf, f"{given}: want 0 < lo <= hi")
         utils.require(name not in ("batch", "seq_len") or 2 ** math.ceil(math.log2(lo)) <= hi,
-                      f"--{name}_lo={lo}, --{name}_hi={hi}: the range holds no power of two")
+                      f"{given}: the range holds no power of two")
 
 
 # -----------------------------------------------------------------------------
@@ -141,35 +132,31 @@ def split_argv(argv):
 
 
 def trainer_settings():
-    """The trainer's {setting: default} and {setting: allowed values}, as `python <script>
-    --help=json` prints them: asked once per sweep, never imported (importing a trainer would run
-    its module code in this process and tie sweep.py to its imports)."""
+    """The trainer's {setting: default} and {setting: allowed values} from `python <script>
+    --help=json`, never by importing it (that would run its module code in this process)."""
     command = [sys.executable, os.path.join(HERE, script), "--help=json"]
+    asked = f"--script={script}: `python {script} --help=json`"
     try:
         out = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
-        utils.bad_setting(f"--script={script}: `python {script} --help=json` failed: {e}")
+        utils.bad_setting(f"{asked} failed: {e}")
     lines = out.stdout.strip().splitlines()
     with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
         answer = json.loads(lines[-1])  # the last line: anything printed on import comes first
-        settings, choices = answer["settings"], answer["choices"]
-        if out.returncode == 0 and isinstance(settings, dict) and isinstance(choices, dict):
-            return settings, choices
+        if out.returncode == 0:
+            return dict(answer["settings"]), dict(answer["choices"])
     # a traceback's last line says why; otherwise what it printed instead
     why = (out.stderr.strip().splitlines() or lines or ["no output"])[-1][:200]
-    utils.bad_setting(f"--script={script}: `python {script} --help=json` gave no settings "
-                      f"(exit {out.returncode}: {why})")
+    utils.bad_setting(f"{asked} gave no settings (exit {out.returncode}: {why})")
 
 
 def trainer_overrides(passed):
-    """The trainer's settings (defaults), and its (fixed overrides, grid axes) as text,
-    each value checked."""
+    """The trainer's defaults, and its fixed overrides and grid axes as text, each value checked."""
     defaults, choices = trainer_settings()
     axes = {k: [v.strip() for v in text.split(",")] for k, text in passed.items() if "," in text}
     for name, text in passed.items():
-        utils.require(name in defaults and name not in SET_BY_SWEEP,
-                      f"--{name} is neither a sweep.py setting "
-                      f"nor one of {script}'s that sweep.py passes on")
+        utils.require(name in defaults and name not in SET_BY_SWEEP, f"--{name} is neither a "
+                      f"sweep.py setting nor one of {script}'s that sweep.py passes on")
         for v in axes.get(name, [text]):
             try:
                 value = utils.parse_value(name, v, defaults[name])
@@ -182,9 +169,8 @@ def trainer_overrides(passed):
         utils.require(all(k in defaults for k in DRAWN),
                       f"--mode=random: {script} lacks train_gpt2.py's settings")
         taken = [k for k in passed if k in DRAWN or k in axes]
-        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws "
-                      f"{', '.join(DRAWN)} itself (set their ranges instead) "
-                      f"and takes no grid axes")
+        utils.require(not taken, f"--{next(iter(taken), '')}: --mode=random draws {', '.join(DRAWN)}"
+                      f" itself (set their ranges instead) and takes no grid axes")
     elif flop_budget is not None:  # the trainer derives max_steps from it
         utils.require("flop_budget" in defaults, f"--flop_budget: {script} has no such setting")
         fixed["flop_budget"] = f"{flop_budget:g}"
@@ -192,9 +178,8 @@ def trainer_overrides(passed):
 
 
 def with_batch_and_lr(overrides, defaults):
-    """A batch-size point: micro_batch_size alone also sets total_batch_size (no accumulation);
-    min_lr follows min_lr_ratio; with lr_scaling linear | sqrt both LRs are multiplied by
-    (batch / base_batch) ** (1 | 0.5)."""
+    """A point's overrides, with total_batch_size from micro_batch_size alone (no accumulation),
+    min_lr from min_lr_ratio, and both LRs times (batch / base_batch) ** (1 | 0.5) (lr_scaling)."""
     ov = dict(overrides)
 
     def get(name):
@@ -212,8 +197,7 @@ def with_batch_and_lr(overrides, defaults):
 
 
 def run_name(parts):
-    """A folder name from overrides, e.g. max_lr=1e-3_micro_batch_size=32;
-    a long one ends in a hash."""
+    """A folder name from overrides (max_lr=1e-3_micro_batch_size=32); a long one ends in a hash."""
     name = re.sub(r"[^A-Za-z0-9_=.,+-]+", "-", "_".join(f"{k}={v}" for k, v in parts.items()))
     return name if len(name) <= 80 else name[:70] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
@@ -231,13 +215,12 @@ def plan_grid(fixed, axes, defaults):
 
 
 def plan_random(fixed, defaults):
-    """§3: draw configs until n_samples fit;
-    max_steps = flop_budget // (flops_per_token x tokens per step)."""
+    """§3: draw configs until n_samples fit; max_steps = flop_budget // FLOPs per step."""
     cfg = {**defaults, **{k: utils.parse_value(k, v, defaults[k]) for k, v in fixed.items()}}
     if not cfg["vocab_size"]:  # as train_gpt2.py derives it from the data
         meta = data.read_meta(os.path.join(HERE, cfg["data_dir"]))
         cfg["vocab_size"] = data.model_vocab_size(meta)
-    cfg = {f.name: cfg[f.name] for f in dataclasses.fields(GPTConfig) if f.name in cfg}
+    cfg = {k: cfg[k] for k in utils.fields_of(GPTConfig) if k in cfg}
     rng, runs, rope = random.Random(random_seed), [], cfg["pos_emb"] == "rope"
 
     def log_uniform(lo, hi):
@@ -250,9 +233,9 @@ def plan_random(fixed, defaults):
             break
         L = rng.randint(n_layer_lo, n_layer_hi)
         C = min(n_embd_hi, max(n_embd_lo, 16 * round(log_uniform(n_embd_lo, n_embd_hi) / 16)))
+        # only head counts that fit the width: no draw is wasted
         heads = [h for h in range(n_head_lo, n_head_hi + 1)
                  if C % h == 0 and not (rope and C // h % 2)]
-        # only head counts that fit the width: no draw is wasted
         H = rng.choice(heads) if heads else None
         B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
         lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
@@ -271,10 +254,8 @@ def plan_random(fixed, defaults):
                       + " into even heads" * rope)
         else:
             try:
-                config = GPTConfig(**{**cfg, "n_layer": L, "n_head": H, "n_embd": C,
-                                      "block_size": T})
-            except ValueError as e:
-                # drawn values always fit: a fixed setting is wrong for every draw
+                config = GPTConfig(**dict(cfg, n_layer=L, n_head=H, n_embd=C, block_size=T))
+            except ValueError as e:  # drawn values always fit: a fixed setting is wrong for all
                 utils.bad_setting(str(e))
             with torch.device("meta"):  # shapes only: no memory, no init time
                 model = GPT(config)
@@ -286,9 +267,9 @@ def plan_random(fixed, defaults):
             elif steps < 1:
                 reason = f"flop_budget {flop_budget:g} buys no step of {B * T} tokens"
         runs.append(dict(name=name, overrides=ov, reason=reason))
-    if sum(r["reason"] is None for r in runs) < n_samples:
-        print(f"warning: only {sum(r['reason'] is None for r in runs)} of {n_samples} runs "
-              f"fit the ranges")
+    fit = sum(r["reason"] is None for r in runs)
+    if fit < n_samples:
+        print(f"warning: only {fit} of {n_samples} runs fit the ranges")
     return runs
 
 
@@ -297,17 +278,14 @@ def plan_random(fixed, defaults):
 
 
 def read_json(path):
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        return json.load(f)
 
 
 def read_events(run_dir):
-    """log.jsonl's events. A line that does not parse (a running run's half-written last one) is
-    left out quietly: utils.read_log would warn on stderr, and redirecting stderr is not safe in
-    worker threads."""
-    events = []
-    path = os.path.join(run_dir, "log.jsonl")
+    """log.jsonl's events, skipping quietly a line that does not parse (a running run's half-written
+    last one): utils.read_log would warn on stderr, which worker threads cannot redirect safely."""
+    events, path = [], os.path.join(run_dir, "log.jsonl")
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):
@@ -316,42 +294,35 @@ def read_events(run_dir):
 
 
 def classify(rc, run_dir):
-    """finished | interrupted | diverged | oom | failed,
-    from the exit status, log.jsonl and stdout.log."""
+    """finished | interrupted | diverged | oom | failed: the exit status, log.jsonl, stdout.log."""
     if rc == 0:
         return "finished"
     if rc in INTERRUPTED:
         return "interrupted"
     if rc == utils.EXIT_DIVERGED or any(e.get("event") == "diverged" for e in read_events(run_dir)):
         return "diverged"
-    path = os.path.join(run_dir, "stdout.log")
-    with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
+    with open(os.path.join(run_dir, "stdout.log"), errors="replace") as f:
         tail = f.read()[-65536:].lower()  # a traceback is at the end
-        return "oom" if "out of memory" in tail or "outofmemoryerror" in tail else "failed"
-    return "failed"
+    return "oom" if "out of memory" in tail or "outofmemoryerror" in tail else "failed"
 
 
-def lock_holder(run_dir):
-    """The PID (as the lock file says) of the process that holds run_dir/.lock, the trainer's
-    utils.lock_folder, or None when no process does. The lock is tried without waiting and let go at
-    once: the trainer launched next must be able to take it."""
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(run_dir, ".lock")) as f:
+def left_alone(run):
+    """The line to print if a process (a trainer's utils.lock_folder) holds the run's .lock, else
+    None. Tried without waiting and let go at once: the trainer launched next must take it."""
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(run["dir"], ".lock")) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read().strip() or "unknown"
+            pid = f.read().strip() or "unknown"
+            return (f"{'running':>11} {run['name']} (PID {pid} holds its folder: left alone, "
+                    f"rerun when it ends)")
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
-def left_alone(name, pid):
-    return f"{'running':>11} {name} (PID {pid} holds its folder: left alone, rerun when it ends)"
-
-
 def die_with(parent):
-    """A trainer's preexec_fn (None where prctl is missing): SIGTERM, on which it checkpoints and
-    stops, when the sweep dies. Linux sends it when the thread that launched the trainer ends; that
-    thread waits for the trainer, so only the sweep's death can end it first."""
+    """A trainer's preexec_fn (None without prctl): SIGTERM (it checkpoints and stops) when the
+    thread that launched it ends, which waits for it: so only when the sweep dies."""
     def preexec():
         # until exec the child has the sweep's Python handlers, which would swallow the signal
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -368,26 +339,22 @@ class Trainers:
         # reentrant: a second signal's handler may run while the first one's holds it
         self.lock, self.running, self.signum = threading.RLock(), set(), None
 
-    def start(self, command, **popen_args):
-        """The trainer's Popen, or None when the sweep is stopping. In a session of its own: a
-        Ctrl-C in the terminal reaches it once, passed on by stop(), not also from the terminal."""
+    def run(self, command, **popen_args):
+        """The trainer's exit status, or None when the sweep is stopping. In a session of its own:
+        a Ctrl-C in the terminal reaches it once, passed on by stop(), not also from the tty."""
         with self.lock:  # a signal between the check and the launch would miss this trainer
             if self.signum:
                 return None
             proc = subprocess.Popen(command, start_new_session=True,
                                     preexec_fn=die_with(os.getpid()), **popen_args)
             self.running.add(proc)
-            return proc
-
-    def wait(self, proc):
         rc = proc.wait()
         with self.lock:
             self.running.discard(proc)
         return rc
 
     def stop(self, signum, frame=None):
-        """The SIGINT and SIGTERM handler: each running trainer gets the signal (it checkpoints and
-        stops), and no more are launched."""
+        """SIGINT's and SIGTERM's handler: the running trainers get the signal, no more start."""
         with self.lock:
             if self.signum is None:
                 print(f"{signal.Signals(signum).name}: stopping {len(self.running)} running runs "
@@ -403,19 +370,17 @@ def launch(run, gpu, trainers):
         return
     # a trainer may have started there since the plan was made (runs wait for a free slot):
     # its log, checkpoints, stdout and run.json are its own
-    pid = lock_holder(run_dir)
-    if pid:
-        print(left_alone(run["name"], pid), flush=True)
+    if busy := left_alone(run):
+        print(busy, flush=True)
         return
     if not resume:  # a fresh start: no events or checkpoints of an earlier attempt
         for path in utils.checkpoint_paths(run_dir) + [os.path.join(run_dir, "log.jsonl")]:
             utils.remove_quietly(path)
     command = [sys.executable, os.path.join(HERE, script), f"--out_dir={run_dir}"]
     command += [f"--{k}={v}" for k, v in run["overrides"].items()] + ["--resume=True"] * resume
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}))
-    # parallel runs share the cores instead of each taking all of them
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    # parallel runs share the cores (unless OMP_NUM_THREADS says otherwise), not each take them all
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel)), **os.environ,
+           "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
     record = dict(name=run["name"], overrides=run["overrides"], command=command,
                   state="running", exit_code=None, runtime_s=None,
                   gpu=gpu, started=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -424,12 +389,9 @@ def launch(run, gpu, trainers):
           flush=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
-        try:
-            proc = trainers.start(command, cwd=HERE, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT)
-            rc = proc and trainers.wait(proc)  # None: the sweep stopped before it started
-        # it could not even start (SubprocessError: preexec_fn failed): this run failed,
-        # the sweep goes on
+        try:  # rc None: the sweep stopped before it started
+            rc = trainers.run(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # it could not start (SubprocessError: preexec_fn failed): the run failed, the sweep goes on
         except (OSError, subprocess.SubprocessError) as e:
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
@@ -473,8 +435,7 @@ def run_all(runs):
 
 
 def summarize(run_dir):
-    """One table row, plus max_lr, batch and the train loss curve for the plots,
-    from run.json and log.jsonl."""
+    """A table row from run.json and log.jsonl, with max_lr, batch and loss curve for the plots."""
     rec, events = read_json(os.path.join(run_dir, "run.json")), read_events(run_dir)
     start = next((e for e in events if e.get("event") == "start"), {})
     s = start.get("settings", {})
@@ -483,10 +444,8 @@ def summarize(run_dir):
                default=None)
     hellaswag = [e["hellaswag_acc_norm"] for e in events if e.get("hellaswag_acc_norm") is not None]
     bad = [e["step"] for e in events if e.get("event") == "diverged"]
-    # the diverging step included
-    steps = max([st + 1 for st, _ in curve] + [b + 1 for b in bad], default=0)
-    # sequences per step: train_gpt2.py's total_batch_size / block_size,
-    # train_lstm.py's streams x processes
+    steps = max([st for st, _ in curve] + bad, default=-1) + 1  # the diverging step included
+    # sequences per step: train_gpt2.py's tokens / block_size, train_lstm.py's streams x processes
     batch = s["total_batch_size"] // s["block_size"] if s.get("total_batch_size") else (
         s.get("micro_batch_size", 0) * start.get("world_size", 1))
     note = rec.get("reason") or (f"NaN/inf at step {bad[0]}" if bad else "") or (
@@ -500,18 +459,15 @@ def summarize(run_dir):
 
 
 def report(folder):
-    """results.md and results.csv (finished runs first, by best val loss) and the plots;
-    an error without runs."""
+    """results.md and results.csv (finished runs first, by best val loss) and the plots."""
     dirs = os.listdir(folder) if os.path.isdir(folder) else []
     dirs = sorted(d for d in dirs if os.path.isfile(os.path.join(folder, d, "run.json")))
     if not dirs:
         raise SystemExit(f"error: no runs found in {folder}")
     rows = sorted((summarize(os.path.join(folder, d)) for d in dirs), key=lambda r: (
-        STATES.index(r["state"]),
-        math.inf if r["best_val_loss"] is None else r["best_val_loss"],
+        STATES.index(r["state"]), math.inf if r["best_val_loss"] is None else r["best_val_loss"],
         r["run"]))
-    # the Markdown table shows the overrides that differ between runs (all if none do);
-    # the CSV has all
+    # the Markdown table shows the overrides that differ between runs (all if none do), the CSV all
     every = {k for r in rows for k in r["overrides"]}
     varying = {k for k in every if len({r["overrides"].get(k) for r in rows}) > 1} or every
 
@@ -535,8 +491,7 @@ def report(folder):
 
 def plot(folder, rows):
     """Best val loss vs max LR (a line per batch size) and vs batch size, and every train loss
-    curve. A plot with one x value (one LR, one batch size) would be a bare vertical line:
-    it is skipped."""
+    curve; a plot with one x value (one LR, one batch size), a bare vertical line, is skipped."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -587,16 +542,14 @@ def main(argv):
     check_settings()
     folder = os.path.join(HERE, sweep_dir)  # an absolute sweep_dir stays as it is
     if report_only:
-        report(folder)
-        return
+        return report(folder)
     defaults, fixed, axes = trainer_overrides(passed)
     runs = plan_random(fixed, defaults) if mode == "random" else plan_grid(fixed, axes, defaults)
     utils.require(len({r["name"] for r in runs}) == len(runs),
                   "two runs would share a folder: a value is repeated")
     # resolved as the trainers do: relative to this folder
-    data_dirs = {os.path.join(HERE, r["overrides"].get("data_dir", defaults.get("data_dir", ".")))
-                 for r in runs}
-    for path in sorted(data_dirs):
+    data_dirs = {r["overrides"].get("data_dir", defaults.get("data_dir", ".")) for r in runs}
+    for path in sorted({os.path.join(HERE, d) for d in data_dirs}):
         if not os.path.isdir(path):
             print(f"warning: the data folder {path} does not exist: "
                   f"prepare it first, or set --data_dir")
@@ -606,20 +559,18 @@ def main(argv):
         run["dir"] = os.path.join(folder, run["name"])
         old = (read_json(os.path.join(run["dir"], "run.json"))
                or {"state": "new", "overrides": run["overrides"]})
-        changed = sorted(k for k in {**old["overrides"], **run["overrides"]}
-                         if old["overrides"].get(k) != run["overrides"].get(k))
+        changed = sorted({k for k, _ in old["overrides"].items() ^ run["overrides"].items()})
         utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
                       f"use another --sweep_dir")
         # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
         # retrying or restarting it would delete or truncate what it is writing
-        pid = lock_holder(run["dir"])
+        busy = left_alone(run)
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
-            print(left_alone(run["name"], pid) if pid
-                  else f"{run['name']} ({old['state']}): " + status)
-        elif pid:
-            kept.append(left_alone(run["name"], pid))
+            print(busy or f"{run['name']} ({old['state']}): " + status)
+        elif busy:
+            kept.append(busy)
         elif run["reason"]:
             utils.atomic_write_json(os.path.join(run["dir"], "run.json"),
                                     dict(name=run["name"], overrides=run["overrides"],
@@ -628,10 +579,8 @@ def main(argv):
             hint = " (--retry_failed=True relaunches it)" * (old["state"] != "finished")
             kept.append(f"{old['state']:>11} {run['name']}" + hint)
         else:
-            # new, interrupted (continues from its last checkpoint if it has one),
-            # or retried from scratch
-            interrupted = old["state"] in ("running", "interrupted")
-            run["resume"] = (interrupted and "resume" in defaults
+            # new, interrupted (resumed from its last checkpoint if it has one) or retried afresh
+            run["resume"] = (old["state"] in ("running", "interrupted") and "resume" in defaults
                              and bool(utils.checkpoint_paths(run["dir"])))
             run["runtime_s"] = (old.get("runtime_s") or 0) if run["resume"] else 0
             os.makedirs(run["dir"], exist_ok=True)
