@@ -79,23 +79,20 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; "
                                  f"allowed: {', '.join(allowed)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} "
-                             f"must be divisible by n_head={self.n_head}")
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"GPTConfig: pos_emb='rope' needs an even head size (n_embd/n_head), "
                              f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden < 0:
-            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), "
-                             f"got {self.mlp_hidden}")
+            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
 
     @property
     def mlp_hidden_size(self):
         # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3
-        # gives the same 8*C^2; rounded up to a multiple of 64 for matmul efficiency
-        # (768 -> exactly 2048). For tiny widths the rounding overshoots (32 -> 128, not 85):
-        # set mlp_hidden to match exactly.
+        # gives the same 8*C^2, rounded up to a multiple of 64 for fast matmuls (768 -> 2048). Tiny
+        # widths overshoot (32 -> 128, not 85): set mlp_hidden to match exactly.
         if self.mlp_hidden:
             return self.mlp_hidden
         if self.mlp == "swiglu":
@@ -104,14 +101,11 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name, style="modern", **overrides):
-        """GPTConfig.preset("gpt2", style="classic", block_size=512):
-        a size from SIZES, a style from STYLES."""
-        if name not in SIZES:
-            raise ValueError(f"GPTConfig.preset: unknown size {name!r}; "
-                             f"allowed: {', '.join(SIZES)}")
-        if style not in STYLES:
-            raise ValueError(f"GPTConfig.preset: unknown style {style!r}; "
-                             f"allowed: {', '.join(STYLES)}")
+        """GPTConfig.preset("gpt2", style="classic", block_size=512): a size and a style."""
+        for what, key, table in (("size", name, SIZES), ("style", style, STYLES)):
+            if key not in table:
+                raise ValueError(f"GPTConfig.preset: unknown {what} {key!r}; "
+                                 f"allowed: {', '.join(table)}")
         return cls(**{**STYLES[style], **SIZES[name], **overrides})
 
 
@@ -127,9 +121,8 @@ def make_norm(config, dim):
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict.
-    Eager, it runs RMSNormFunction: autograd's own backward of rms_norm is a chain of ~15 small
-    kernels, which made RMSNorm 3x slower than LayerNorm in an eager CPU step.
-    Compiled, torch's rms_norm: inductor fuses its autograd."""
+    Eager, RMSNormFunction: autograd's own backward of rms_norm, ~15 small kernels, made RMSNorm 3x
+    slower than LayerNorm in an eager CPU step. Compiled, F.rms_norm: inductor fuses its autograd."""
 
     def __init__(self, dim, eps=NORM_EPS):
         super().__init__()
@@ -143,20 +136,17 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has no fused kernel).
-    RMSNorm is LayerNorm with the mean fixed at 0, so LayerNorm's backward given mean 0 and
-    RMSNorm's rstd computes x_hat = x * rstd, dweight = sum(g * x_hat) and
-    dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The last term comes
-    from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
-    Computed in float32 (as CUDA autocast runs norms; float64 inputs in float64), returned in x's
-    dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none). RMSNorm is
+    LayerNorm with the mean fixed at 0: LayerNorm's backward given mean 0 and RMSNorm's rstd is
+    dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight, whose last term (the
+    mean subtraction RMSNorm does not have) is added back. Computed in float32 (as CUDA autocast
+    runs norms; float64 stays float64), returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         wide = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
         xw, C = x.to(wide), x.size(-1)
-        # three passes over x: its norm (one fused reduction; the rest is on (..., 1)),
-        # then two multiplies
+        # three passes over x: its norm (one fused reduction), then two multiplies
         mean_square = torch.linalg.vector_norm(xw, dim=-1, keepdim=True).square_().div_(C)
         rstd = torch.rsqrt(mean_square.add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -175,10 +165,9 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rope_tables(T, head_size, base):
-    """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2])
-    turns by the angle pos * base^(-2i/hs); `cos` holds each pair's cosine in both halves and `sin`
-    holds (-sin, +sin), so the rotation is one multiply-add: x * cos + swap_halves(x) * sin.
-    The middle dimension broadcasts over heads."""
+    """cos, sin tables (T, 1, head_size) for apply_rope, the 1 broadcasting over heads. Pair
+    i = (x[i], x[i + hs/2]) turns by pos * base^(-2i/hs); `cos` holds each pair's cosine in both
+    halves, `sin` (-sin, +sin): the rotation is one multiply-add, x * cos + swap_halves(x) * sin."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, hs/2)
     cos, sin = angles.cos(), angles.sin()
@@ -186,12 +175,10 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by the angles of its positions: the halves x1, x2 become
-    x1 cos - x2 sin and x2 cos + x1 sin (pairs (x[i], x[i + hs/2]): the GPT-NeoX / Llama layout).
-    A rotation by angle(m) on q and angle(n) on k leaves q.k depending only on m - n. It runs in
-    the (B, T, heads, hs) layout the qkv matmul produces, before the transpose for attention, so
-    neither pass (nor a compiled backward) reads or writes with strides; its gradient is the same
-    rotation by minus the angle (RotaryFunction)."""
+    """Rotate x (B, T, heads, hs) by its positions' angles (the GPT-NeoX / Llama pair layout):
+    rotating q by angle(m) and k by angle(n) leaves q.k depending only on m - n. Done in the layout
+    the qkv matmul produces, before the transpose for attention, so no pass reads or writes with
+    strides; the gradient is the same rotation by minus the angle (RotaryFunction)."""
     return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -213,9 +200,8 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer, preallocated for max_len positions.
-    Allocated at the first update so it takes the dtype/device of the keys
-    (e.g. bf16 under autocast)."""
+    """Keys and values of the positions seen so far, per layer, for up to max_len positions;
+    allocated at the first update, in the keys' dtype and device (e.g. bf16 under autocast)."""
 
     def __init__(self, n_layer, max_len):
         # pos: positions already stored (GPT.forward advances it)
@@ -260,9 +246,8 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k in one pass
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) views
         v = v.transpose(1, 2)
-        past = 0
+        past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if past == 0:  # training path: no mask tensor, so SDPA can pick Flash Attention
@@ -270,8 +255,7 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
-            # several new tokens after a cached prefix: is_causal would align the mask top-left,
-            # so be explicit
+            # several new tokens after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -318,6 +302,18 @@ class Block(nn.Module):
             return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
+
+
+def next_token(logits, temperature, top_k, generator):
+    """One token id per row, (B, 1), from float logits (B, V): greedy at temperature 0 or top_k 1,
+    else a draw from softmax(logits / temperature) among the top_k likeliest (all for None)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 # ---- GPT ----
@@ -411,15 +407,11 @@ class GPT(nn.Module):
                  generator=None, n_vocab=None):
         """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
         temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling
-        reproducible.
-        With eos_token, stops once every row has produced it; finished rows are padded with
-        eos_token. n_vocab: only ids below it are drawn (the rows a vocabulary is padded with to a
-        multiple of 64 are no text).
-        Uses a KV cache, so each new token costs one position's work. Once the sequence is longer
-        than block_size every position would shift, so from then on each step recomputes the
-        last block_size tokens without a cache (exactly what a no-cache loop that crops the
-        context does).
-        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        reproducible; only ids below n_vocab are drawn (a vocabulary's padding is no text). With
+        eos_token, stops once every row has produced it, and pads finished rows with it.
+        A KV cache makes each new token one position's work; past block_size tokens every position
+        would shift, so each step recomputes the last block_size without a cache (as a no-cache
+        loop that crops the context does). Leaves train/eval mode alone: call model.eval() first."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -427,16 +419,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -self.config.block_size:])
             else:  # feed only the tokens not yet in the cache (the whole prompt on the first step)
                 logits, _ = self(idx[:, cache.pos:], kv_cache=cache)
-            logits = logits[:, -1, :n_vocab].float()  # (B, V)
-            if temperature == 0 or top_k == 1:
-                next_tok = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
             if eos_token is not None:
                 next_tok = next_tok.masked_fill(done[:, None], eos_token)
                 done |= next_tok[:, 0] == eos_token
@@ -448,13 +431,11 @@ class GPT(nn.Module):
     def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
         """List of optimizers covering every parameter once (a tied weight is one parameter).
-        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings),
-        none on biases and norm gains.
+        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and gains.
         muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices,
         so the embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one
         learning_rate serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three
-        matrices (modded-nanogpt). Every param group has a `kind` and its `initial_lr`, which the
-        LR schedule multiplies."""
+        matrices (modded-nanogpt). Every param group has a `kind` and an `initial_lr`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -489,9 +470,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6*N + 12*n_layer*n_embd*block_size. N = parameters of the blocks and ln_f plus the lm_head
-        matrix (its V x C matmul runs even when tied); wte/wpe are table lookups and cost no FLOPs.
-        The attention term counts the full T x T score matrix (causal masking is not discounted)."""
+        6*N + 12*n_layer*n_embd*block_size, N = the parameters of the blocks, ln_f and lm_head (its
+        matmul runs even when tied; wte/wpe are lookups). The attention term counts all of T x T."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
         n += sum(p.numel() for p in self.transformer.ln_f.parameters())
@@ -499,8 +479,7 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_sec, device):
-        """Model FLOPs utilisation against the GPU's peak dense bf16 rate;
-        None off CUDA or for unknown GPUs."""
+        """Model FLOPs utilisation against the GPU's peak bf16 rate; None off CUDA, unknown GPUs."""
         device = torch.device(device)
         if device.type != "cuda":
             return None
@@ -509,15 +488,13 @@ class GPT(nn.Module):
 
     # ---- GPT-2 weights (Hugging Face layout) ----
 
-    # HF's GPT-2 uses Conv1D, which stores these weights as (in, out):
-    # transpose them to/from nn.Linear
+    # HF's GPT-2 stores these as Conv1D weights, (in, out): transposed to and from nn.Linear
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
                      "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
     def from_hf_state_dict(cls, sd, config):
-        """GPT(config) holding a Hugging Face GPT-2 state dict
-        (GPT2LMHeadModel or GPT2Model keys)."""
+        """GPT(config) holding a Hugging Face GPT-2 state dict (GPT2LMHeadModel or GPT2Model)."""
         _check_gpt2_compatible(config)
         model = cls(config)
         ours = {}
@@ -535,8 +512,7 @@ class GPT(nn.Module):
         return model
 
     def to_hf_state_dict(self):
-        """State dict in Hugging Face GPT2LMHeadModel layout
-        (Conv1D weights transposed back to (in, out))."""
+        """The state dict in Hugging Face GPT2LMHeadModel's layout (Conv1D weights as (in, out))."""
         _check_gpt2_compatible(self.config)
         return {k: (v.t().contiguous() if k.endswith(self.HF_TRANSPOSED) else v)
                 for k, v in self.state_dict().items()}
@@ -550,8 +526,7 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: "
                              f"{', '.join(SIZES)}, or a folder of Hugging Face GPT-2 weights")
         try:
-            # imported here: training never needs transformers
-            from transformers import GPT2LMHeadModel
+            from transformers import GPT2LMHeadModel  # imported here: training never needs it
         except ImportError as e:
             raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
                                "pip install transformers") from e
@@ -584,8 +559,7 @@ def _check_gpt2_compatible(config):
 
 
 # peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole
-# words in torch.cuda.get_device_name(), first match wins
-# (so "H100 PCIe" before "H100", and "L4" never hits "L40S")
+# words in torch.cuda.get_device_name(), first match wins ("H100 PCIe" before "H100"; "L4" != "L40S")
 PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -612,23 +586,16 @@ def peak_flops(device_name):
 # ---- Muon ----
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: momentum, then the update orthogonalised by a Newton-Schulz iteration.
-    The update of torch.optim.Muon (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one
-    shape are orthogonalised together in one batched call, and under DDP each rank orthogonalises
-    only its share of them and the results are all-gathered (as modded-nanogpt does), instead of
-    every rank doing every matrix.
-
-    For a parameter p (A x B) with gradient g and momentum buffer m
-    (the state torch.optim.Muon keeps):
+    """Muon for 2-D weights: momentum, then the update orthogonalised by Newton-Schulz (NS).
+    torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one
+    shape are orthogonalised in one batched call, and under DDP each rank does only its share of
+    them and all-gathers the results (as modded-nanogpt), instead of every rank doing every matrix.
+    For p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
         m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
         p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
-    0.2 * sqrt(max(A, B)) gives the orthogonalised update AdamW's RMS,
-    so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices
-    (q, k and v).
-    NS runs in bfloat16 on GPUs with native bf16 (as torch.optim.Muon and modded-nanogpt) and in
-    float32 elsewhere: CPUs without bf16 matrix units, and pre-Ampere GPUs, run bf16 matmuls far slower
-    than float32. adjust_lr_fn: as torch.optim.Muon's (lr_scale)."""
+    0.2 * sqrt(max(A, B)) gives the update AdamW's RMS, so one LR serves Muon and AdamW.
+    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v).
+    adjust_lr_fn: as torch.optim.Muon's (lr_scale)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
@@ -653,8 +620,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # 1. momentum for every parameter (every rank keeps the full state, so rank 0's
-        # checkpoint has it all)
+        # 1. momentum for every parameter (every rank keeps all the state: rank 0 checkpoints it)
         blocks = {}  # (shape, device, ns_steps, eps) -> [(param, group, piece index, update block)]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -723,14 +689,12 @@ def native_bf16(device):
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
     into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
-    p(S) = a + b S + c S^2, batched.
-
-    bfloat16 on GPUs with native bf16 (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix
-    (m x k, k >= 2m) takes the same iteration in its Gram form: every step multiplies by a
-    polynomial of S = X X^T, so all steps together are one m x m matrix P, and S follows as
-    S <- S p(S)^2 (polynomials of S commute); X is touched twice instead of ten times. Same result
-    to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
-    (In bfloat16 the Gram form doubles the error, so CUDA keeps the plain iteration.)"""
+    p(S) = a + b S + c S^2. In bfloat16 on GPUs with native bf16 (as torch.optim.Muon), else in
+    float32: CPUs and pre-Ampere GPUs run bf16 matmuls far slower. In float32 a wide matrix
+    (m x k, k >= 2m) takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all
+    steps together are one m x m matrix P, and S <- S p(S)^2 (polynomials of S commute); X is
+    touched twice instead of ten times: the same result to ~1e-6, 2.2x faster for the MLP's
+    128 x 768 on a CPU. (In bfloat16 the Gram form doubles the error.)"""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
@@ -756,29 +720,20 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 
 # =============================================================================
-# Part 2: the recurrent models (trained by train_lstm.py)
+# Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py)
 # =============================================================================
-# The recurrent language models of EXPERIMENTS.md §4 and §5.
-#
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
 # nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN
-#                blocks on the LSTM output whose parameters step only every C_k optimizer steps
-#                (the trainer accumulates their gradients over the chunk and scales their LR by
-#                1/C_k), each with a "surprise" head.
-# context_vector §5: a stack of layers that each carry a context vector c from token to token
-#                and pass it up.
+#                blocks on its output whose parameters step every C_k optimizer steps (the trainer
+#                accumulates their gradients and scales their LR by 1/C_k), with "surprise" heads.
+# context_vector §5: layers that each carry a context vector c from token to token and up.
 #
-# Every model:
-#   forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux)
+# forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
-#   state / new_state = tuple of (n_layer, B, width) tensors (None = zeros);
-#   the caller detaches new_state;
-#   reset_token: an id (EOT) before which a row's state is zeroed, exactly per token
-#   (document boundaries);
-#   aux = dict of extra scalars: those named in model.aux_weights are added to the loss with that
-#   weight by the trainer, all of them are logged.
-# init_state(batch_size, device), level_params() -> one list of parameters per update level,
-# num_params().
+#   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
+#   reset_token: an id (EOT) before which a row's state is zeroed, per token (document boundaries);
+#   aux: extra scalars, all logged; the trainer adds those in model.aux_weights to the loss,
+#   weighted. Also init_state(batch_size, device), level_params() (one list per level), num_params().
 
 
 @dataclass
@@ -809,8 +764,7 @@ def cross_entropy(logits, targets, reduction="mean"):
 def run_lstm(lstm, x, state, idx, reset_token):
     """nn.LSTM over x (B, T, C) from state (h, c), zeroing a row's state before each position where
     idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every
-    column holding a reset token (rare: document boundaries) and run piece by piece:
-    exact per-token resets."""
+    column holding a reset token (rare: document boundaries) and run piece by piece."""
     if reset_token is None:
         return lstm(x, state)
     is_reset = idx == reset_token  # (B, T)
@@ -823,19 +777,6 @@ def run_lstm(lstm, x, state, idx, reset_token):
         out, (h, c) = lstm(x[:, a:b], (h * keep, c * keep))
         outs.append(out)
     return torch.cat(outs, 1), (h, c)
-
-
-def next_token(logits, temperature, top_k, generator):
-    """One token id per row, (B, 1), from the last position's float logits (B, V), by GPT.generate's
-    rule: greedy at temperature 0 or top_k 1, else a draw from softmax(logits / temperature) among
-    the top_k likeliest (all for None)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
 class RecurrentLM(nn.Module):
@@ -867,12 +808,10 @@ class RecurrentLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens). The
-        arguments mean what they mean for GPT.generate: temperature=0 or top_k=1 is greedy, generator
-        (on the model's device) makes sampling reproducible, only ids below n_vocab are drawn.
-        The prompt runs in one forward from a zero state, then each new token is fed alone with the
-        state carried: one token's work per step, and no context limit (the state is the context).
-        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them (same
+        arguments). The prompt runs in one forward from a zero state, then each new token alone with
+        the state carried: one token's work per step, and no context limit (the state is the
+        context). Leaves train/eval mode alone: call model.eval() first so dropout is off."""
         logits, _, state, _ = self(idx)
         for k in range(max_new_tokens):
             next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
@@ -905,14 +844,12 @@ class LSTMLM(RecurrentLM):
 
 
 class SlowLevel(nn.Module):
-    """A residual FFN block on the LSTM output, plus its surprise head.
-
-    Surprise (our definition): the per-token cross-entropy of level 1 alone (the LSTM output through
-    the head, computed without gradient), i.e. how surprised the fast path is by the next token.
-    Each slow level predicts it from its own FFN hidden activation with a linear head; the auxiliary
-    loss is the MSE against the detached target, so the gradient trains the head, the level's first
-    FFN layer and (through its input) the LSTM to represent how predictable the next token is.
-    """
+    """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
+    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
+    how surprised the fast path is by the next token. Each slow level predicts it from its FFN
+    hidden activation with a linear head; the auxiliary loss, the MSE against that detached target,
+    trains the head, the level's first FFN layer and (through its input) the LSTM to represent how
+    predictable the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -1035,12 +972,12 @@ def build_recurrent(cfg):
 
 
 # =============================================================================
-# Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py, the trainers)
+# Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py)
 # =============================================================================
 # A checkpoint file is input from anyone: its model_config may describe a model of terabytes while
 # its weights weigh a few kilobytes. from_checkpoint builds the model on the meta device (shapes, no
-# storage), checks the weights' every key and shape against it, and only then hands the module the
-# checkpoint's own tensors: it allocates what the file holds, never what its config claims.
+# storage), checks the weights' every key, shape, dtype and value against it, and only then hands
+# the module the file's own tensors: it allocates what the file holds, never what its config claims.
 
 # what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
 DERIVED_SLACK_BYTES = 64 << 20
@@ -1054,10 +991,9 @@ def describe(config):
 
 
 def config_from_checkpoint(ckpt):
-    """The GPTConfig, or LSTMConfig, of a loaded checkpoint (a dict with "model_config" and "model"):
-    a train_lstm.py model_config names its model under "model", GPTConfig has no such field. Every
-    field must have its default's type (an int where a float is wanted is fine, floats finite); lists
-    become tuples (chunk_sizes, surprise_weights). ValueError naming what does not fit."""
+    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint.
+    Every field must have its default's type (an int where a float is wanted is fine, numbers
+    finite); lists become tuples. ValueError naming what does not fit."""
     values = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not isinstance(values, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
@@ -1096,50 +1032,47 @@ def config_from_checkpoint(ckpt):
 
 def from_checkpoint(ckpt):
     """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
-    and train_lstm.py write them), GPT or recurrent as its model_config says, holding its weights, in
-    eval mode on the CPU. Tied weights stay tied; floating-point weights become float32.
-
-    Safe on a hostile file: the config is checked for types, the model built on the meta device, and
-    the weights' keys, shapes, dtypes and values (finite) checked against it before anything is
-    allocated, and then only RoPE's tables are (no larger than the weights, give or take
-    DERIVED_SLACK_BYTES). ValueError naming the key, shape or field that does not fit."""
+    and train_lstm.py write them), GPT or recurrent, with its weights, in eval mode on the CPU. Tied
+    weights stay tied; floating-point weights become float32. Beyond the weights only RoPE's tables
+    are allocated (no larger than the weights, give or take DERIVED_SLACK_BYTES).
+    ValueError naming the key, shape or field that does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
+    misfit = f"{what} whose weights do not fit its model_config:"
     bad = next((k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
                None)
     if bad is not None:
         raise ValueError(f"{what} whose weights are not a state dict: {bad!r:.80} is no named tensor")
     # modules are Python objects even on the meta device (~10 KB per tensor they hold): a layer count
-    # no state dict this size could fill (each layer has at least one tensor) is refused before any
-    # is built
+    # no state dict this size could fill (each layer has a tensor at least) is refused before any is
+    # built
     counts = {"n_layer": config.n_layer}
     if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
         counts["len(chunk_sizes)"] = len(config.chunk_sizes)
     for name, count in counts.items():
         if count > len(weights):
-            raise ValueError(f"{what} whose weights do not fit its model_config: {name}={count}, "
-                             f"but the weights are {len(weights)} tensors")
+            raise ValueError(f"{misfit} {name}={count}, but the weights are {len(weights)} tensors")
     try:
         with torch.device("meta"):
             net = GPT(config) if isinstance(config, GPTConfig) else build_recurrent(config)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{what} whose model_config does not build: {e}") from None
     expected = net.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in weights]
-    extra = [k for k in weights if k not in expected]
-    for keys, kind in ((missing, "lacks"), (extra, "has an unexpected")):
+    for keys, kind in (([k for k in expected if k not in weights], "lacks"),
+                       ([k for k in weights if k not in expected], "has an unexpected")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ValueError(f"{what} whose weights do not fit its model_config: "
-                             f"the state dict {kind} {keys[0]}{more}")
+            raise ValueError(f"{misfit} the state dict {kind} {keys[0]}{more}")
     for key, want in expected.items():
         got = weights[key]
         if got.shape != want.shape:
-            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is "
-                             f"{tuple(got.shape)}, the model_config needs {tuple(want.shape)}")
+            raise ValueError(f"{misfit} {key} is {tuple(got.shape)}, "
+                             f"the model_config needs {tuple(want.shape)}")
         if got.layout != torch.strided or got.is_floating_point() != want.is_floating_point():
-            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is a "
-                             f"{got.layout} {got.dtype} tensor, the model wants {want.dtype}")
+            raise ValueError(f"{misfit} {key} is a {got.layout} {got.dtype} tensor, "
+                             f"the model wants {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
     rope_bytes = 0
     if isinstance(config, GPTConfig) and config.pos_emb == "rope":  # cos and sin, float32
         rope_bytes = 2 * 4 * config.block_size * (config.n_embd // config.n_head)
@@ -1148,21 +1081,11 @@ def from_checkpoint(ckpt):
         raise ValueError(f"{what} whose model_config has block_size={config.block_size}: its RoPE "
                          f"tables would take {rope_bytes >> 20} MiB, its weights are only "
                          f"{weight_bytes >> 20} MiB")
-    for key in expected:
-        if weights[key].is_floating_point() and not bool(torch.isfinite(weights[key]).all()):
-            raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
-    # tied weights (lm_head and wte) are one Parameter under two names: assign=True below would give
-    # each name its own tensor, so every second name is pointed back at the first one's afterwards
-    first, ties = {}, []
-    for name, p in net.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            ties.append((name, first[id(p)]))
-        first.setdefault(id(p), name)
     net.load_state_dict({k: weights[k].to(device="cpu", dtype=want.dtype) for k, want in expected.items()},
                         assign=True)
-    for name, source in ties:
-        owner, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(owner), attr, net.get_parameter(source))
+    # assign=True gave lm_head a tensor of its own; GPT re-ties it to wte itself (a load hook)
+    if isinstance(net, RecurrentLM) and config.tie_embeddings:
+        net.lm_head.weight = net.wte.weight
     if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
         net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
                                                  config.rope_base)
