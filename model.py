@@ -1,5 +1,4 @@
-"""
-Every model of the repo in one file: the GPT, then the recurrent models (at the end).
+"""Every model of the repo in one file: the GPT, the recurrent models, loading a checkpoint.
 
 GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
 (positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default:
@@ -20,20 +19,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =============================================================================
-# Part 1: the GPT (its config, building blocks, the model, its optimizer Muon)
-# =============================================================================
+# ==== Part 1: the GPT (its config, building blocks, the model, its optimizer Muon) ====
 
 # ---- config ----
 
-# how positions enter: rotary on q/k, a learned table, or not at all
-POS_EMBS = ("rope", "learned", "none")
+POS_EMBS = ("rope", "learned", "none")  # rotary on q/k, a learned table, or no positions
 MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
 NORMS = ("rmsnorm", "layernorm", "none")
-# pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
-NORM_POSS = ("pre", "post")
-# epsilon of every norm; 1e-5 is GPT-2's LayerNorm epsilon (needed for weight parity)
-NORM_EPS = 1e-5
+NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (the original)
+NORM_EPS = 1e-5  # of every norm: GPT-2's LayerNorm epsilon (needed for weight parity)
 
 # model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
 SIZES = {
@@ -42,8 +36,7 @@ SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-# architectures
-STYLES = {
+STYLES = {  # architectures
     "modern": dict(pos_emb="rope", mlp="swiglu", norm="rmsnorm", norm_pos="pre",
                    tie_embeddings=True, bias=False),
     "classic": dict(pos_emb="learned", mlp="gelu", norm="layernorm", norm_pos="pre",
@@ -304,6 +297,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def cross_entropy(logits, targets, reduction="mean", ignore_index=-1):
+    """Cross-entropy of logits (B, T, V) in float32 whatever the autocast dtype (a bf16 log-softmax
+    over 50k classes loses precision); reduction="none" gives (B, T), 0 where ignored."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
 def next_token(logits, temperature, top_k, generator):
     """One token id per row, (B, 1), from float logits (B, V): greedy at temperature 0 or top_k 1,
     else a draw from softmax(logits / temperature) among the top_k likeliest (all for None)."""
@@ -334,8 +335,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-            # load_state_dict(assign=True) replaces Parameters and would silently untie them:
-            # re-tie afterwards
+            # load_state_dict(assign=True) gives each name a new Parameter: re-tie afterwards
             self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
         if config.pos_emb == "rope":
             # non-persistent: derived from the config, so kept out of checkpoints
@@ -362,22 +362,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding=False):
-        """Parameter count; parameters() yields a tied tensor once. non_embedding drops wte and wpe
-        (but counts a tied lm_head, which does real matmul work)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for name, p in self.transformer.named_parameters()
-                     if name.startswith(("wte.", "wpe.")))
-            if self.config.tie_embeddings:
-                n += self.lm_head.weight.numel()
-        return n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
         """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored
         targets, or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag
         scores with those). Without targets: the last position's logits (B, 1, V) and None."""
-        B, T = idx.size()
+        T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens "
@@ -397,10 +389,7 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V)
-        # float32 loss: a bf16 log-softmax over 50k classes loses precision
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index, reduction=reduction)
-        return logits, (loss.view(B, T) if reduction == "none" else loss)
+        return logits, cross_entropy(logits, targets, reduction, ignore_index)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
@@ -489,8 +478,7 @@ class GPT(nn.Module):
     # ---- GPT-2 weights (Hugging Face layout) ----
 
     # HF's GPT-2 stores these as Conv1D weights, (in, out): transposed to and from nn.Linear
-    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
-                     "mlp.c_fc.weight", "mlp.c_proj.weight")
+    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
     def from_hf_state_dict(cls, sd, config):
@@ -546,8 +534,7 @@ class GPT(nn.Module):
 
 
 def _check_gpt2_compatible(config):
-    # HF allows untied heads
-    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}
+    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF unties too
     wanted["qk_norm"] = False
     wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})"
              for k, v in wanted.items() if getattr(config, k) != v]
@@ -577,8 +564,7 @@ PEAK_FLOPS = (
 def peak_flops(device_name):
     """Peak dense bf16 FLOP/s for a GPU name like "NVIDIA H100 80GB HBM3", or None if unknown."""
     for key, flops in PEAK_FLOPS:
-        pattern = rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])"
-        if re.search(pattern, device_name, re.IGNORECASE):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.I):
             return flops
     return None
 
@@ -632,8 +618,7 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-            updates = (torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"]
-                       else bufs)
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
             for p, u in zip(params, updates):
                 for i, block in enumerate(u.chunk(group["pieces"], dim=0)):
                     key = (tuple(block.shape), p.device, group["ns_steps"], group["eps"])
@@ -719,9 +704,7 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     return X.mT if tall else X
 
 
-# =============================================================================
-# Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py)
-# =============================================================================
+# ==== Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py) ====
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
 # nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN
 #                blocks on its output whose parameters step every C_k optimizer steps (the trainer
@@ -749,16 +732,9 @@ class LSTMConfig:
     ffn_hidden: int = 192              # nested_lstm: hidden width of each slow level's FFN
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
-    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector",
-    # vocab_size=1000, n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True
-    # (3.41M params; the §5 log says 2.74M for its own, unpublished layer: ours has a gate,
-    # see ContextLayer)
-
-
-def cross_entropy(logits, targets, reduction="mean"):
-    """CE in float32 whatever the autocast dtype; targets of -1 are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                           reduction=reduction)
+    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector", vocab_size=1000,
+    # n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True (3.41M params; the
+    # §5 log says 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
 
 
 def run_lstm(lstm, x, state, idx, reset_token):
@@ -802,6 +778,10 @@ class RecurrentLM(nn.Module):
         """Parameters grouped by update level; level 1 steps every step. One level unless nested."""
         return [list(self.parameters())]
 
+    def head(self, y, targets):
+        logits = self.lm_head(self.drop(y))  # (B, T, V)
+        return logits, (cross_entropy(logits, targets) if targets is not None else None)
+
     def init_state(self, batch_size, device):
         return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device)
                      for w in self.state_widths)
@@ -838,9 +818,7 @@ class LSTMLM(RecurrentLM):
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
         y, new_state = self.lstm_out(idx, state, reset_token)
-        logits = self.lm_head(self.drop(y))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, new_state, {}
+        return *self.head(y, targets), new_state, {}
 
 
 class SlowLevel(nn.Module):
@@ -873,8 +851,7 @@ class NestedLSTM(LSTMLM):
         super().__init__(cfg)
         chunks, weights = tuple(cfg.chunk_sizes), tuple(cfg.surprise_weights)
         if len(chunks) < 1 or chunks[0] != 1 or any(int(c) < 1 for c in chunks):
-            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), "
-                             f"got {chunks}")
+            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), got {chunks}")
         if len(weights) != len(chunks) - 1:
             raise ValueError(f"surprise_weights needs one weight per slow level "
                              f"({len(chunks) - 1}), got {weights}")
@@ -892,28 +869,24 @@ class NestedLSTM(LSTMLM):
         aux = {}
         if targets is not None and len(self.levels):
             with torch.no_grad():  # the fast path's per-token surprise, a detached target
-                fast = cross_entropy(self.lm_head(y), targets, reduction="none").view_as(targets)
+                fast = cross_entropy(self.lm_head(y), targets, reduction="none")
             mask = targets != -1
             aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
         for k, level in enumerate(self.levels):
             y, predicted = level(y)
             if targets is not None:
                 aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
-        logits = self.lm_head(self.drop(y))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, new_state, aux
+        return *self.head(y, targets), new_state, aux
 
 
 class ContextLayer(nn.Module):
-    """One context layer: for each token t, with u_t the input from the layer below and c_{t-1} this
-    layer's context vector from the previous token,
+    """For each token t, from u_t (the layer below) and c_{t-1} (this layer's context vector):
         h_t = tanh(W_u u_t + W_c c_{t-1} + b)                        (n_hidden)
         z_t = sigmoid(W_z h_t + b_z),  g_t = tanh(W_g h_t + b_g)      (context_dim each)
         c_t = (1 - z_t) * c_{t-1} + z_t * g_t                        (context_dim)
-    c_t goes to the next token (recurrence) and up to the next layer. The gate z lets a layer keep
-    or overwrite its context: without it, a tanh recurrence trained on persistent states locks into
-    one attractor and a fresh state (evaluation) is far worse. W_u u runs for the whole window in
-    one matmul; only W_c c and W_z, W_g h run per token."""
+    c_t goes to the next token and up to the next layer. Without the gate z, a tanh recurrence
+    trained on persistent states locks into one attractor and a fresh state (evaluation) is far
+    worse. W_u u runs for the whole window in one matmul; only W_c c and W_z, W_g h per token."""
 
     def __init__(self, n_in, n_hidden, context_dim):
         super().__init__()
@@ -955,9 +928,7 @@ class ContextVectorLM(RecurrentLM):
             out, c = layer(u, c, keep)  # (B, T, context_dim)
             u = u + out if u.size(-1) == out.size(-1) else out
             new_ctx.append(c.float())
-        logits = self.lm_head(self.drop(u))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, (torch.stack(new_ctx),), {}
+        return *self.head(u, targets), (torch.stack(new_ctx),), {}
 
 
 RECURRENT_MODELS = {"lstm": LSTMLM, "nested_lstm": NestedLSTM, "context_vector": ContextVectorLM}
@@ -971,9 +942,7 @@ def build_recurrent(cfg):
     return RECURRENT_MODELS[cfg.model](cfg)
 
 
-# =============================================================================
-# Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py)
-# =============================================================================
+# ==== Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py) ====
 # A checkpoint file is input from anyone: its model_config may describe a model of terabytes while
 # its weights weigh a few kilobytes. from_checkpoint builds the model on the meta device (shapes, no
 # storage), checks the weights' every key, shape, dtype and value against it, and only then hands
