@@ -1,10 +1,9 @@
 """Every model of the repo in one file: the GPT, the recurrent models, loading a checkpoint.
 
 GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
-(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default:
-RoPE + SwiGLU + RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly
-GPT-2 and loads its weights (GPT.from_pretrained / GPT.from_hf_state_dict).
-Module names follow nanoGPT / Hugging Face (wte, wpe, h, attn.c_attn, mlp.c_fc, ln_f, lm_head).
+(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default: RoPE + SwiGLU +
+RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly GPT-2 and loads its
+weights (GPT.from_pretrained). Module names follow nanoGPT / Hugging Face (wte, h, attn.c_attn...).
 """
 
 import dataclasses
@@ -20,8 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== Part 1: the GPT (its config, building blocks, the model, its optimizer Muon) ====
-
-# ---- config ----
 
 POS_EMBS = ("rope", "learned", "none")  # rotary on q/k, a learned table, or no positions
 MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
@@ -102,8 +99,6 @@ class GPTConfig:
         return cls(**{**STYLES[style], **SIZES[name], **overrides})
 
 
-# ---- GPT building blocks ----
-
 def make_norm(config, dim):
     if config.norm == "rmsnorm":
         return RMSNorm(dim)
@@ -152,8 +147,7 @@ class RMSNormFunction(torch.autograd.Function):
         grad, weight_w = grad.to(wide).contiguous(), weight.to(wide)
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
             grad, x.to(wide), [C], torch.zeros_like(rstd), rstd, weight_w, None, [True, True, False])
-        # + rstd * mean(g * weight): (..., 1), broadcast
-        grad_x += rstd * (grad @ weight_w).unsqueeze(-1) / C
+        grad_x += rstd * (grad @ weight_w).unsqueeze(-1) / C  # + rstd * mean(g * weight)
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 
 
@@ -197,8 +191,7 @@ class KVCache:
     allocated at the first update, in the keys' dtype and device (e.g. bf16 under autocast)."""
 
     def __init__(self, n_layer, max_len):
-        # pos: positions already stored (GPT.forward advances it)
-        self.max_len, self.pos = max_len, 0
+        self.max_len, self.pos = max_len, 0  # pos: positions stored so far (GPT.forward advances it)
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
     def update(self, layer, k, v):
@@ -217,8 +210,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.layer_idx, self.dropout = config.n_head, layer_idx, config.dropout
-        # q, k, v in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k and v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
@@ -259,8 +251,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.kind, hidden = config.mlp, config.mlp_hidden_size
-        # swiglu: gate and up in one matmul
-        n_out = 2 * hidden if config.mlp == "swiglu" else hidden
+        n_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
         self.c_fc = nn.Linear(config.n_embd, n_out, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
@@ -270,8 +261,7 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        elif self.kind == "gelu":
-            # GPT-2 used the tanh approximation; exact GELU breaks weight parity
+        elif self.kind == "gelu":  # GPT-2's tanh approximation: exact GELU breaks weight parity
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "silu":
             h = F.silu(h)
@@ -317,8 +307,6 @@ def next_token(logits, temperature, top_k, generator):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-# ---- GPT ----
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -328,8 +316,7 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        # for post-norm the last block already ends in a norm; ln_f is then redundant but harmless
-        # and keeps the state-dict keys the same for both placements
+        # post-norm blocks end in a norm: ln_f is then redundant, but keeps the state-dict keys
         modules["ln_f"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -339,14 +326,12 @@ class GPT(nn.Module):
             self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
         if config.pos_emb == "rope":
             # non-persistent: derived from the config, so kept out of checkpoints
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head,
-                                   config.rope_base)
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                # residual outputs: keep the residual stream's variance O(1) in depth
+            if name.endswith("c_proj.weight"):  # residual outputs: the stream's variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _tie(self):
@@ -397,10 +382,9 @@ class GPT(nn.Module):
         """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
         temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling
         reproducible; only ids below n_vocab are drawn (a vocabulary's padding is no text). With
-        eos_token, stops once every row has produced it, and pads finished rows with it.
-        A KV cache makes each new token one position's work; past block_size tokens every position
-        would shift, so each step recomputes the last block_size without a cache (as a no-cache
-        loop that crops the context does). Leaves train/eval mode alone: call model.eval() first."""
+        eos_token, stops once every row has produced it, and pads finished rows with it. A KV cache
+        makes each token one position's work; past block_size tokens each step recomputes the last
+        block_size without one (as a cropping loop would). Call model.eval() first: no dropout."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -421,10 +405,9 @@ class GPT(nn.Module):
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
         """List of optimizers covering every parameter once (a tied weight is one parameter).
         adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and gains.
-        muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices,
-        so the embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one
-        learning_rate serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three
-        matrices (modded-nanogpt). Every param group has a `kind` and an `initial_lr`."""
+        muon: Muon (below) for the 2-D matrices inside the blocks, AdamW for the rest (embeddings,
+        head, 1-D tensors), one learning_rate for both. muon_split_qkv orthogonalises c_attn's q, k
+        and v as three matrices (modded-nanogpt). Each param group has a `kind` and `initial_lr`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -447,9 +430,8 @@ class GPT(nn.Module):
         # (the embeddings, the head, ...) its own LR scale here, and the loop needs no change
         for group in muon_groups + groups:
             group["initial_lr"] = learning_rate
-        # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU
-        # (~5% faster steps here); it needs every parameter on that one device type, so a partly
-        # offloaded model is unfused
+        # fused AdamW (one kernel for all tensors; CUDA, and CPU since torch 2.4: ~5% faster steps)
+        # needs every parameter on that one device type: a partly offloaded model is unfused
         kinds = {p.device.type for p in params.values()}
         fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and device_type in kinds
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
@@ -475,9 +457,8 @@ class GPT(nn.Module):
         peak = peak_flops(torch.cuda.get_device_name(device))
         return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
 
-    # ---- GPT-2 weights (Hugging Face layout) ----
-
-    # HF's GPT-2 stores these as Conv1D weights, (in, out): transposed to and from nn.Linear
+    # GPT-2's weights in Hugging Face's layout: its Conv1D stores these as (in, out), transposed
+    # to and from nn.Linear
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
@@ -547,18 +528,10 @@ def _check_gpt2_compatible(config):
 
 # peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole
 # words in torch.cuda.get_device_name(), first match wins ("H100 PCIe" before "H100"; "L4" != "L40S")
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("RTX 5090", 209e12),
-    ("RTX 4090", 165e12),
-    ("L4", 121e12),
-    ("V100", 125e12),  # no bf16 on Volta: its fp16 tensor-core peak
-)
+# (H100 alone is the SXM, e.g. "NVIDIA H100 80GB HBM3"; V100 has no bf16: its fp16 peak)
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+              ("H200", 989e12), ("A100", 312e12), ("RTX 5090", 209e12), ("RTX 4090", 165e12),
+              ("L4", 121e12), ("V100", 125e12))
 
 
 def peak_flops(device_name):
@@ -568,8 +541,6 @@ def peak_flops(device_name):
             return flops
     return None
 
-
-# ---- Muon ----
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights: momentum, then the update orthogonalised by Newton-Schulz (NS).
@@ -628,8 +599,7 @@ class Muon(torch.optim.Optimizer):
         done = {}  # id(param) -> list of its orthogonalised blocks
         for (shape, _, ns_steps, eps), items in blocks.items():
             stack = torch.stack([block for *_, block in items])  # (n, A, B)
-            # ceil(n / world); the last rank's share is padded with zeros
-            per_rank = -(-len(items) // world)
+            per_rank = -(-len(items) // world)  # ceil(n / world); the last rank's share is zero-padded
             if per_rank * world > len(items):
                 stack = torch.cat([stack, stack.new_zeros(per_rank * world - len(items), *shape)])
             mine = stack[rank * per_rank:(rank + 1) * per_rank]
@@ -715,8 +685,7 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
 #   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
 #   reset_token: an id (EOT) before which a row's state is zeroed, per token (document boundaries);
-#   aux: extra scalars, all logged; the trainer adds those in model.aux_weights to the loss,
-#   weighted. Also init_state(batch_size, device), level_params() (one list per level), num_params().
+#   aux: extra scalars, all logged; those in model.aux_weights are added to the loss, weighted.
 
 
 @dataclass
@@ -737,28 +706,11 @@ class LSTMConfig:
     # §5 log says 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
 
 
-def run_lstm(lstm, x, state, idx, reset_token):
-    """nn.LSTM over x (B, T, C) from state (h, c), zeroing a row's state before each position where
-    idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every
-    column holding a reset token (rare: document boundaries) and run piece by piece."""
-    if reset_token is None:
-        return lstm(x, state)
-    is_reset = idx == reset_token  # (B, T)
-    cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
-    bounds = sorted(set([0, x.size(1)] + cuts))
-    h, c = state
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        keep = (~is_reset[:, a]).to(h.dtype).view(1, -1, 1)  # (1, B, 1)
-        out, (h, c) = lstm(x[:, a:b], (h * keep, c * keep))
-        outs.append(out)
-    return torch.cat(outs, 1), (h, c)
-
-
 class RecurrentLM(nn.Module):
     """What the three models share: embedding, head, init, state, parameter levels."""
 
-    def _init_common(self, cfg, head_width):
+    def __init__(self, cfg, head_width):
+        super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -788,10 +740,9 @@ class RecurrentLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
-        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them (same
-        arguments). The prompt runs in one forward from a zero state, then each new token alone with
-        the state carried: one token's work per step, and no context limit (the state is the
-        context). Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them. The prompt
+        runs in one forward from a zero state, then each new token alone with the state carried:
+        one token's work per step, no context limit. Call model.eval() first: no dropout."""
         logits, _, state, _ = self(idx)
         for k in range(max_new_tokens):
             next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
@@ -803,17 +754,29 @@ class RecurrentLM(nn.Module):
 
 class LSTMLM(RecurrentLM):
     def __init__(self, cfg):
-        super().__init__()
-        self._init_common(cfg, cfg.n_hidden)
+        super().__init__(cfg, cfg.n_hidden)
         self.lstm = nn.LSTM(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True,
                             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
 
     def lstm_out(self, idx, state, reset_token):
-        if state is None:
-            state = self.init_state(idx.size(0), idx.device)
+        """The LSTM's output (B, T, n_hidden) and new state, zeroing a row's state before each
+        position where idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window
+        is cut at every column holding a reset token (rare: document boundaries)."""
+        h, c = state if state is not None else self.init_state(idx.size(0), idx.device)
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
-        y, (h, c) = run_lstm(self.lstm, x, tuple(state), idx, reset_token)  # y (B, T, n_hidden)
+        if reset_token is None:
+            y, (h, c) = self.lstm(x, (h, c))
+        else:
+            is_reset = idx == reset_token  # (B, T)
+            cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
+            bounds = sorted(set([0, x.size(1)] + cuts))
+            pieces = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                keep = (~is_reset[:, a]).to(h.dtype).view(1, -1, 1)  # (1, B, 1)
+                out, (h, c) = self.lstm(x[:, a:b], (h * keep, c * keep))
+                pieces.append(out)
+            y = torch.cat(pieces, 1)
         return y, (h.float(), c.float())  # carried states stay float32 under autocast
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
@@ -823,11 +786,10 @@ class LSTMLM(RecurrentLM):
 
 class SlowLevel(nn.Module):
     """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
-    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
-    how surprised the fast path is by the next token. Each slow level predicts it from its FFN
-    hidden activation with a linear head; the auxiliary loss, the MSE against that detached target,
-    trains the head, the level's first FFN layer and (through its input) the LSTM to represent how
-    predictable the next token is."""
+    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient).
+    Each slow level predicts it from its FFN hidden activation; the MSE against that detached target
+    trains the head, the level's c_fc and (through its input) the LSTM to represent how predictable
+    the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -838,8 +800,7 @@ class SlowLevel(nn.Module):
         # a new level starts as the identity: it can only add to level 1
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
-        # a uniform guess's surprise, in nats
-        nn.init.constant_(self.surprise.bias, math.log(vocab_size))
+        nn.init.constant_(self.surprise.bias, math.log(vocab_size))  # a uniform guess's, in nats
 
     def forward(self, y):
         a = F.gelu(self.c_fc(self.ln(y)))  # (B, T, ffn_hidden)
@@ -913,8 +874,7 @@ class ContextVectorLM(RecurrentLM):
     without them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self._init_common(cfg, cfg.context_dim)
+        super().__init__(cfg, cfg.context_dim)
         widths = [cfg.n_embd] + [cfg.context_dim] * (cfg.n_layer - 1)
         self.h = nn.ModuleList(ContextLayer(w, cfg.n_hidden, cfg.context_dim) for w in widths)
         self.state_widths = (cfg.context_dim,)
@@ -943,10 +903,10 @@ def build_recurrent(cfg):
 
 
 # ==== Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py) ====
-# A checkpoint file is input from anyone: its model_config may describe a model of terabytes while
-# its weights weigh a few kilobytes. from_checkpoint builds the model on the meta device (shapes, no
-# storage), checks the weights' every key, shape, dtype and value against it, and only then hands
-# the module the file's own tensors: it allocates what the file holds, never what its config claims.
+# A checkpoint file is input from anyone: its model_config may describe terabytes while its weights
+# weigh kilobytes. So the model is built on the meta device (shapes, no storage), the weights' every
+# key, shape, dtype and value checked against it, and only then the file's own tensors handed over:
+# what the file holds is allocated, never what its config claims.
 
 # what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
 DERIVED_SLACK_BYTES = 64 << 20
@@ -1002,19 +962,15 @@ def config_from_checkpoint(ckpt):
 def from_checkpoint(ckpt):
     """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
     and train_lstm.py write them), GPT or recurrent, with its weights, in eval mode on the CPU. Tied
-    weights stay tied; floating-point weights become float32. Beyond the weights only RoPE's tables
-    are allocated (no larger than the weights, give or take DERIVED_SLACK_BYTES).
-    ValueError naming the key, shape or field that does not fit."""
+    weights stay tied; floating-point weights become float32. ValueError naming what does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
     misfit = f"{what} whose weights do not fit its model_config:"
-    bad = next((k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
-               None)
-    if bad is not None:
-        raise ValueError(f"{what} whose weights are not a state dict: {bad!r:.80} is no named tensor")
-    # modules are Python objects even on the meta device (~10 KB per tensor they hold): a layer count
-    # no state dict this size could fill (each layer has a tensor at least) is refused before any is
-    # built
+    for k, v in weights.items():
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+            raise ValueError(f"{what} whose weights are not a state dict: {k!r:.80} is no named tensor")
+    # modules are Python objects even on the meta device (~10 KB a tensor): a layer count no state
+    # dict this size could fill (each layer has a tensor at least) is refused before any is built
     counts = {"n_layer": config.n_layer}
     if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
         counts["len(chunk_sizes)"] = len(config.chunk_sizes)
