@@ -7,7 +7,6 @@ weights (GPT.from_pretrained). Module names follow nanoGPT / Hugging Face (wte, 
 """
 
 import dataclasses
-import itertools
 import math
 import os
 import re
@@ -80,9 +79,8 @@ class GPTConfig:
 
     @property
     def mlp_hidden_size(self):
-        # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3
-        # gives the same 8*C^2, rounded up to a multiple of 64 for fast matmuls (768 -> 2048). Tiny
-        # widths overshoot (32 -> 128, not 85): set mlp_hidden to match exactly.
+        # ungated: 4*C as GPT-2 (8*C^2 weights); SwiGLU's three C x H matrices match that at H = 8C/3,
+        # rounded up to a multiple of 64 (768 -> 2048; tiny widths overshoot: set mlp_hidden)
         if self.mlp_hidden:
             return self.mlp_hidden
         if self.mlp == "swiglu":
@@ -426,8 +424,7 @@ class GPT(nn.Module):
         groups = [dict(params=decay, weight_decay=weight_decay, kind="matrices"),
                   dict(params=no_decay, weight_decay=0.0, kind="gains")]
         groups = [g for g in groups if g["params"]]
-        # each group trains at initial_lr x the schedule's factor (training.set_lr): give a group
-        # (the embeddings, the head, ...) its own LR scale here, and the loop needs no change
+        # the LR schedule scales each group's initial_lr (training.set_lr): one can be set per group
         for group in muon_groups + groups:
             group["initial_lr"] = learning_rate
         # fused AdamW (one kernel for all tensors; CUDA, and CPU since torch 2.4: ~5% faster steps)
@@ -457,8 +454,7 @@ class GPT(nn.Module):
         peak = peak_flops(torch.cuda.get_device_name(device))
         return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
 
-    # GPT-2's weights in Hugging Face's layout: its Conv1D stores these as (in, out), transposed
-    # to and from nn.Linear
+    # Hugging Face's GPT-2 keeps these as Conv1D weights, (in, out): transposed to/from nn.Linear
     HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
@@ -526,9 +522,8 @@ def _check_gpt2_compatible(config):
                          + ", ".join(wrong))
 
 
-# peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole
-# words in torch.cuda.get_device_name(), first match wins ("H100 PCIe" before "H100"; "L4" != "L40S")
-# (H100 alone is the SXM, e.g. "NVIDIA H100 80GB HBM3"; V100 has no bf16: its fp16 peak)
+# peak dense bf16 tensor-core FLOP/s (FP32 accumulate; V100: fp16), from NVIDIA datasheets; whole
+# words of torch.cuda.get_device_name(), first match wins ("H100 PCIe" before "H100"; "L4" != "L40S")
 PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
               ("H200", 989e12), ("A100", 312e12), ("RTX 5090", 209e12), ("RTX 4090", 165e12),
               ("L4", 121e12), ("V100", 125e12))
@@ -753,20 +748,28 @@ class RecurrentLM(nn.Module):
 
 
 class LSTMLM(RecurrentLM):
+    """Embedding -> LSTM -> slow levels (none; NestedLSTM adds them) -> head."""
+
     def __init__(self, cfg):
         super().__init__(cfg, cfg.n_hidden)
         self.lstm = nn.LSTM(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True,
                             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
+        self.levels = nn.ModuleList()
 
-    def lstm_out(self, idx, state, reset_token):
-        """The LSTM's output (B, T, n_hidden) and new state, zeroing a row's state before each
-        position where idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window
-        is cut at every column holding a reset token (rare: document boundaries)."""
+    def level_params(self):
+        slow = {id(p) for level in self.levels for p in level.parameters()}
+        fast = [p for p in self.parameters() if id(p) not in slow]
+        return [fast] + [list(level.parameters()) for level in self.levels]
+
+    def forward(self, idx, targets=None, state=None, reset_token=None):
+        """A row's state is zeroed before each position where idx == reset_token: nn.LSTM cannot
+        mask inside its fused loop, so the window is cut at every column holding a reset token
+        (rare: document boundaries)."""
         h, c = state if state is not None else self.init_state(idx.size(0), idx.device)
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
         if reset_token is None:
-            y, (h, c) = self.lstm(x, (h, c))
+            y, (h, c) = self.lstm(x, (h, c))  # y (B, T, n_hidden)
         else:
             is_reset = idx == reset_token  # (B, T)
             cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
@@ -777,11 +780,18 @@ class LSTMLM(RecurrentLM):
                 out, (h, c) = self.lstm(x[:, a:b], (h * keep, c * keep))
                 pieces.append(out)
             y = torch.cat(pieces, 1)
-        return y, (h.float(), c.float())  # carried states stay float32 under autocast
-
-    def forward(self, idx, targets=None, state=None, reset_token=None):
-        y, new_state = self.lstm_out(idx, state, reset_token)
-        return *self.head(y, targets), new_state, {}
+        aux = {}
+        if targets is not None and len(self.levels):
+            with torch.no_grad():  # the fast path's per-token surprise, a detached target
+                fast = cross_entropy(self.lm_head(y), targets, reduction="none")
+            mask = targets != -1
+            aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
+        for k, level in enumerate(self.levels):
+            y, predicted = level(y)
+            if targets is not None:
+                aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
+        # carried states stay float32 under autocast
+        return *self.head(y, targets), (h.float(), c.float()), aux
 
 
 class SlowLevel(nn.Module):
@@ -819,25 +829,6 @@ class NestedLSTM(LSTMLM):
         self.levels = nn.ModuleList(SlowLevel(cfg.n_hidden, cfg.ffn_hidden, cfg.vocab_size)
                                     for _ in chunks[1:])
         self.aux_weights = {f"surprise{k + 2}": float(w) for k, w in enumerate(weights)}
-
-    def level_params(self):
-        slow = {id(p) for level in self.levels for p in level.parameters()}
-        fast = [p for p in self.parameters() if id(p) not in slow]
-        return [fast] + [list(level.parameters()) for level in self.levels]
-
-    def forward(self, idx, targets=None, state=None, reset_token=None):
-        y, new_state = self.lstm_out(idx, state, reset_token)
-        aux = {}
-        if targets is not None and len(self.levels):
-            with torch.no_grad():  # the fast path's per-token surprise, a detached target
-                fast = cross_entropy(self.lm_head(y), targets, reduction="none")
-            mask = targets != -1
-            aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
-        for k, level in enumerate(self.levels):
-            y, predicted = level(y)
-            if targets is not None:
-                aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
-        return *self.head(y, targets), new_state, aux
 
 
 class ContextLayer(nn.Module):
@@ -904,9 +895,8 @@ def build_recurrent(cfg):
 
 # ==== Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py) ====
 # A checkpoint file is input from anyone: its model_config may describe terabytes while its weights
-# weigh kilobytes. So the model is built on the meta device (shapes, no storage), the weights' every
-# key, shape, dtype and value checked against it, and only then the file's own tensors handed over:
-# what the file holds is allocated, never what its config claims.
+# weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
+# it, and then handed over: what the file holds is allocated, never what its config claims.
 
 # what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
 DERIVED_SLACK_BYTES = 64 << 20
@@ -1017,8 +1007,5 @@ def from_checkpoint(ckpt):
         if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
             raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
                              f"tables are not finite")
-    left = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
-    if left:  # a new buffer from_checkpoint does not know how to compute: a bug here, not in the file
-        raise RuntimeError(f"from_checkpoint left {', '.join(left)} on the meta device")
     # .to() also refreshes nn.LSTM's cached list of its weights (_flat_weights)
     return net.to("cpu").eval()
