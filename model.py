@@ -122,11 +122,10 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none). RMSNorm is
-    LayerNorm with the mean fixed at 0: LayerNorm's backward given mean 0 and RMSNorm's rstd is
-    dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight, whose last term (the
-    mean subtraction RMSNorm does not have) is added back. Computed in float32 (as CUDA autocast
-    runs norms; float64 stays float64), returned in x's dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none): RMSNorm is
+    LayerNorm with mean 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd is right but for
+    the term of its mean subtraction, -rstd * mean(g * weight), cancelled here. Computed in
+    float32 (as CUDA autocast runs norms; float64 stays float64), returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -160,10 +159,9 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by its positions' angles (the GPT-NeoX / Llama pair layout):
-    rotating q by angle(m) and k by angle(n) leaves q.k depending only on m - n. Done in the layout
-    the qkv matmul produces, before the transpose for attention, so no pass reads or writes with
-    strides; the gradient is the same rotation by minus the angle (RotaryFunction)."""
+    """Rotate x (B, T, heads, hs) by its positions' angles (GPT-NeoX / Llama layout), so that q.k
+    depends only on m - n. In the layout of the qkv matmul, before the transpose for attention, so
+    no pass strides; the gradient is the rotation by minus the angle (RotaryFunction)."""
     return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -349,9 +347,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
-        """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored
-        targets, or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag
-        scores with those). Without targets: the last position's logits (B, 1, V) and None."""
+        """(logits, loss). With targets: logits (B, T, V) and the float32 loss (cross_entropy: mean,
+        or per token for HellaSwag). Without: the last position's logits (B, 1, V) and None."""
         T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
@@ -409,15 +406,14 @@ class GPT(nn.Module):
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        hidden = {name: p for name, p in params.items()
-                  if name.startswith("transformer.h.") and p.dim() == 2}
         muon_groups = []
-        if optimizer == "muon" and muon_split_qkv:
-            qkv = [p for name, p in hidden.items() if name.endswith("attn.c_attn.weight")]
-            rest = [p for name, p in hidden.items() if not name.endswith("attn.c_attn.weight")]
-            muon_groups = [dict(params=qkv, pieces=3, kind="qkv"), dict(params=rest, kind="hidden")]
-        elif optimizer == "muon":
-            muon_groups = [dict(params=list(hidden.values()), kind="hidden")]
+        if optimizer == "muon":
+            hidden = {name: p for name, p in params.items()
+                      if name.startswith("transformer.h.") and p.dim() == 2}
+            qkv = [n for n in hidden if muon_split_qkv and n.endswith("attn.c_attn.weight")]
+            if qkv:
+                muon_groups.append(dict(params=[hidden.pop(n) for n in qkv], pieces=3, kind="qkv"))
+            muon_groups.append(dict(params=list(hidden.values()), kind="hidden"))
         in_muon = {id(p) for g in muon_groups for p in g["params"]}
         decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
         no_decay = [p for p in params.values() if p.dim() < 2]
@@ -650,8 +646,7 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the m x m Gram matrix is the smaller one
         X = X.mT
-    # X / norm: spectral norm <= Frobenius norm = 1
-    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # X / norm: spectral norm <= 1
     if X.dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
         S, P = (X @ X.mT) / norm.square(), None  # the scaling goes to the m x m matrices, not to X
         for k in range(steps):
@@ -675,7 +670,6 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 #                blocks on its output whose parameters step every C_k optimizer steps (the trainer
 #                accumulates their gradients and scales their LR by 1/C_k), with "surprise" heads.
 # context_vector §5: layers that each carry a context vector c from token to token and up.
-#
 # forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
 #   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
@@ -696,9 +690,9 @@ class LSTMConfig:
     ffn_hidden: int = 192              # nested_lstm: hidden width of each slow level's FFN
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
-    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector", vocab_size=1000,
-    # n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True (3.41M params; the
-    # §5 log says 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
+    # defaults = §4 (1.23M params at vocab 283). §5: context_vector, vocab_size=1000, n_embd=256,
+    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M params (the §5 log says
+    # 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
 
 
 class RecurrentLM(nn.Module):
@@ -988,9 +982,7 @@ def from_checkpoint(ckpt):
                              f"the model wants {want.dtype}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
-    rope_bytes = 0
-    if isinstance(config, GPTConfig) and config.pos_emb == "rope":  # cos and sin, float32
-        rope_bytes = 2 * 4 * config.block_size * (config.n_embd // config.n_head)
+    rope_bytes = sum(b.numel() * b.element_size() for b in net.buffers())  # the only buffers
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if rope_bytes > weight_bytes + DERIVED_SLACK_BYTES:
         raise ValueError(f"{what} whose model_config has block_size={config.block_size}: its RoPE "
