@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== Part 1: the GPT (its config, building blocks, the model, its optimizer Muon) ====
-
 POS_EMBS = ("rope", "learned", "none")  # rotary on q/k, a learned table, or no positions
 MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
 NORMS = ("rmsnorm", "layernorm", "none")
@@ -92,8 +91,7 @@ class GPTConfig:
         """GPTConfig.preset("gpt2", style="classic", block_size=512): a size and a style."""
         for what, key, table in (("size", name, SIZES), ("style", style, STYLES)):
             if key not in table:
-                raise ValueError(f"GPTConfig.preset: unknown {what} {key!r}; "
-                                 f"allowed: {', '.join(table)}")
+                raise ValueError(f"GPTConfig.preset: unknown {what} {key!r}; allowed: {', '.join(table)}")
         return cls(**{**STYLES[style], **SIZES[name], **overrides})
 
 
@@ -106,9 +104,8 @@ def make_norm(config, dim):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict.
-    Eager, RMSNormFunction: autograd's own backward of rms_norm, ~15 small kernels, made RMSNorm 3x
-    slower than LayerNorm in an eager CPU step. Compiled, F.rms_norm: inductor fuses its autograd."""
+    """x / sqrt(mean(x^2) + eps) * weight: nn.RMSNorm's math and state dict. Eager, RMSNormFunction
+    (autograd's backward of rms_norm, ~15 small kernels, is 3x slower than LayerNorm's on a CPU)."""
 
     def __init__(self, dim, eps=NORM_EPS):
         super().__init__()
@@ -116,7 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # inductor fuses rms_norm's autograd itself
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
@@ -316,12 +313,10 @@ class GPT(nn.Module):
         modules["ln_f"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-            # load_state_dict(assign=True) gives each name a new Parameter: re-tie afterwards
+        if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
+            self._tie()
             self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
-        if config.pos_emb == "rope":
-            # non-persistent: derived from the config, so kept out of checkpoints
+        if config.pos_emb == "rope":  # tables derived from the config: non-persistent, not saved
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -336,12 +331,10 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if module is self.lm_head and self.config.tie_embeddings:
             return  # same tensor as wte: initialised once, as an embedding
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
@@ -374,12 +367,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
-        temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling
-        reproducible; only ids below n_vocab are drawn (a vocabulary's padding is no text). With
-        eos_token, stops once every row has produced it, and pads finished rows with it. A KV cache
-        makes each token one position's work; past block_size tokens each step recomputes the last
-        block_size without one (as a cropping loop would). Call model.eval() first: no dropout."""
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n). Greedy at
+        temperature=0 or top_k=1; generator (on the model's device) makes it reproducible; only ids
+        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has
+        produced it, padding finished rows with it. A KV cache makes each token one position's
+        work; past block_size, each step recomputes the last block_size without one (as a cropping
+        loop would). Call model.eval() first: no dropout."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -398,11 +391,10 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
-        """List of optimizers covering every parameter once (a tied weight is one parameter).
-        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings), none on biases and gains.
-        muon: Muon (below) for the 2-D matrices inside the blocks, AdamW for the rest (embeddings,
-        head, 1-D tensors), one learning_rate for both. muon_split_qkv orthogonalises c_attn's q, k
-        and v as three matrices (modded-nanogpt). Each param group has a `kind` and `initial_lr`."""
+        """Optimizers covering every parameter once: AdamW, weight decay on 2-D+ tensors only; with
+        muon, Muon (below) for the 2-D matrices inside the blocks and one learning_rate for both.
+        muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt). Each
+        param group has a `kind` and an `initial_lr`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -433,9 +425,9 @@ class GPT(nn.Module):
         return optimizers
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6*N + 12*n_layer*n_embd*block_size, N = the parameters of the blocks, ln_f and lm_head (its
-        matmul runs even when tied; wte/wpe are lookups). The attention term counts all of T x T."""
+        """Training FLOPs per token, PaLM appendix B as in nanoGPT: 6*N + 12*n_layer*n_embd*block_size,
+        N = the parameters of the blocks, ln_f and lm_head (wte/wpe are lookups; a tied head still
+        runs its matmul). The attention term counts all of T x T."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
         n += sum(p.numel() for p in self.transformer.ln_f.parameters())
@@ -445,9 +437,7 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_sec, device):
         """Model FLOPs utilisation against the GPU's peak bf16 rate; None off CUDA, unknown GPUs."""
         device = torch.device(device)
-        if device.type != "cuda":
-            return None
-        peak = peak_flops(torch.cuda.get_device_name(device))
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
 
     # Hugging Face's GPT-2 keeps these as Conv1D weights, (in, out): transposed to/from nn.Linear
@@ -534,16 +524,15 @@ def peak_flops(device_name):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: momentum, then the update orthogonalised by Newton-Schulz (NS).
-    torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one
-    shape are orthogonalised in one batched call, and under DDP each rank does only its share of
-    them and all-gathers the results (as modded-nanogpt), instead of every rank doing every matrix.
+    """Muon for 2-D weights: torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap:
+    the matrices of one shape are orthogonalised by Newton-Schulz (NS) in one batched call, and
+    under DDP each rank does its share and all-gathers the results (as modded-nanogpt).
     For p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
         m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
         p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
     0.2 * sqrt(max(A, B)) gives the update AdamW's RMS, so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v).
-    adjust_lr_fn: as torch.optim.Muon's (lr_scale)."""
+    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v);
+    adjust_lr_fn is torch.optim.Muon's (lr_scale)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
@@ -614,9 +603,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_scale(group, A, B):
-    """What Muon multiplies the LR by for an A x B matrix, by the group's adjust_lr_fn as
-    torch.optim.Muon defines it: "match_rms_adamw" 0.2 * sqrt(max(A, B)) (AdamW's update RMS; ours),
-    "original" or None sqrt(max(1, A / B)) (torch's default)."""
+    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's:
+    "match_rms_adamw" (ours: AdamW's update RMS) or "original"/None (torch's default)."""
     kind = group["adjust_lr_fn"]
     if kind == "match_rms_adamw":
         return 0.2 * math.sqrt(max(A, B))
@@ -636,11 +624,10 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
     into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
     p(S) = a + b S + c S^2. In bfloat16 on GPUs with native bf16 (as torch.optim.Muon), else in
-    float32: CPUs and pre-Ampere GPUs run bf16 matmuls far slower. In float32 a wide matrix
-    (m x k, k >= 2m) takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all
-    steps together are one m x m matrix P, and S <- S p(S)^2 (polynomials of S commute); X is
-    touched twice instead of ten times: the same result to ~1e-6, 2.2x faster for the MLP's
-    128 x 768 on a CPU. (In bfloat16 the Gram form doubles the error.)"""
+    float32 (CPUs, pre-Ampere GPUs: bf16 matmuls far slower), where a wide matrix (m x k, k >= 2m)
+    takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all steps together
+    are one m x m matrix P, and S <- S p(S)^2 (they commute); X is touched twice, not ten times:
+    the same result to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: twice the error)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
@@ -666,9 +653,8 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 # ==== Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py) ====
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
-# nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN
-#                blocks on its output whose parameters step every C_k optimizer steps (the trainer
-#                accumulates their gradients and scales their LR by 1/C_k), with "surprise" heads.
+# nested_lstm    §4: the LSTM (level 1) then residual FFN levels 2.. with "surprise" heads, whose
+#                parameters step every C_k optimizer steps (gradients accumulated, LR scaled 1/C_k).
 # context_vector §5: layers that each carry a context vector c from token to token and up.
 # forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
@@ -742,14 +728,12 @@ class RecurrentLM(nn.Module):
 
 
 class LSTMLM(RecurrentLM):
-    """Embedding -> LSTM -> slow levels (none; NestedLSTM adds them) -> head."""
-
     def __init__(self, cfg):
         super().__init__(cfg, cfg.n_hidden)
         self.lstm = nn.LSTM(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True,
                             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
-        self.levels = nn.ModuleList()
+        self.levels = nn.ModuleList()  # between the LSTM and the head: NestedLSTM's slow levels
 
     def level_params(self):
         slow = {id(p) for level in self.levels for p in level.parameters()}
@@ -790,10 +774,9 @@ class LSTMLM(RecurrentLM):
 
 class SlowLevel(nn.Module):
     """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
-    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient).
-    Each slow level predicts it from its FFN hidden activation; the MSE against that detached target
-    trains the head, the level's c_fc and (through its input) the LSTM to represent how predictable
-    the next token is."""
+    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
+    predicted from the FFN's hidden activation; the MSE trains the head, the level's c_fc and
+    (through its input) the LSTM to represent how predictable the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -830,9 +813,8 @@ class ContextLayer(nn.Module):
         h_t = tanh(W_u u_t + W_c c_{t-1} + b)                        (n_hidden)
         z_t = sigmoid(W_z h_t + b_z),  g_t = tanh(W_g h_t + b_g)      (context_dim each)
         c_t = (1 - z_t) * c_{t-1} + z_t * g_t                        (context_dim)
-    c_t goes to the next token and up to the next layer. Without the gate z, a tanh recurrence
-    trained on persistent states locks into one attractor and a fresh state (evaluation) is far
-    worse. W_u u runs for the whole window in one matmul; only W_c c and W_z, W_g h per token."""
+    c_t goes to the next token and up. Without the gate z a tanh recurrence trained on persistent
+    states locks into one attractor, and a fresh state (evaluation) is far worse."""
 
     def __init__(self, n_in, n_hidden, context_dim):
         super().__init__()
@@ -841,7 +823,7 @@ class ContextLayer(nn.Module):
         self.c_out = nn.Linear(n_hidden, 2 * context_dim)  # gate and candidate
 
     def forward(self, u, c, keep=None):  # u (B, T, n_in), c (B, context_dim), keep (B, T) or None
-        pre = self.c_in(u)  # (B, T, n_hidden)
+        pre = self.c_in(u)  # W_u u for the whole window in one matmul: (B, T, n_hidden)
         outs = []
         for t in range(u.size(1)):
             if keep is not None:
