@@ -3,7 +3,7 @@
 GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
 (positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default: RoPE + SwiGLU +
 RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly GPT-2 and loads its
-weights (GPT.from_pretrained). Module names follow nanoGPT / Hugging Face (wte, h, attn.c_attn...).
+weights (GPT.from_pretrained). Module names are nanoGPT's and Hugging Face's (wte, h, ln_f, lm_head).
 """
 
 import dataclasses
@@ -156,9 +156,9 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by its positions' angles (GPT-NeoX / Llama layout), so that q.k
-    depends only on m - n. In the layout of the qkv matmul, before the transpose for attention, so
-    no pass strides; the gradient is the rotation by minus the angle (RotaryFunction)."""
+    """Rotate x (B, T, heads, hs) by its positions' angles (GPT-NeoX / Llama layout): q.k then
+    depends only on the positions' distance. Done before the transpose for attention, so no pass
+    reads or writes with strides; the gradient is the rotation by minus the angle (RotaryFunction)."""
     return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -340,8 +340,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
-        """(logits, loss). With targets: logits (B, T, V) and the float32 loss (cross_entropy: mean,
-        or per token for HellaSwag). Without: the last position's logits (B, 1, V) and None."""
+        """(logits, loss). With targets: logits (B, T, V) and cross_entropy's float32 loss (mean, or
+        per token with reduction="none"). Without: the last position's logits (B, 1, V) and None."""
         T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
@@ -964,7 +964,7 @@ def from_checkpoint(ckpt):
                              f"the model wants {want.dtype}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
-    rope_bytes = sum(b.numel() * b.element_size() for b in net.buffers())  # the only buffers
+    rope_bytes = sum(b.numel() * b.element_size() for b in net.buffers())  # its only buffers
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if rope_bytes > weight_bytes + DERIVED_SLACK_BYTES:
         raise ValueError(f"{what} whose model_config has block_size={config.block_size}: its RoPE "
