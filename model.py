@@ -1,15 +1,12 @@
-"""
-Every model of the repo in one file: the GPT, then the recurrent models (at the end).
+"""Every model of the repo in one file: the GPT, the recurrent models, loading a checkpoint.
 
 GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
-(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default:
-RoPE + SwiGLU + RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly
-GPT-2 and loads its weights (GPT.from_pretrained / GPT.from_hf_state_dict).
-Module names follow nanoGPT / Hugging Face (wte, wpe, h, attn.c_attn, mlp.c_fc, ln_f, lm_head).
+(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default: RoPE + SwiGLU +
+RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly GPT-2 and loads its
+weights (GPT.from_pretrained). Module names are nanoGPT's and Hugging Face's (wte, h, ln_f, lm_head).
 """
 
 import dataclasses
-import itertools
 import math
 import os
 import re
@@ -20,20 +17,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# =============================================================================
-# Part 1: the GPT (its config, building blocks, the model, its optimizer Muon)
-# =============================================================================
-
-# ---- config ----
-
-# how positions enter: rotary on q/k, a learned table, or not at all
-POS_EMBS = ("rope", "learned", "none")
+# ==== Part 1: the GPT (its config, building blocks, the model, its optimizer Muon) ====
+POS_EMBS = ("rope", "learned", "none")  # rotary on q/k, a learned table, or no positions
 MLPS = ("swiglu", "gelu", "silu", "relu2")  # swiglu is gated; the others are plain 2-layer MLPs
 NORMS = ("rmsnorm", "layernorm", "none")
-# pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
-NORM_POSS = ("pre", "post")
-# epsilon of every norm; 1e-5 is GPT-2's LayerNorm epsilon (needed for weight parity)
-NORM_EPS = 1e-5
+NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (the original)
+NORM_EPS = 1e-5  # of every norm: GPT-2's LayerNorm epsilon (needed for weight parity)
 
 # model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
 SIZES = {
@@ -42,8 +31,7 @@ SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-# architectures
-STYLES = {
+STYLES = {  # architectures
     "modern": dict(pos_emb="rope", mlp="swiglu", norm="rmsnorm", norm_pos="pre",
                    tie_embeddings=True, bias=False),
     "classic": dict(pos_emb="learned", mlp="gelu", norm="layernorm", norm_pos="pre",
@@ -79,23 +67,19 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; "
                                  f"allowed: {', '.join(allowed)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} "
-                             f"must be divisible by n_head={self.n_head}")
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"GPTConfig: pos_emb='rope' needs an even head size (n_embd/n_head), "
                              f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.mlp_hidden < 0:
-            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), "
-                             f"got {self.mlp_hidden}")
+            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
 
     @property
     def mlp_hidden_size(self):
-        # ungated MLPs: 4*C, as GPT-2 (8*C^2 weights). SwiGLU has three C x H matrices, so H = 8C/3
-        # gives the same 8*C^2; rounded up to a multiple of 64 for matmul efficiency
-        # (768 -> exactly 2048). For tiny widths the rounding overshoots (32 -> 128, not 85):
-        # set mlp_hidden to match exactly.
+        # ungated: 4*C as GPT-2 (8*C^2 weights); SwiGLU's three C x H matrices match that at H = 8C/3,
+        # rounded up to a multiple of 64 (768 -> 2048; tiny widths overshoot: set mlp_hidden)
         if self.mlp_hidden:
             return self.mlp_hidden
         if self.mlp == "swiglu":
@@ -104,18 +88,12 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name, style="modern", **overrides):
-        """GPTConfig.preset("gpt2", style="classic", block_size=512):
-        a size from SIZES, a style from STYLES."""
-        if name not in SIZES:
-            raise ValueError(f"GPTConfig.preset: unknown size {name!r}; "
-                             f"allowed: {', '.join(SIZES)}")
-        if style not in STYLES:
-            raise ValueError(f"GPTConfig.preset: unknown style {style!r}; "
-                             f"allowed: {', '.join(STYLES)}")
+        """GPTConfig.preset("gpt2", style="classic", block_size=512): a size and a style."""
+        for what, key, table in (("size", name, SIZES), ("style", style, STYLES)):
+            if key not in table:
+                raise ValueError(f"GPTConfig.preset: unknown {what} {key!r}; allowed: {', '.join(table)}")
         return cls(**{**STYLES[style], **SIZES[name], **overrides})
 
-
-# ---- GPT building blocks ----
 
 def make_norm(config, dim):
     if config.norm == "rmsnorm":
@@ -126,10 +104,8 @@ def make_norm(config, dim):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim: nn.RMSNorm's math and state dict.
-    Eager, it runs RMSNormFunction: autograd's own backward of rms_norm is a chain of ~15 small
-    kernels, which made RMSNorm 3x slower than LayerNorm in an eager CPU step.
-    Compiled, torch's rms_norm: inductor fuses its autograd."""
+    """x / sqrt(mean(x^2) + eps) * weight: nn.RMSNorm's math and state dict. Eager, RMSNormFunction
+    (autograd's backward of rms_norm, ~15 small kernels, is 3x slower than LayerNorm's on a CPU)."""
 
     def __init__(self, dim, eps=NORM_EPS):
         super().__init__()
@@ -137,26 +113,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # inductor fuses rms_norm's autograd itself
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has no fused kernel).
-    RMSNorm is LayerNorm with the mean fixed at 0, so LayerNorm's backward given mean 0 and
-    RMSNorm's rstd computes x_hat = x * rstd, dweight = sum(g * x_hat) and
-    dx = rstd * (gw - x_hat * mean(gw * x_hat) - mean(gw)), gw = g * weight. The last term comes
-    from LayerNorm's mean subtraction, which RMSNorm does not have: it is added back.
-    Computed in float32 (as CUDA autocast runs norms; float64 inputs in float64), returned in x's
-    dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none): RMSNorm is
+    LayerNorm with mean 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd is right but for
+    the term of its mean subtraction, -rstd * mean(g * weight), cancelled here. Computed in
+    float32 (as CUDA autocast runs norms; float64 stays float64), returned in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         wide = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64
         xw, C = x.to(wide), x.size(-1)
-        # three passes over x: its norm (one fused reduction; the rest is on (..., 1)),
-        # then two multiplies
+        # three passes over x: its norm (one fused reduction), then two multiplies
         mean_square = torch.linalg.vector_norm(xw, dim=-1, keepdim=True).square_().div_(C)
         rstd = torch.rsqrt(mean_square.add_(eps))
         ctx.save_for_backward(x, weight, rstd)
@@ -169,16 +141,14 @@ class RMSNormFunction(torch.autograd.Function):
         grad, weight_w = grad.to(wide).contiguous(), weight.to(wide)
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
             grad, x.to(wide), [C], torch.zeros_like(rstd), rstd, weight_w, None, [True, True, False])
-        # + rstd * mean(g * weight): (..., 1), broadcast
-        grad_x += rstd * (grad @ weight_w).unsqueeze(-1) / C
+        grad_x += rstd * (grad @ weight_w).unsqueeze(-1) / C  # + rstd * mean(g * weight)
         return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
 
 
 def rope_tables(T, head_size, base):
-    """cos, sin tables of shape (T, 1, head_size) for apply_rope. Pair i = (x[i], x[i + hs/2])
-    turns by the angle pos * base^(-2i/hs); `cos` holds each pair's cosine in both halves and `sin`
-    holds (-sin, +sin), so the rotation is one multiply-add: x * cos + swap_halves(x) * sin.
-    The middle dimension broadcasts over heads."""
+    """cos, sin tables (T, 1, head_size) for apply_rope, the 1 broadcasting over heads. Pair
+    i = (x[i], x[i + hs/2]) turns by pos * base^(-2i/hs); `cos` holds each pair's cosine in both
+    halves, `sin` (-sin, +sin): the rotation is one multiply-add, x * cos + swap_halves(x) * sin."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)  # (T, hs/2)
     cos, sin = angles.cos(), angles.sin()
@@ -186,12 +156,9 @@ def rope_tables(T, head_size, base):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, heads, hs) by the angles of its positions: the halves x1, x2 become
-    x1 cos - x2 sin and x2 cos + x1 sin (pairs (x[i], x[i + hs/2]): the GPT-NeoX / Llama layout).
-    A rotation by angle(m) on q and angle(n) on k leaves q.k depending only on m - n. It runs in
-    the (B, T, heads, hs) layout the qkv matmul produces, before the transpose for attention, so
-    neither pass (nor a compiled backward) reads or writes with strides; its gradient is the same
-    rotation by minus the angle (RotaryFunction)."""
+    """Rotate x (B, T, heads, hs) by its positions' angles (GPT-NeoX / Llama layout): q.k then
+    depends only on the positions' distance. Done before the transpose for attention, so no pass
+    reads or writes with strides; the gradient is the rotation by minus the angle (RotaryFunction)."""
     return RotaryFunction.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
@@ -213,13 +180,11 @@ def rotate(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer, preallocated for max_len positions.
-    Allocated at the first update so it takes the dtype/device of the keys
-    (e.g. bf16 under autocast)."""
+    """Keys and values of the positions seen so far, per layer, for up to max_len positions;
+    allocated at the first update, in the keys' dtype and device (e.g. bf16 under autocast)."""
 
     def __init__(self, n_layer, max_len):
-        # pos: positions already stored (GPT.forward advances it)
-        self.max_len, self.pos = max_len, 0
+        self.max_len, self.pos = max_len, 0  # pos: positions stored so far (GPT.forward advances it)
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
     def update(self, layer, k, v):
@@ -238,8 +203,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.layer_idx, self.dropout = config.n_head, layer_idx, config.dropout
-        # q, k, v in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k and v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
@@ -260,9 +224,8 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k in one pass
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) views
         v = v.transpose(1, 2)
-        past = 0
+        past = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
-            past = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if past == 0:  # training path: no mask tensor, so SDPA can pick Flash Attention
@@ -270,8 +233,7 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
-            # several new tokens after a cached prefix: is_causal would align the mask top-left,
-            # so be explicit
+            # several new tokens after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -282,8 +244,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.kind, hidden = config.mlp, config.mlp_hidden_size
-        # swiglu: gate and up in one matmul
-        n_out = 2 * hidden if config.mlp == "swiglu" else hidden
+        n_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and up in one matmul
         self.c_fc = nn.Linear(config.n_embd, n_out, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
@@ -293,8 +254,7 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        elif self.kind == "gelu":
-            # GPT-2 used the tanh approximation; exact GELU breaks weight parity
+        elif self.kind == "gelu":  # GPT-2's tanh approximation: exact GELU breaks weight parity
             h = F.gelu(h, approximate="tanh")
         elif self.kind == "silu":
             h = F.silu(h)
@@ -320,7 +280,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# ---- GPT ----
+def cross_entropy(logits, targets, reduction="mean", ignore_index=-1):
+    """Cross-entropy of logits (B, T, V) in float32 whatever the autocast dtype (a bf16 log-softmax
+    over 50k classes loses precision); reduction="none" gives (B, T), 0 where ignored."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def next_token(logits, temperature, top_k, generator):
+    """One token id per row, (B, 1), from float logits (B, V): greedy at temperature 0 or top_k 1,
+    else a draw from softmax(logits / temperature) among the top_k likeliest (all for None)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -331,26 +309,20 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        # for post-norm the last block already ends in a norm; ln_f is then redundant but harmless
-        # and keeps the state-dict keys the same for both placements
+        # post-norm blocks end in a norm: ln_f is then redundant, but keeps the state-dict keys
         modules["ln_f"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
-            # load_state_dict(assign=True) replaces Parameters and would silently untie them:
-            # re-tie afterwards
+        if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
+            self._tie()
             self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
-        if config.pos_emb == "rope":
-            # non-persistent: derived from the config, so kept out of checkpoints
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head,
-                                   config.rope_base)
+        if config.pos_emb == "rope":  # tables derived from the config: non-persistent, not saved
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                # residual outputs: keep the residual stream's variance O(1) in depth
+            if name.endswith("c_proj.weight"):  # residual outputs: the stream's variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _tie(self):
@@ -359,29 +331,18 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if module is self.lm_head and self.config.tie_embeddings:
             return  # same tensor as wte: initialised once, as an embedding
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding=False):
-        """Parameter count; parameters() yields a tied tensor once. non_embedding drops wte and wpe
-        (but counts a tied lm_head, which does real matmul work)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= sum(p.numel() for name, p in self.transformer.named_parameters()
-                     if name.startswith(("wte.", "wpe.")))
-            if self.config.tie_embeddings:
-                n += self.lm_head.weight.numel()
-        return n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def forward(self, idx, targets=None, ignore_index=-1, kv_cache=None, reduction="mean"):
-        """(logits, loss). With targets: logits (B, T, V) and the mean float32 loss over non-ignored
-        targets, or with reduction="none" the per-token losses (B, T), 0 where ignored (HellaSwag
-        scores with those). Without targets: the last position's logits (B, 1, V) and None."""
-        B, T = idx.size()
+        """(logits, loss). With targets: logits (B, T, V) and cross_entropy's float32 loss (mean, or
+        per token with reduction="none"). Without: the last position's logits (B, 1, V) and None."""
+        T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens "
@@ -401,25 +362,17 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         logits = self.lm_head(x)  # (B, T, V)
-        # float32 loss: a bf16 log-softmax over 50k classes loses precision
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=ignore_index, reduction=reduction)
-        return logits, (loss.view(B, T) if reduction == "none" else loss)
+        return logits, cross_entropy(logits, targets, reduction, ignore_index)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n).
-        temperature=0 or top_k=1 is greedy; generator (on the model's device) makes sampling
-        reproducible.
-        With eos_token, stops once every row has produced it; finished rows are padded with
-        eos_token. n_vocab: only ids below it are drawn (the rows a vocabulary is padded with to a
-        multiple of 64 are no text).
-        Uses a KV cache, so each new token costs one position's work. Once the sequence is longer
-        than block_size every position would shift, so from then on each step recomputes the
-        last block_size tokens without a cache (exactly what a no-cache loop that crops the
-        context does).
-        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n). Greedy at
+        temperature=0 or top_k=1; generator (on the model's device) makes it reproducible; only ids
+        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has
+        produced it, padding finished rows with it. A KV cache makes each token one position's
+        work; past block_size, each step recomputes the last block_size without one (as a cropping
+        loop would). Call model.eval() first: no dropout."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -427,16 +380,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -self.config.block_size:])
             else:  # feed only the tokens not yet in the cache (the whole prompt on the first step)
                 logits, _ = self(idx[:, cache.pos:], kv_cache=cache)
-            logits = logits[:, -1, :n_vocab].float()  # (B, V)
-            if temperature == 0 or top_k == 1:
-                next_tok = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_tok = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
             if eos_token is not None:
                 next_tok = next_tok.masked_fill(done[:, None], eos_token)
                 done |= next_tok[:, 0] == eos_token
@@ -447,39 +391,32 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
-        """List of optimizers covering every parameter once (a tied weight is one parameter).
-        adamw: weight decay on 2-D+ tensors (matmul weights, embeddings),
-        none on biases and norm gains.
-        muon: Muon (below) for the 2-D matrices inside the blocks (it orthogonalises whole matrices,
-        so the embeddings, the head and 1-D tensors go to AdamW); its update has AdamW's RMS, so one
-        learning_rate serves both. muon_split_qkv orthogonalises c_attn's q, k and v as three
-        matrices (modded-nanogpt). Every param group has a `kind` and its `initial_lr`, which the
-        LR schedule multiplies."""
+        """Optimizers covering every parameter once: AdamW, weight decay on 2-D+ tensors only; with
+        muon, Muon (below) for the 2-D matrices inside the blocks and one learning_rate for both.
+        muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt). Each
+        param group has a `kind` and an `initial_lr`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        hidden = {name: p for name, p in params.items()
-                  if name.startswith("transformer.h.") and p.dim() == 2}
         muon_groups = []
-        if optimizer == "muon" and muon_split_qkv:
-            qkv = [p for name, p in hidden.items() if name.endswith("attn.c_attn.weight")]
-            rest = [p for name, p in hidden.items() if not name.endswith("attn.c_attn.weight")]
-            muon_groups = [dict(params=qkv, pieces=3, kind="qkv"), dict(params=rest, kind="hidden")]
-        elif optimizer == "muon":
-            muon_groups = [dict(params=list(hidden.values()), kind="hidden")]
+        if optimizer == "muon":
+            hidden = {name: p for name, p in params.items()
+                      if name.startswith("transformer.h.") and p.dim() == 2}
+            qkv = [n for n in hidden if muon_split_qkv and n.endswith("attn.c_attn.weight")]
+            if qkv:
+                muon_groups.append(dict(params=[hidden.pop(n) for n in qkv], pieces=3, kind="qkv"))
+            muon_groups.append(dict(params=list(hidden.values()), kind="hidden"))
         in_muon = {id(p) for g in muon_groups for p in g["params"]}
         decay = [p for p in params.values() if p.dim() >= 2 and id(p) not in in_muon]
         no_decay = [p for p in params.values() if p.dim() < 2]
         groups = [dict(params=decay, weight_decay=weight_decay, kind="matrices"),
                   dict(params=no_decay, weight_decay=0.0, kind="gains")]
         groups = [g for g in groups if g["params"]]
-        # each group trains at initial_lr x the schedule's factor (training.set_lr): give a group
-        # (the embeddings, the head, ...) its own LR scale here, and the loop needs no change
+        # the LR schedule scales each group's initial_lr (training.set_lr): one can be set per group
         for group in muon_groups + groups:
             group["initial_lr"] = learning_rate
-        # fused AdamW (one kernel for all tensors) exists for CUDA and, since torch 2.4, for CPU
-        # (~5% faster steps here); it needs every parameter on that one device type, so a partly
-        # offloaded model is unfused
+        # fused AdamW (one kernel for all tensors; CUDA, and CPU since torch 2.4: ~5% faster steps)
+        # needs every parameter on that one device type: a partly offloaded model is unfused
         kinds = {p.device.type for p in params.values()}
         fused = len(kinds) == 1 and kinds <= {"cuda", "cpu"} and device_type in kinds
         optimizers = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)]
@@ -488,10 +425,9 @@ class GPT(nn.Module):
         return optimizers
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT:
-        6*N + 12*n_layer*n_embd*block_size. N = parameters of the blocks and ln_f plus the lm_head
-        matrix (its V x C matmul runs even when tied); wte/wpe are table lookups and cost no FLOPs.
-        The attention term counts the full T x T score matrix (causal masking is not discounted)."""
+        """Training FLOPs per token, PaLM appendix B as in nanoGPT: 6*N + 12*n_layer*n_embd*block_size,
+        N = the parameters of the blocks, ln_f and lm_head (wte/wpe are lookups; a tied head still
+        runs its matmul). The attention term counts all of T x T."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
         n += sum(p.numel() for p in self.transformer.ln_f.parameters())
@@ -499,25 +435,17 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_sec, device):
-        """Model FLOPs utilisation against the GPU's peak dense bf16 rate;
-        None off CUDA or for unknown GPUs."""
+        """Model FLOPs utilisation against the GPU's peak bf16 rate; None off CUDA, unknown GPUs."""
         device = torch.device(device)
-        if device.type != "cuda":
-            return None
-        peak = peak_flops(torch.cuda.get_device_name(device))
+        peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         return None if peak is None else self.flops_per_token() * tokens_per_sec / peak
 
-    # ---- GPT-2 weights (Hugging Face layout) ----
-
-    # HF's GPT-2 uses Conv1D, which stores these weights as (in, out):
-    # transpose them to/from nn.Linear
-    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight",
-                     "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # Hugging Face's GPT-2 keeps these as Conv1D weights, (in, out): transposed to/from nn.Linear
+    HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
     def from_hf_state_dict(cls, sd, config):
-        """GPT(config) holding a Hugging Face GPT-2 state dict
-        (GPT2LMHeadModel or GPT2Model keys)."""
+        """GPT(config) holding a Hugging Face GPT-2 state dict (GPT2LMHeadModel or GPT2Model)."""
         _check_gpt2_compatible(config)
         model = cls(config)
         ours = {}
@@ -535,8 +463,7 @@ class GPT(nn.Module):
         return model
 
     def to_hf_state_dict(self):
-        """State dict in Hugging Face GPT2LMHeadModel layout
-        (Conv1D weights transposed back to (in, out))."""
+        """The state dict in Hugging Face GPT2LMHeadModel's layout (Conv1D weights as (in, out))."""
         _check_gpt2_compatible(self.config)
         return {k: (v.t().contiguous() if k.endswith(self.HF_TRANSPOSED) else v)
                 for k, v in self.state_dict().items()}
@@ -550,8 +477,7 @@ class GPT(nn.Module):
             raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: "
                              f"{', '.join(SIZES)}, or a folder of Hugging Face GPT-2 weights")
         try:
-            # imported here: training never needs transformers
-            from transformers import GPT2LMHeadModel
+            from transformers import GPT2LMHeadModel  # imported here: training never needs it
         except ImportError as e:
             raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
                                "pip install transformers") from e
@@ -571,8 +497,7 @@ class GPT(nn.Module):
 
 
 def _check_gpt2_compatible(config):
-    # HF allows untied heads
-    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}
+    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF unties too
     wanted["qk_norm"] = False
     wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})"
              for k, v in wanted.items() if getattr(config, k) != v]
@@ -583,52 +508,31 @@ def _check_gpt2_compatible(config):
                          + ", ".join(wrong))
 
 
-# peak dense bf16 tensor-core FLOP/s (FP32 accumulate), from NVIDIA datasheets; matched as whole
-# words in torch.cuda.get_device_name(), first match wins
-# (so "H100 PCIe" before "H100", and "L4" never hits "L40S")
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("GH200", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("RTX 5090", 209e12),
-    ("RTX 4090", 165e12),
-    ("L4", 121e12),
-    ("V100", 125e12),  # no bf16 on Volta: its fp16 tensor-core peak
-)
+# peak dense bf16 tensor-core FLOP/s (FP32 accumulate; V100: fp16), from NVIDIA datasheets; whole
+# words of torch.cuda.get_device_name(), first match wins ("H100 PCIe" before "H100"; "L4" != "L40S")
+PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("GH200", 989e12),
+              ("H200", 989e12), ("A100", 312e12), ("RTX 5090", 209e12), ("RTX 4090", 165e12),
+              ("L4", 121e12), ("V100", 125e12))
 
 
 def peak_flops(device_name):
     """Peak dense bf16 FLOP/s for a GPU name like "NVIDIA H100 80GB HBM3", or None if unknown."""
     for key, flops in PEAK_FLOPS:
-        pattern = rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])"
-        if re.search(pattern, device_name, re.IGNORECASE):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.I):
             return flops
     return None
 
 
-# ---- Muon ----
-
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: momentum, then the update orthogonalised by a Newton-Schulz iteration.
-    The update of torch.optim.Muon (adjust_lr_fn="match_rms_adamw"), made cheap: the matrices of one
-    shape are orthogonalised together in one batched call, and under DDP each rank orthogonalises
-    only its share of them and the results are all-gathered (as modded-nanogpt does), instead of
-    every rank doing every matrix.
-
-    For a parameter p (A x B) with gradient g and momentum buffer m
-    (the state torch.optim.Muon keeps):
+    """Muon for 2-D weights: torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap:
+    the matrices of one shape are orthogonalised by Newton-Schulz (NS) in one batched call, and
+    under DDP each rank does its share and all-gathers the results (as modded-nanogpt).
+    For p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
         m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
         p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
-    0.2 * sqrt(max(A, B)) gives the orthogonalised update AdamW's RMS,
-    so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k separate A x B matrices
-    (q, k and v).
-    NS runs in bfloat16 on GPUs with native bf16 (as torch.optim.Muon and modded-nanogpt) and in
-    float32 elsewhere: CPUs without bf16 matrix units, and pre-Ampere GPUs, run bf16 matmuls far slower
-    than float32. adjust_lr_fn: as torch.optim.Muon's (lr_scale)."""
+    0.2 * sqrt(max(A, B)) gives the update AdamW's RMS, so one LR serves Muon and AdamW.
+    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v);
+    adjust_lr_fn is torch.optim.Muon's (lr_scale)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
@@ -653,8 +557,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        # 1. momentum for every parameter (every rank keeps the full state, so rank 0's
-        # checkpoint has it all)
+        # 1. momentum for every parameter (every rank keeps all the state: rank 0 checkpoints it)
         blocks = {}  # (shape, device, ns_steps, eps) -> [(param, group, piece index, update block)]
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -666,8 +569,7 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
-            updates = (torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"]
-                       else bufs)
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
             for p, u in zip(params, updates):
                 for i, block in enumerate(u.chunk(group["pieces"], dim=0)):
                     key = (tuple(block.shape), p.device, group["ns_steps"], group["eps"])
@@ -677,8 +579,7 @@ class Muon(torch.optim.Optimizer):
         done = {}  # id(param) -> list of its orthogonalised blocks
         for (shape, _, ns_steps, eps), items in blocks.items():
             stack = torch.stack([block for *_, block in items])  # (n, A, B)
-            # ceil(n / world); the last rank's share is padded with zeros
-            per_rank = -(-len(items) // world)
+            per_rank = -(-len(items) // world)  # ceil(n / world); the last rank's share is zero-padded
             if per_rank * world > len(items):
                 stack = torch.cat([stack, stack.new_zeros(per_rank * world - len(items), *shape)])
             mine = stack[rank * per_rank:(rank + 1) * per_rank]
@@ -702,9 +603,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_scale(group, A, B):
-    """What Muon multiplies the LR by for an A x B matrix, by the group's adjust_lr_fn as
-    torch.optim.Muon defines it: "match_rms_adamw" 0.2 * sqrt(max(A, B)) (AdamW's update RMS; ours),
-    "original" or None sqrt(max(1, A / B)) (torch's default)."""
+    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's:
+    "match_rms_adamw" (ours: AdamW's update RMS) or "original"/None (torch's default)."""
     kind = group["adjust_lr_fn"]
     if kind == "match_rms_adamw":
         return 0.2 * math.sqrt(max(A, B))
@@ -723,21 +623,17 @@ def native_bf16(device):
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
     into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
-    p(S) = a + b S + c S^2, batched.
-
-    bfloat16 on GPUs with native bf16 (as torch.optim.Muon), float32 elsewhere. In float32 a wide matrix
-    (m x k, k >= 2m) takes the same iteration in its Gram form: every step multiplies by a
-    polynomial of S = X X^T, so all steps together are one m x m matrix P, and S follows as
-    S <- S p(S)^2 (polynomials of S commute); X is touched twice instead of ten times. Same result
-    to ~1e-6; 2.2x faster for the MLP's 128 x 768 on a CPU.
-    (In bfloat16 the Gram form doubles the error, so CUDA keeps the plain iteration.)"""
+    p(S) = a + b S + c S^2. In bfloat16 on GPUs with native bf16 (as torch.optim.Muon), else in
+    float32 (CPUs, pre-Ampere GPUs: bf16 matmuls far slower), where a wide matrix (m x k, k >= 2m)
+    takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all steps together
+    are one m x m matrix P, and S <- S p(S)^2 (they commute); X is touched twice, not ten times:
+    the same result to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: twice the error)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the m x m Gram matrix is the smaller one
         X = X.mT
-    # X / norm: spectral norm <= Frobenius norm = 1
-    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    norm = X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # X / norm: spectral norm <= 1
     if X.dtype == torch.float32 and X.size(-1) >= 2 * X.size(-2):
         S, P = (X @ X.mT) / norm.square(), None  # the scaling goes to the m x m matrices, not to X
         for k in range(steps):
@@ -755,30 +651,16 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
     return X.mT if tall else X
 
 
-# =============================================================================
-# Part 2: the recurrent models (trained by train_lstm.py)
-# =============================================================================
-# The recurrent language models of EXPERIMENTS.md §4 and §5.
-#
+# ==== Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py) ====
 # lstm           embedding -> multi-layer LSTM -> head: the baseline.
-# nested_lstm    §4: level 1 = the LSTM (steps every optimizer step); levels 2.. = residual FFN
-#                blocks on the LSTM output whose parameters step only every C_k optimizer steps
-#                (the trainer accumulates their gradients over the chunk and scales their LR by
-#                1/C_k), each with a "surprise" head.
-# context_vector §5: a stack of layers that each carry a context vector c from token to token
-#                and pass it up.
-#
-# Every model:
-#   forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux)
+# nested_lstm    §4: the LSTM (level 1) then residual FFN levels 2.. with "surprise" heads, whose
+#                parameters step every C_k optimizer steps (gradients accumulated, LR scaled 1/C_k).
+# context_vector §5: layers that each carry a context vector c from token to token and up.
+# forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
 #   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
-#   state / new_state = tuple of (n_layer, B, width) tensors (None = zeros);
-#   the caller detaches new_state;
-#   reset_token: an id (EOT) before which a row's state is zeroed, exactly per token
-#   (document boundaries);
-#   aux = dict of extra scalars: those named in model.aux_weights are added to the loss with that
-#   weight by the trainer, all of them are logged.
-# init_state(batch_size, device), level_params() -> one list of parameters per update level,
-# num_params().
+#   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
+#   reset_token: an id (EOT) before which a row's state is zeroed, per token (document boundaries);
+#   aux: extra scalars, all logged; those in model.aux_weights are added to the loss, weighted.
 
 
 @dataclass
@@ -794,54 +676,16 @@ class LSTMConfig:
     ffn_hidden: int = 192              # nested_lstm: hidden width of each slow level's FFN
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
-    # defaults = §4 (1.23M params at vocab 283). §5 baseline: model="context_vector",
-    # vocab_size=1000, n_embd=256, n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True
-    # (3.41M params; the §5 log says 2.74M for its own, unpublished layer: ours has a gate,
-    # see ContextLayer)
-
-
-def cross_entropy(logits, targets, reduction="mean"):
-    """CE in float32 whatever the autocast dtype; targets of -1 are ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
-                           reduction=reduction)
-
-
-def run_lstm(lstm, x, state, idx, reset_token):
-    """nn.LSTM over x (B, T, C) from state (h, c), zeroing a row's state before each position where
-    idx == reset_token. nn.LSTM cannot mask inside its fused loop, so the window is cut at every
-    column holding a reset token (rare: document boundaries) and run piece by piece:
-    exact per-token resets."""
-    if reset_token is None:
-        return lstm(x, state)
-    is_reset = idx == reset_token  # (B, T)
-    cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
-    bounds = sorted(set([0, x.size(1)] + cuts))
-    h, c = state
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        keep = (~is_reset[:, a]).to(h.dtype).view(1, -1, 1)  # (1, B, 1)
-        out, (h, c) = lstm(x[:, a:b], (h * keep, c * keep))
-        outs.append(out)
-    return torch.cat(outs, 1), (h, c)
-
-
-def next_token(logits, temperature, top_k, generator):
-    """One token id per row, (B, 1), from the last position's float logits (B, V), by GPT.generate's
-    rule: greedy at temperature 0 or top_k 1, else a draw from softmax(logits / temperature) among
-    the top_k likeliest (all for None)."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+    # defaults = §4 (1.23M params at vocab 283). §5: context_vector, vocab_size=1000, n_embd=256,
+    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M params (the §5 log says
+    # 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
 
 
 class RecurrentLM(nn.Module):
     """What the three models share: embedding, head, init, state, parameter levels."""
 
-    def _init_common(self, cfg, head_width):
+    def __init__(self, cfg, head_width):
+        super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -861,18 +705,19 @@ class RecurrentLM(nn.Module):
         """Parameters grouped by update level; level 1 steps every step. One level unless nested."""
         return [list(self.parameters())]
 
+    def head(self, y, targets):
+        logits = self.lm_head(self.drop(y))  # (B, T, V)
+        return logits, (cross_entropy(logits, targets) if targets is not None else None)
+
     def init_state(self, batch_size, device):
         return tuple(torch.zeros(self.config.n_layer, batch_size, w, device=device)
                      for w in self.state_widths)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens). The
-        arguments mean what they mean for GPT.generate: temperature=0 or top_k=1 is greedy, generator
-        (on the model's device) makes sampling reproducible, only ids below n_vocab are drawn.
-        The prompt runs in one forward from a zero state, then each new token is fed alone with the
-        state carried: one token's work per step, and no context limit (the state is the context).
-        Leaves train/eval mode alone: call model.eval() first so dropout is off."""
+        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them. The prompt
+        runs in one forward from a zero state, then each new token alone with the state carried:
+        one token's work per step, no context limit. Call model.eval() first: no dropout."""
         logits, _, state, _ = self(idx)
         for k in range(max_new_tokens):
             next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
@@ -884,35 +729,54 @@ class RecurrentLM(nn.Module):
 
 class LSTMLM(RecurrentLM):
     def __init__(self, cfg):
-        super().__init__()
-        self._init_common(cfg, cfg.n_hidden)
+        super().__init__(cfg, cfg.n_hidden)
         self.lstm = nn.LSTM(cfg.n_embd, cfg.n_hidden, cfg.n_layer, batch_first=True,
                             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
+        self.levels = nn.ModuleList()  # between the LSTM and the head: NestedLSTM's slow levels
 
-    def lstm_out(self, idx, state, reset_token):
-        if state is None:
-            state = self.init_state(idx.size(0), idx.device)
-        x = self.drop(self.wte(idx))  # (B, T, n_embd)
-        y, (h, c) = run_lstm(self.lstm, x, tuple(state), idx, reset_token)  # y (B, T, n_hidden)
-        return y, (h.float(), c.float())  # carried states stay float32 under autocast
+    def level_params(self):
+        slow = {id(p) for level in self.levels for p in level.parameters()}
+        fast = [p for p in self.parameters() if id(p) not in slow]
+        return [fast] + [list(level.parameters()) for level in self.levels]
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
-        y, new_state = self.lstm_out(idx, state, reset_token)
-        logits = self.lm_head(self.drop(y))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, new_state, {}
+        """A row's state is zeroed before each position where idx == reset_token: nn.LSTM cannot
+        mask inside its fused loop, so the window is cut at every column holding a reset token
+        (rare: document boundaries)."""
+        h, c = state if state is not None else self.init_state(idx.size(0), idx.device)
+        x = self.drop(self.wte(idx))  # (B, T, n_embd)
+        if reset_token is None:
+            y, (h, c) = self.lstm(x, (h, c))  # y (B, T, n_hidden)
+        else:
+            is_reset = idx == reset_token  # (B, T)
+            cuts = torch.nonzero(is_reset.any(0)).flatten().tolist()
+            bounds = sorted(set([0, x.size(1)] + cuts))
+            pieces = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                keep = (~is_reset[:, a]).to(h.dtype).view(1, -1, 1)  # (1, B, 1)
+                out, (h, c) = self.lstm(x[:, a:b], (h * keep, c * keep))
+                pieces.append(out)
+            y = torch.cat(pieces, 1)
+        aux = {}
+        if targets is not None and len(self.levels):
+            with torch.no_grad():  # the fast path's per-token surprise, a detached target
+                fast = cross_entropy(self.lm_head(y), targets, reduction="none")
+            mask = targets != -1
+            aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
+        for k, level in enumerate(self.levels):
+            y, predicted = level(y)
+            if targets is not None:
+                aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
+        # carried states stay float32 under autocast
+        return *self.head(y, targets), (h.float(), c.float()), aux
 
 
 class SlowLevel(nn.Module):
-    """A residual FFN block on the LSTM output, plus its surprise head.
-
-    Surprise (our definition): the per-token cross-entropy of level 1 alone (the LSTM output through
-    the head, computed without gradient), i.e. how surprised the fast path is by the next token.
-    Each slow level predicts it from its own FFN hidden activation with a linear head; the auxiliary
-    loss is the MSE against the detached target, so the gradient trains the head, the level's first
-    FFN layer and (through its input) the LSTM to represent how predictable the next token is.
-    """
+    """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
+    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
+    predicted from the FFN's hidden activation; the MSE trains the head, the level's c_fc and
+    (through its input) the LSTM to represent how predictable the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -923,8 +787,7 @@ class SlowLevel(nn.Module):
         # a new level starts as the identity: it can only add to level 1
         nn.init.zeros_(self.c_proj.weight)
         nn.init.zeros_(self.c_proj.bias)
-        # a uniform guess's surprise, in nats
-        nn.init.constant_(self.surprise.bias, math.log(vocab_size))
+        nn.init.constant_(self.surprise.bias, math.log(vocab_size))  # a uniform guess's, in nats
 
     def forward(self, y):
         a = F.gelu(self.c_fc(self.ln(y)))  # (B, T, ffn_hidden)
@@ -936,8 +799,7 @@ class NestedLSTM(LSTMLM):
         super().__init__(cfg)
         chunks, weights = tuple(cfg.chunk_sizes), tuple(cfg.surprise_weights)
         if len(chunks) < 1 or chunks[0] != 1 or any(int(c) < 1 for c in chunks):
-            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), "
-                             f"got {chunks}")
+            raise ValueError(f"chunk_sizes must start with 1 (level 1 steps every step), got {chunks}")
         if len(weights) != len(chunks) - 1:
             raise ValueError(f"surprise_weights needs one weight per slow level "
                              f"({len(chunks) - 1}), got {weights}")
@@ -945,38 +807,14 @@ class NestedLSTM(LSTMLM):
                                     for _ in chunks[1:])
         self.aux_weights = {f"surprise{k + 2}": float(w) for k, w in enumerate(weights)}
 
-    def level_params(self):
-        slow = {id(p) for level in self.levels for p in level.parameters()}
-        fast = [p for p in self.parameters() if id(p) not in slow]
-        return [fast] + [list(level.parameters()) for level in self.levels]
-
-    def forward(self, idx, targets=None, state=None, reset_token=None):
-        y, new_state = self.lstm_out(idx, state, reset_token)
-        aux = {}
-        if targets is not None and len(self.levels):
-            with torch.no_grad():  # the fast path's per-token surprise, a detached target
-                fast = cross_entropy(self.lm_head(y), targets, reduction="none").view_as(targets)
-            mask = targets != -1
-            aux["fast_loss"] = fast[mask].mean()  # level 1 alone: shows what the slow levels add
-        for k, level in enumerate(self.levels):
-            y, predicted = level(y)
-            if targets is not None:
-                aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
-        logits = self.lm_head(self.drop(y))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, new_state, aux
-
 
 class ContextLayer(nn.Module):
-    """One context layer: for each token t, with u_t the input from the layer below and c_{t-1} this
-    layer's context vector from the previous token,
+    """For each token t, from u_t (the layer below) and c_{t-1} (this layer's context vector):
         h_t = tanh(W_u u_t + W_c c_{t-1} + b)                        (n_hidden)
         z_t = sigmoid(W_z h_t + b_z),  g_t = tanh(W_g h_t + b_g)      (context_dim each)
         c_t = (1 - z_t) * c_{t-1} + z_t * g_t                        (context_dim)
-    c_t goes to the next token (recurrence) and up to the next layer. The gate z lets a layer keep
-    or overwrite its context: without it, a tanh recurrence trained on persistent states locks into
-    one attractor and a fresh state (evaluation) is far worse. W_u u runs for the whole window in
-    one matmul; only W_c c and W_z, W_g h run per token."""
+    c_t goes to the next token and up. Without the gate z a tanh recurrence trained on persistent
+    states locks into one attractor, and a fresh state (evaluation) is far worse."""
 
     def __init__(self, n_in, n_hidden, context_dim):
         super().__init__()
@@ -985,7 +823,7 @@ class ContextLayer(nn.Module):
         self.c_out = nn.Linear(n_hidden, 2 * context_dim)  # gate and candidate
 
     def forward(self, u, c, keep=None):  # u (B, T, n_in), c (B, context_dim), keep (B, T) or None
-        pre = self.c_in(u)  # (B, T, n_hidden)
+        pre = self.c_in(u)  # W_u u for the whole window in one matmul: (B, T, n_hidden)
         outs = []
         for t in range(u.size(1)):
             if keep is not None:
@@ -1003,8 +841,7 @@ class ContextVectorLM(RecurrentLM):
     without them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self._init_common(cfg, cfg.context_dim)
+        super().__init__(cfg, cfg.context_dim)
         widths = [cfg.n_embd] + [cfg.context_dim] * (cfg.n_layer - 1)
         self.h = nn.ModuleList(ContextLayer(w, cfg.n_hidden, cfg.context_dim) for w in widths)
         self.state_widths = (cfg.context_dim,)
@@ -1018,9 +855,7 @@ class ContextVectorLM(RecurrentLM):
             out, c = layer(u, c, keep)  # (B, T, context_dim)
             u = u + out if u.size(-1) == out.size(-1) else out
             new_ctx.append(c.float())
-        logits = self.lm_head(self.drop(u))  # (B, T, V)
-        loss = cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss, (torch.stack(new_ctx),), {}
+        return *self.head(u, targets), (torch.stack(new_ctx),), {}
 
 
 RECURRENT_MODELS = {"lstm": LSTMLM, "nested_lstm": NestedLSTM, "context_vector": ContextVectorLM}
@@ -1034,13 +869,10 @@ def build_recurrent(cfg):
     return RECURRENT_MODELS[cfg.model](cfg)
 
 
-# =============================================================================
-# Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py, the trainers)
-# =============================================================================
-# A checkpoint file is input from anyone: its model_config may describe a model of terabytes while
-# its weights weigh a few kilobytes. from_checkpoint builds the model on the meta device (shapes, no
-# storage), checks the weights' every key and shape against it, and only then hands the module the
-# checkpoint's own tensors: it allocates what the file holds, never what its config claims.
+# ==== Part 3: a checkpoint back to its model (sample.py, export_hf.py, hellaswag.py) ====
+# A checkpoint file is input from anyone: its model_config may describe terabytes while its weights
+# weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
+# it, and then handed over: what the file holds is allocated, never what its config claims.
 
 # what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
 DERIVED_SLACK_BYTES = 64 << 20
@@ -1054,10 +886,9 @@ def describe(config):
 
 
 def config_from_checkpoint(ckpt):
-    """The GPTConfig, or LSTMConfig, of a loaded checkpoint (a dict with "model_config" and "model"):
-    a train_lstm.py model_config names its model under "model", GPTConfig has no such field. Every
-    field must have its default's type (an int where a float is wanted is fine, floats finite); lists
-    become tuples (chunk_sizes, surprise_weights). ValueError naming what does not fit."""
+    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint.
+    Every field must have its default's type (an int where a float is wanted is fine, numbers
+    finite); lists become tuples. ValueError naming what does not fit."""
     values = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not isinstance(values, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
@@ -1096,81 +927,59 @@ def config_from_checkpoint(ckpt):
 
 def from_checkpoint(ckpt):
     """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
-    and train_lstm.py write them), GPT or recurrent as its model_config says, holding its weights, in
-    eval mode on the CPU. Tied weights stay tied; floating-point weights become float32.
-
-    Safe on a hostile file: the config is checked for types, the model built on the meta device, and
-    the weights' keys, shapes, dtypes and values (finite) checked against it before anything is
-    allocated, and then only RoPE's tables are (no larger than the weights, give or take
-    DERIVED_SLACK_BYTES). ValueError naming the key, shape or field that does not fit."""
+    and train_lstm.py write them), GPT or recurrent, with its weights, in eval mode on the CPU. Tied
+    weights stay tied; floating-point weights become float32. ValueError naming what does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
-    bad = next((k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
-               None)
-    if bad is not None:
-        raise ValueError(f"{what} whose weights are not a state dict: {bad!r:.80} is no named tensor")
-    # modules are Python objects even on the meta device (~10 KB per tensor they hold): a layer count
-    # no state dict this size could fill (each layer has at least one tensor) is refused before any
-    # is built
+    misfit = f"{what} whose weights do not fit its model_config:"
+    for k, v in weights.items():
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+            raise ValueError(f"{what} whose weights are not a state dict: {k!r:.80} is no named tensor")
+    # modules are Python objects even on the meta device (~10 KB a tensor): a layer count no state
+    # dict this size could fill (each layer has a tensor at least) is refused before any is built
     counts = {"n_layer": config.n_layer}
     if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
         counts["len(chunk_sizes)"] = len(config.chunk_sizes)
     for name, count in counts.items():
         if count > len(weights):
-            raise ValueError(f"{what} whose weights do not fit its model_config: {name}={count}, "
-                             f"but the weights are {len(weights)} tensors")
+            raise ValueError(f"{misfit} {name}={count}, but the weights are {len(weights)} tensors")
     try:
         with torch.device("meta"):
             net = GPT(config) if isinstance(config, GPTConfig) else build_recurrent(config)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{what} whose model_config does not build: {e}") from None
     expected = net.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in weights]
-    extra = [k for k in weights if k not in expected]
-    for keys, kind in ((missing, "lacks"), (extra, "has an unexpected")):
+    for keys, kind in (([k for k in expected if k not in weights], "lacks"),
+                       ([k for k in weights if k not in expected], "has an unexpected")):
         if keys:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise ValueError(f"{what} whose weights do not fit its model_config: "
-                             f"the state dict {kind} {keys[0]}{more}")
+            raise ValueError(f"{misfit} the state dict {kind} {keys[0]}{more}")
     for key, want in expected.items():
         got = weights[key]
         if got.shape != want.shape:
-            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is "
-                             f"{tuple(got.shape)}, the model_config needs {tuple(want.shape)}")
+            raise ValueError(f"{misfit} {key} is {tuple(got.shape)}, "
+                             f"the model_config needs {tuple(want.shape)}")
         if got.layout != torch.strided or got.is_floating_point() != want.is_floating_point():
-            raise ValueError(f"{what} whose weights do not fit its model_config: {key} is a "
-                             f"{got.layout} {got.dtype} tensor, the model wants {want.dtype}")
-    rope_bytes = 0
-    if isinstance(config, GPTConfig) and config.pos_emb == "rope":  # cos and sin, float32
-        rope_bytes = 2 * 4 * config.block_size * (config.n_embd // config.n_head)
+            raise ValueError(f"{misfit} {key} is a {got.layout} {got.dtype} tensor, "
+                             f"the model wants {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
+    rope_bytes = sum(b.numel() * b.element_size() for b in net.buffers())  # its only buffers
     weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     if rope_bytes > weight_bytes + DERIVED_SLACK_BYTES:
         raise ValueError(f"{what} whose model_config has block_size={config.block_size}: its RoPE "
                          f"tables would take {rope_bytes >> 20} MiB, its weights are only "
                          f"{weight_bytes >> 20} MiB")
-    for key in expected:
-        if weights[key].is_floating_point() and not bool(torch.isfinite(weights[key]).all()):
-            raise ValueError(f"{what} whose weights are not finite: {key} holds NaN or inf values")
-    # tied weights (lm_head and wte) are one Parameter under two names: assign=True below would give
-    # each name its own tensor, so every second name is pointed back at the first one's afterwards
-    first, ties = {}, []
-    for name, p in net.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            ties.append((name, first[id(p)]))
-        first.setdefault(id(p), name)
     net.load_state_dict({k: weights[k].to(device="cpu", dtype=want.dtype) for k, want in expected.items()},
                         assign=True)
-    for name, source in ties:
-        owner, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(owner), attr, net.get_parameter(source))
+    # assign=True gave lm_head a tensor of its own; GPT re-ties it to wte itself (a load hook)
+    if isinstance(net, RecurrentLM) and config.tie_embeddings:
+        net.lm_head.weight = net.wte.weight
     if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
         net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
                                                  config.rope_base)
         if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
             raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
                              f"tables are not finite")
-    left = [name for name, t in itertools.chain(net.named_parameters(), net.named_buffers()) if t.is_meta]
-    if left:  # a new buffer from_checkpoint does not know how to compute: a bug here, not in the file
-        raise RuntimeError(f"from_checkpoint left {', '.join(left)} on the meta device")
     # .to() also refreshes nn.LSTM's cached list of its weights (_flat_weights)
     return net.to("cpu").eval()
