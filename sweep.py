@@ -119,21 +119,8 @@ def check_settings():
 # the plan: a list of runs {name, overrides (name -> text), reason (why skipped) or None}
 
 
-def split_argv(argv):
-    """(sweep.py's own arguments, the trainer's {name: text}); --help is sweep.py's."""
-    if "--help" in argv or "-h" in argv:
-        return ["--help"], {}
-    own, (pairs, files) = utils.settings_of(globals()), utils.split_args(argv)
-    # refused, not passed on: the sweep could neither check the file's values (out_dir, the
-    # random search's draws, the LR scaling and FLOP count read them) nor see them change on a rerun
-    utils.require(not files, f"config file {next(iter(files), '')}: sweep.py takes none; give its "
-                  f"settings as --name=value (a comma list is a grid axis)")
-    return [f"--{k}={v}" for k, v in pairs if k in own], {k: v for k, v in pairs if k not in own}
-
-
 def trainer_settings():
-    """The trainer's {setting: default} and {setting: allowed values} from `python <script>
-    --help=json`, never by importing it (that would run its module code in this process)."""
+    """The trainer's {setting: default}, {setting: choices} from --help=json (importing runs it)."""
     command = [sys.executable, os.path.join(HERE, script), "--help=json"]
     asked = f"--script={script}: `python {script} --help=json`"
     try:
@@ -537,8 +524,15 @@ def plot(folder, rows):
 
 
 def main(argv):
-    own_args, passed = split_argv(argv)
-    utils.apply_overrides(globals(), own_args, CHOICES)
+    if "--help" in argv or "-h" in argv:  # sweep.py's, not the trainer's: prints it and exits
+        utils.apply_overrides(globals(), ["--help"], CHOICES)
+    own, (pairs, files) = utils.settings_of(globals()), utils.split_args(argv)
+    # refused, not passed on: the sweep could neither check the file's values (out_dir, the
+    # random search's draws, the LR scaling and FLOP count read them) nor see them change on a rerun
+    utils.require(not files, f"config file {next(iter(files), '')}: sweep.py takes none; give its "
+                  f"settings as --name=value (a comma list is a grid axis)")
+    utils.apply_overrides(globals(), [f"--{k}={v}" for k, v in pairs if k in own], CHOICES)
+    passed = {k: v for k, v in pairs if k not in own}
     check_settings()
     folder = os.path.join(HERE, sweep_dir)  # an absolute sweep_dir stays as it is
     if report_only:
