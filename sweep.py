@@ -5,12 +5,10 @@
     python sweep.py --mode=random --flop_budget=1e16 --n_samples=20 --sweep_dir=sweeps/search
     python sweep.py --report_only=True --sweep_dir=sweeps/lr     # only redraw the table and plots
 
-The settings below are the sweep's; any other --name=value goes to the trainer: a comma list is a
-grid axis (so no value can hold a comma), a single value goes to every run. Each run has a folder
-sweep_dir/<name>/ (run.json, stdout.log, log.jsonl) and ends finished, diverged, oom, failed or
-interrupted, or is skipped before launch. A rerun skips finished runs, resumes interrupted ones and
-relaunches the others with --retry_failed=True. Ctrl-C or SIGTERM goes on to the running trainers
-(they checkpoint and stop) and the sweep exits 130 or 143. One sweep.py at a time per sweep_dir.
+The settings below are the sweep's; any other --name=value goes to the trainer, a comma list as a
+grid axis (so no value can hold a comma). Each run has a folder sweep_dir/<name>/ (run.json,
+stdout.log, log.jsonl); a rerun skips finished runs and resumes interrupted ones. Ctrl-C or SIGTERM
+goes on to the running trainers (they checkpoint and stop) and the sweep exits 130 or 143.
 """
 import concurrent.futures
 import contextlib
@@ -82,9 +80,8 @@ RETRYABLE = ("failed", "diverged", "oom")  # relaunched only with --retry_failed
 INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 STATES = ("finished", "diverged", "oom", "failed", "interrupted", "running", "skipped")  # table order
 SET_BY_SWEEP = ("out_dir", "resume")
-# set per run by the random search
 DRAWN = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "total_batch_size",
-         "min_lr", "max_lr", "warmup_steps", "max_steps")
+         "min_lr", "max_lr", "warmup_steps", "max_steps")  # set per run by the random search
 # Linux's prctl: a trainer gets a signal when the sweep dies, however it dies (kill -9); elsewhere
 # (no prctl) a sweep killed hard leaves its trainers running
 PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
@@ -165,8 +162,7 @@ def trainer_overrides(passed):
 
 
 def with_batch_and_lr(overrides, defaults):
-    """A point's overrides, with total_batch_size from micro_batch_size alone (no accumulation),
-    min_lr from min_lr_ratio, and both LRs times (batch / base_batch) ** (1 | 0.5) (lr_scaling)."""
+    """The overrides plus total_batch_size (no accumulation), min_lr (min_lr_ratio), scaled LRs."""
     ov = dict(overrides)
 
     def get(name):
@@ -220,9 +216,8 @@ def plan_random(fixed, defaults):
             break
         L = rng.randint(n_layer_lo, n_layer_hi)
         C = min(n_embd_hi, max(n_embd_lo, 16 * round(log_uniform(n_embd_lo, n_embd_hi) / 16)))
-        # only head counts that fit the width: no draw is wasted
         heads = [h for h in range(n_head_lo, n_head_hi + 1)
-                 if C % h == 0 and not (rope and C // h % 2)]
+                 if C % h == 0 and not (rope and C // h % 2)]  # fitting the width: no draw wasted
         H = rng.choice(heads) if heads else None
         B, T = power_of_two(batch_lo, batch_hi), power_of_two(seq_len_lo, seq_len_hi)
         lr = f"{log_uniform(min_lr_lo, min_lr_hi):.3g}"
@@ -270,8 +265,7 @@ def read_json(path):
 
 
 def read_events(run_dir):
-    """log.jsonl's events, skipping quietly a line that does not parse (a running run's half-written
-    last one): utils.read_log would warn on stderr, which worker threads cannot redirect safely."""
+    """log.jsonl's events; a half-written last line is skipped quietly (read_log would warn)."""
     events, path = [], os.path.join(run_dir, "log.jsonl")
     with contextlib.suppress(FileNotFoundError), open(path, errors="replace") as f:
         for line in f:
@@ -294,8 +288,7 @@ def classify(rc, run_dir):
 
 
 def left_alone(run):
-    """The line to print if a process (a trainer's utils.lock_folder) holds the run's .lock, else
-    None. Tried without waiting and let go at once: the trainer launched next must take it."""
+    """The line to print if a process (a trainer's lock_folder) holds the run's .lock, else None."""
     with contextlib.suppress(FileNotFoundError), open(os.path.join(run["dir"], ".lock")) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,7 +296,7 @@ def left_alone(run):
             pid = f.read().strip() or "unknown"
             return (f"{'running':>11} {run['name']} (PID {pid} holds its folder: left alone, "
                     f"rerun when it ends)")
-        fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_UN)  # at once: the trainer launched next must take it
     return None
 
 
@@ -355,8 +348,7 @@ def launch(run, gpu, trainers):
     run_dir, resume = run["dir"], run["resume"]
     if trainers.signum:  # the sweep is stopping
         return
-    # a trainer may have started there since the plan was made (runs wait for a free slot):
-    # its log, checkpoints, stdout and run.json are its own
+    # a trainer may have started there while this run waited for a slot: all there is its own
     if busy := left_alone(run):
         print(busy, flush=True)
         return
@@ -378,8 +370,7 @@ def launch(run, gpu, trainers):
     with open(os.path.join(run_dir, "stdout.log"), "a" if resume else "w") as out:
         try:  # rc None: the sweep stopped before it started
             rc = trainers.run(command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT)
-        # it could not start (SubprocessError: preexec_fn failed): the run failed, the sweep goes on
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, subprocess.SubprocessError) as e:  # cannot start (or preexec_fn failed)
             out.write(f"sweep.py: cannot launch: {e}\n")
             rc = -1
     state = "interrupted" if rc is None else classify(rc, run_dir)
@@ -392,8 +383,7 @@ def launch(run, gpu, trainers):
 
 
 def run_all(runs):
-    """Launch the runs, `parallel` at a time; worker slot i always uses GPU gpus[i % len(gpus)].
-    Returns the signal (SIGINT, SIGTERM) that stopped the sweep, or None."""
+    """Launch the runs, `parallel` at a time; return the signal that stopped the sweep, or None."""
     gpu_list, slots = [g.strip() for g in gpus.split(",") if g.strip()], queue.Queue()
     for i in range(parallel):
         slots.put(gpu_list[i % len(gpu_list)] if gpu_list else None)
@@ -477,8 +467,7 @@ def report(folder):
 
 
 def plot(folder, rows):
-    """Best val loss vs max LR (a line per batch size) and vs batch size, and every train loss
-    curve; a plot with one x value (one LR, one batch size), a bare vertical line, is skipped."""
+    """Best val loss vs max LR (a line per batch size) and vs batch, and the train loss curves."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -541,9 +530,8 @@ def main(argv):
     runs = plan_random(fixed, defaults) if mode == "random" else plan_grid(fixed, axes, defaults)
     utils.require(len({r["name"] for r in runs}) == len(runs),
                   "two runs would share a folder: a value is repeated")
-    # resolved as the trainers do: relative to this folder
     data_dirs = {r["overrides"].get("data_dir", defaults.get("data_dir", ".")) for r in runs}
-    for path in sorted({os.path.join(HERE, d) for d in data_dirs}):
+    for path in sorted({os.path.join(HERE, d) for d in data_dirs}):  # as the trainers resolve them
         if not os.path.isdir(path):
             print(f"warning: the data folder {path} does not exist: "
                   f"prepare it first, or set --data_dir")
@@ -556,9 +544,7 @@ def main(argv):
         changed = sorted({k for k, _ in old["overrides"].items() ^ run["overrides"].items()})
         utils.require(not changed, f"{run['dir']} was run with other values of {changed}: "
                       f"use another --sweep_dir")
-        # a trainer still running there (one a killed sweep left, or one started by hand): resuming,
-        # retrying or restarting it would delete or truncate what it is writing
-        busy = left_alone(run)
+        busy = left_alone(run)  # a trainer there (a killed sweep's, or by hand): touch none of it
         if dry_run:
             what = " ".join(f"--{k}={v}" for k, v in run["overrides"].items())
             status = f"skipped, {run['reason']}" if run["reason"] else what
