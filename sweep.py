@@ -300,18 +300,6 @@ def left_alone(run):
     return None
 
 
-def die_with(parent):
-    """A trainer's preexec_fn (None without prctl): SIGTERM (it checkpoints and stops) when the
-    thread that launched it ends, which waits for it: so only when the sweep dies."""
-    def preexec():
-        # until exec the child has the sweep's Python handlers, which would swallow the signal
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the sweep died before prctl: no signal will come
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec if PRCTL else None
-
-
 class Trainers:
     """The running trainers, and the signal that stops the sweep: after one, none is launched."""
 
@@ -322,11 +310,18 @@ class Trainers:
     def run(self, command, **popen_args):
         """The trainer's exit status, or None when the sweep is stopping. In a session of its own:
         a Ctrl-C in the terminal reaches it once, passed on by stop(), not also from the tty."""
+        parent = os.getpid()
+
+        def die_with_sweep():  # SIGTERM once the launching thread (which waits for it) ends
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the sweep's handler would swallow it
+            PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # the sweep died before prctl: no signal will come
+                os.kill(os.getpid(), signal.SIGTERM)
         with self.lock:  # a signal between the check and the launch would miss this trainer
             if self.signum:
                 return None
             proc = subprocess.Popen(command, start_new_session=True,
-                                    preexec_fn=die_with(os.getpid()), **popen_args)
+                                    preexec_fn=die_with_sweep if PRCTL else None, **popen_args)
             self.running.add(proc)
         rc = proc.wait()
         with self.lock:
