@@ -5,11 +5,10 @@
     python bench.py --profile=True                     # ms per step by kernel group, and the top kernels
     python bench.py --data_dir=data/fineweb10B --hellaswag=True   # add a loader row and a HellaSwag row
 
-A variant changes the base configuration (train_gpt2.py's on this device: the modern GPT and Muon,
-compiled with bf16 autocast on CUDA, eager float32 on CPU) along the axes in AXES; join names with
-"+" to change several (classic+adamw). Steps are training.train_step on synthetic tokens (the loss
-means nothing, the work is real): warm-up steps (compilation), then each step timed alone (CUDA
-events without a host sync in between, or perf_counter): median and interquartile range.
+A variant changes train_gpt2.py's configuration on this device (the modern GPT and Muon; compiled
+bf16 on CUDA, eager float32 on CPU) along AXES; "+" joins several (classic+adamw). A step is
+training.train_step on synthetic tokens; after the warm-up (compilation) each is timed alone (CUDA
+events with no host sync between them, or perf_counter): median and interquartile range.
 """
 import collections
 import dataclasses
@@ -31,8 +30,7 @@ from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
 preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (below) | gpt2 (124M, B=32, T=1024)
-# model: every field of model.GPTConfig is a setting (train_gpt2.py's names), with GPTConfig's
-# default unless set here; tiny = nanoGPT's Tiny Shakespeare char-level CPU run
+# model: every GPTConfig field, its default but for these (tiny: nanoGPT's Shakespeare char run)
 globals().update(utils.fields_of(GPTConfig))
 n_layer = 4
 n_head = 4
@@ -112,8 +110,7 @@ def unavailable(setup, device_type):
 
 
 def setup_step(setup, model_config, grad_accum_steps, dev, device_type):
-    """(step(i) -> the step's loss, raw model) for a fresh model: training.train_step over a few
-    CPU batches made beforehand (the loader has its own row), moved to the device as in training."""
+    """(step(i) -> loss, raw model): train_step of a fresh model on premade batches (no loader)."""
     torch.manual_seed(seed)
     if setup["compile"]:
         torch.compiler.reset()  # a fresh start per variant: never past dynamo's recompile limit
