@@ -241,16 +241,15 @@ def bench_loader(dev, device_type):
                                    shuffle=True, seed=seed)
     except data.ShardError as e:
         raise SystemExit(f"error: --data_dir={data_dir}: {e}") from None
-    for _ in range(min(5, loader_batches)):
+    for _ in range(min(5, loader_batches)):  # warm-up
         loader.next_batch()
-    times = []
-    for _ in range(loader_batches):
-        t0 = time.perf_counter()
+
+    def fetch(_):
         x, y = loader.next_batch()
         if device_type == "cuda":  # what train_gpt2.py does with each batch before the forward
             x, y = (t.pin_memory().to(dev, non_blocking=True) for t in (x, y))
             torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
+    times = time_steps(fetch, loader_batches, "cpu")  # perf_counter: the host's time, also on CUDA
     return dict(variant="loader", status="ok", **summary(times, micro_batch_size * block_size))
 
 
