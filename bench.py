@@ -291,19 +291,22 @@ def bench_hellaswag(model_config, dev, device_type, precision):
                 examples_per_s=hellaswag_examples / seconds)
 
 
-def print_row(r):
-    if r["status"] != "ok":
-        print(f"{r['variant']:<24} n/a: {r['reason']}")
-    elif r["variant"] == "hellaswag":
-        print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {r['examples_per_s']:.1f} examples/s")
-    else:
-        widths = (("compile", 7), ("dtype", 8), ("sdpa", 9), ("optimizer", 9), ("arch", 7))
-        setup = " ".join(f"{r.get(k, ''):<{w}}" for k, w in widths)
-        mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
-        name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
-        print(f"{name:<24} {setup} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
-              f"{r['tokens_per_s']:11,.0f} {mfu:>6} {mem:>8}")
+def print_table(rows):
+    widths = (("compile", 7), ("dtype", 8), ("sdpa", 9), ("optimizer", 9), ("arch", 7))
+    print(f"\n{'variant':<24} " + " ".join(f"{k:<{w}}" for k, w in widths)
+          + f" {'ms/step':>8} {'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['variant']:<24} n/a: {r['reason']}")
+        elif r["variant"] == "hellaswag":
+            print(f"{'hellaswag':<24} {'':<7} {r['dtype']:<8} {r['examples_per_s']:.1f} examples/s")
+        else:
+            setup = " ".join(f"{r.get(k, ''):<{w}}" for k, w in widths)
+            mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            mem = "" if r.get("peak_mem_mb") is None else f"{r['peak_mem_mb']:.0f}"
+            name = r["variant"] + (f" (={r['same_as']})" if r.get("same_as") else "")
+            print(f"{name:<24} {setup} {r['ms_median']:8.2f} {r['ms_q1']:7.2f}-{r['ms_q3']:<7.2f} "
+                  f"{r['tokens_per_s']:11,.0f} {mfu:>6} {mem:>8}")
 
 
 # -----------------------------------------------------------------------------
@@ -364,10 +367,7 @@ def main(argv):
         rows.append(bench_loader(dev, device_type))
     if hellaswag:
         rows.append(bench_hellaswag(model_config, dev, device_type, base["dtype"]))
-    print(f"\n{'variant':<24} {'compile':<7} {'dtype':<8} {'sdpa':<9} {'optimizer':<9} {'arch':<7} "
-          f"{'ms/step':>8} {'IQR':>15} {'tokens/s':>11} {'MFU':>6} {'peak MB':>8}")
-    for row in rows:
-        print_row(row)
+    print_table(rows)
     profiled = None
     if profile:
         runnable = [(n, s) for n, s in setups if not unavailable(s, device_type)]
