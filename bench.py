@@ -340,12 +340,10 @@ def main(argv):
 
     n_params = GPT(model_config).num_params()
     header = (f"{utils.run_header(dev)['device']} | torch {torch.__version__} | "
-              f"{torch.get_num_threads()} threads | "
-              f"preset {chosen}: {n_params / 1e6:.2f}M params, "
-              f"{model_config.n_layer}L {model_config.n_head}H {model_config.n_embd}C, "
-              f"B={micro_batch_size} T={block_size} x {grad_accum_steps} accumulation = "
-              f"{tokens_per_micro * grad_accum_steps:,} tokens/step | "
-              f"{warmup} warm-up + {steps} timed steps")
+              f"{torch.get_num_threads()} threads | preset {chosen}: {n_params / 1e6:.2f}M params, "
+              f"{n_layer}L {n_head}H {n_embd}C, B={micro_batch_size} T={block_size} x "
+              f"{grad_accum_steps} accumulation = {tokens_per_micro * grad_accum_steps:,} "
+              f"tokens/step | {warmup} warm-up + {steps} timed steps")
     print(header)
     rows, done = [], {}
     for name, setup in setups:
@@ -378,7 +376,6 @@ def main(argv):
                                                device=dev, grad_accum_steps=grad_accum_steps,
                                                params=n_params, rows=rows, profile=profiled))
         print(f"wrote {json_out}")
-    return rows
 
 
 if __name__ == "__main__":
