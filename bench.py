@@ -62,9 +62,8 @@ json_out = None               # also write the table (and the profile) here, ato
 
 CHOICES = dict(preset=("auto", "tiny", "gpt2"), pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS,
                norm_pos=NORM_POSS, dtype=utils.DTYPES, optimizer=("muon", "adamw"))
-PRESETS = {"tiny": {},
-           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
-                        micro_batch_size=32)}
+PRESETS = {"tiny": {}, "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                    vocab_size=50304, micro_batch_size=32)}
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH}
 AXES = {"base": {}, "eager": dict(compile=False), "compile": dict(compile=True),
