@@ -30,7 +30,7 @@ from model import GPT, MLPS, NORM_POSS, NORMS, POS_EMBS, STYLES, GPTConfig
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
 preset = "auto"               # auto (gpt2 on CUDA, tiny elsewhere) | tiny (below) | gpt2 (124M, B=32, T=1024)
-# model: every GPTConfig field, its default but for these (tiny: nanoGPT's Shakespeare char run)
+# model: GPTConfig's fields, at its defaults but these (tiny: nanoGPT's Shakespeare char run)
 globals().update(utils.fields_of(GPTConfig))
 n_layer = 4
 n_head = 4
