@@ -137,22 +137,25 @@ DDP_SWITCHES = inspect.signature(DDP).parameters
 # the source a run was made from: git commit, and the diff of an edited tree
 
 
-def provenance():
-    """{"commit", "dirty", "diff"} of the repo's git checkout, the diff of tracked files when the tree
-    is edited: a run of a fork can be traced to the edit that made it. Outside git, a note."""
+def provenance(out, print0):
+    """{"commit", "dirty", "diff"} of the repo's git checkout: an edited tree's diff of tracked files
+    is also saved in `out` (and goes into every checkpoint), so a run of a fork can be traced to the
+    edit that made it. Outside a git checkout the run says so and goes on."""
     def git(*args):
-        out = subprocess.run(["git", *args], cwd=utils.REPO, capture_output=True, text=True,
-                             timeout=30)
-        if out.returncode:
-            raise OSError(out.stderr.strip())
-        return out.stdout
+        return subprocess.run(["git", *args], cwd=utils.REPO, capture_output=True, text=True,
+                              timeout=30, check=True).stdout
     try:
         commit = git("rev-parse", "HEAD").strip()
         diff = git("diff", "HEAD", "--no-color", "--no-ext-diff")
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None, "diff": "",
-                "note": f"{utils.REPO} is not a git checkout: no commit recorded"}
-    return {"commit": commit, "dirty": bool(diff), "diff": diff}
+        print0(f"source: {utils.REPO} is not a git checkout: no commit recorded")
+        return {"commit": None, "dirty": None, "diff": ""}
+    source = {"commit": commit, "dirty": bool(diff), "diff": diff}
+    if diff:
+        source["diff_file"] = f"source-{hashlib.sha256(diff.encode()).hexdigest()[:8]}.diff"
+        utils.atomic_write(os.path.join(out, source["diff_file"]), lambda f: f.write(diff), mode="w")
+        print0(f"source: {commit[:10]} + edits, saved as {os.path.join(out, source['diff_file'])}")
+    return source
 
 
 # -----------------------------------------------------------------------------
@@ -171,25 +174,35 @@ class Run:
         self.s, self.rank = namespace, int(os.environ.get("RANK", "0"))
         self.master, self.world_size = self.rank == 0, int(os.environ.get("WORLD_SIZE", "1"))
         self.print0 = print if self.master else (lambda *a, **k: None)
-        self.out = utils.in_repo(namespace["out_dir"])
+        self.out, resume = utils.in_repo(namespace["out_dir"]), namespace["resume"]
         self.log_path = os.path.join(self.out, "log.jsonl")
-        resume = namespace["resume"]
         utils.require(not resume or os.path.isdir(self.out),
                       f"--resume=True, but {self.out} does not exist: check --out_dir "
                       f"(a new run needs no --resume)")
         self.lock = utils.lock_folder(self.out, "training run") if self.master else None
         if self.master:
             utils.remove_stale_temporaries(self.out)  # of writers killed mid-checkpoint
-        self.ckpt_path, self.ckpt, self.unreadable = None, None, []
+        self.unreadable, self.changes = [], {}  # checkpoints that do not load: begin sets them aside
+        self.ckpt_path, self.ckpt = None, None
         if resume:
-            self.find_checkpoint()
+            self.ckpt_path, self.ckpt = utils.load_latest_checkpoint(self.out, self.print0,
+                                                                     self.unreadable)
+        if not resume:  # a fresh start never writes into another run's folder: pruning would delete
+            # its checkpoints, the logs would interleave, and --resume would continue the old run
+            held = [os.path.basename(p) for p in utils.checkpoint_paths(self.out)]
+            held += ["log.jsonl"] * os.path.exists(self.log_path)
+            utils.require(not held, f"{self.out} holds a run ({', '.join(held[-2:])}): continue it "
+                                    f"with --resume=True, or start a new run with another --out_dir")
+        elif self.ckpt is None and self.unreadable:  # never a fresh start
+            raise SystemExit(f"error: none of the {len(self.unreadable)} checkpoints in {self.out} "
+                             f"loads; nothing was changed. Resume from a copy of the run, or start "
+                             f"anew in another --out_dir")
+        elif self.ckpt is None:
+            self.print0(f"resume: no checkpoint in {self.out}, starting from scratch")
         else:
-            self.refuse_a_used_folder()
-        self.start_step = int(self.ckpt["step"]) if self.ckpt else 0
-        self.changes = {}
-        if self.ckpt:
             self.merge_settings(argv, can_change)
             check_settings()  # the checkpoint's settings pass the same checks as typed ones
+        self.start_step = int(self.ckpt["step"]) if self.ckpt else 0
         stop = namespace.get("stop_step", -1)
         utils.require(stop == -1 or stop > self.start_step,
                       f"--stop_step={stop} is not after the checkpoint's step {self.start_step}: "
@@ -197,27 +210,6 @@ class Run:
         self.last_good, self.saved_step = self.ckpt_path, self.start_step if self.ckpt else None
         self.signal, self.stop_reason = 0, None
         self.log = utils.JsonlLog(self.log_path, enabled=self.master)
-
-    # ---- the start: which checkpoint, which settings -------------------------------------------
-
-    def refuse_a_used_folder(self):
-        """A fresh start never writes into another run's folder: pruning would delete the new run's
-        checkpoints, the logs would interleave, and --resume would continue the old run."""
-        held = [os.path.basename(p) for p in utils.checkpoint_paths(self.out)]
-        held += [name for name in ("log.jsonl",) if os.path.exists(os.path.join(self.out, name))]
-        utils.require(not held, f"{self.out} holds a run ({', '.join(held[-2:])}): continue it with "
-                                f"--resume=True, or start a new run with another --out_dir")
-
-    def find_checkpoint(self):
-        """The newest checkpoint that loads; newer ones that do not are set aside by begin (as
-        .unreadable). Checkpoints none of which loads are an error, never a fresh start."""
-        self.ckpt_path, self.ckpt = utils.load_latest_checkpoint(self.out, self.print0, self.unreadable)
-        if self.unreadable and self.ckpt is None:
-            raise SystemExit(f"error: none of the {len(self.unreadable)} checkpoints in {self.out} "
-                             f"loads; nothing was changed. Resume from a copy of the run, or start "
-                             f"anew in another --out_dir")
-        if self.ckpt is None:
-            self.print0(f"resume: no checkpoint in {self.out}, starting from scratch")
 
     def merge_settings(self, argv, can_change):
         """The checkpoint's settings, but for PER_RUN and what the command line may change
@@ -275,12 +267,12 @@ class Run:
             for path in self.unreadable:
                 os.replace(path, path + ".unreadable")
             utils.truncate_log(self.log_path, start)  # what came after the checkpoint runs again
-            self.source = self.record_source()
-            self.log.wandb_run = self.start_wandb()
+            self.source = provenance(self.out, self.print0)
+            if self.s.get("wandb_project"):
+                self.log.wandb_run = start_wandb(self.s["wandb_project"], settings)
         self.log.write(event="start", step=start, settings=settings, **utils.run_header(device),
                        params=sum(p.numel() for p in model.parameters()), world_size=self.world_size,
-                       **(details or {}),
-                       resumed_from=self.ckpt_path,
+                       **(details or {}), resumed_from=self.ckpt_path,
                        source=self.source and {k: v for k, v in self.source.items() if k != "diff"})
         if ckpt is not None:
             self.say_resumed(ckpt)
@@ -347,30 +339,6 @@ class Run:
         lr_now = now["max_lr"] * lr_factor(at, now)
         if not math.isclose(lr_then, lr_now, rel_tol=1e-9):
             self.print0(f"{changes} moves the LR at step {at} from {lr_then:.3e} to {lr_now:.3e}")
-
-    def record_source(self):
-        """provenance(), said in one line; an edited tree's diff saved beside log.jsonl (and in
-        every checkpoint)."""
-        source = provenance()
-        if source["commit"] is None:
-            self.print0(f"source: {source['note']}")
-        elif source["dirty"]:
-            name = f"source-{hashlib.sha256(source['diff'].encode()).hexdigest()[:8]}.diff"
-            path = os.path.join(self.out, name)
-            utils.atomic_write(path, lambda f: f.write(source["diff"]), mode="w")
-            source["diff_file"] = name
-            self.print0(f"source: {source['commit'][:10]} + edits, saved as {path}")
-        return source
-
-    def start_wandb(self):
-        if not (self.s.get("wandb_project") and self.master):
-            return None
-        try:
-            import wandb
-        except ImportError:
-            utils.bad_setting("--wandb_project is set but wandb is not installed "
-                              "(pip install wandb)")
-        return wandb.init(project=self.s["wandb_project"], config=self.settings, resume="allow")
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -553,11 +521,17 @@ class Run:
         if self.lock is not None:
             self.lock.close()
 
-    # ---- plumbing --------------------------------------------------------------------------------
-
     def sync(self):
-        if str(getattr(self, "device", "")).startswith("cuda"):
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
+
+
+def start_wandb(project, settings):
+    try:
+        import wandb
+    except ImportError:
+        utils.bad_setting("--wandb_project is set but wandb is not installed (pip install wandb)")
+    return wandb.init(project=project, config=settings, resume="allow")
 
 
 def duration(seconds):

@@ -1,8 +1,6 @@
 """Plumbing every script shares: settings (constants, config files, --name=value), paths, atomic
-writes and folder locks, devices and processes, checkpoint files, the log.
-
-A training run's lifecycle (resume, saving, signals, the NaN watch) is training.py's.
-"""
+writes and folder locks, devices and processes, checkpoint files, the log. A training run's
+lifecycle (resume, saving, signals, the NaN watch) is training.py's."""
 import ast
 import contextlib
 import dataclasses
@@ -21,25 +19,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-EXIT_BAD_SETTING = 2  # exit status of a run refused for a bad setting, before any work
-# exit status of a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
-EXIT_DIVERGED = 3
+EXIT_BAD_SETTING = 2  # a run refused for a bad setting, before any work
+EXIT_DIVERGED = 3  # a training run stopped by a NaN/inf loss or gradient (sweep.py reads it)
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# paths: one rule in every script. Folders a setting names (data_dir, out_dir, cache_dir, sweep_dir)
-# are relative to the repo folder, so a run reads and writes the same places from any working
-# directory; files you name (--checkpoint, --text_file, --data_file, a config file) are read as given.
+# paths, one rule in every script: folders a setting names (data_dir, out_dir, ...) are relative to
+# the repo folder; files you name (--checkpoint, --text_file, a config file) are read as given.
 
 
 def in_repo(folder):
-    """A folder setting as a path: relative to the repo folder (an absolute one stays)."""
-    return os.path.join(REPO, os.path.expanduser(folder))
+    return os.path.join(REPO, os.path.expanduser(folder))  # an absolute folder stays as it is
 
 
 def repo_relative(folder):
-    """How a folder is passed back as a setting (prepare scripts print the --data_dir to train on):
-    relative to the repo folder when inside it, shell-quoted."""
+    """A folder as a setting takes it (the --data_dir a prepare script prints): shell-quoted,
+    relative to the repo folder when inside it."""
     relative = os.path.relpath(folder, REPO)
     return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
@@ -51,8 +46,7 @@ SETTING_TYPES = (bool, int, float, str, type(None))
 
 
 def run_script(main):
-    """main(argv) of a script; one piped into `head` exits quietly when the pipe closes (Python's
-    recipe: stdout to devnull, or the flush at exit raises again)."""
+    """main(argv), quiet when stdout is a pipe that closes (`| head`): Python's recipe."""
     try:
         try:
             main(sys.argv[1:])
@@ -88,8 +82,8 @@ FIELD_COMMENTS = {}  # setting name -> the comment of the dataclass field it com
 
 
 def fields_of(config_class):
-    """{field: default} of a config dataclass, for a script whose settings include every field of it
-    (train_gpt2.py and bench.py take GPTConfig's this way: a new field is a setting everywhere)."""
+    """{field: default} of a config dataclass whose every field is a setting (GPTConfig's in
+    train_gpt2.py and bench.py), their comments kept for --help."""
     source = inspect.getsource(config_class).splitlines()
     FIELD_COMMENTS.update({m.group(1): m.group(2).strip() for m in
                            (re.match(r"^\s+(\w+)\s*:.*?#\s*(.*)$", line) for line in source) if m})
@@ -97,8 +91,7 @@ def fields_of(config_class):
 
 
 def settings_of(namespace):
-    """The settings of a script: its lowercase module-level constants of a plain type, in order.
-    UPPERCASE constants (paths, exit codes, tables) are fixed facts, not settings."""
+    """A script's lowercase module constants of a plain type, in order (UPPERCASE: not settings)."""
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and k == k.lower() and type(v) in SETTING_TYPES}
 
@@ -124,8 +117,7 @@ def parse_value(name, text, current):
 
 
 def coerce(name, value, current):
-    """A config file's literal value as the type of the setting's current value (as parse_value does
-    for text): an int is a float where a float is wanted, 5e3 an int where an int is; None is None."""
+    """A config file's literal as the setting's type: 1 is 1.0 for a float, 5e3 is 5000 for an int."""
     kind, given = type(current), type(value)
     if value is None or kind is type(None) or given is kind:
         return value
@@ -138,9 +130,8 @@ def coerce(name, value, current):
 
 
 def read_config(path, settings):
-    """{name: value} from a config file: Python syntax, one `name = literal` per statement (comments
-    and a docstring allowed), read with ast and never run: an import, a call, an unknown name or a
-    value of the wrong type exits 2 naming the file and line."""
+    """{name: value} of a config file: `name = literal` lines (and comments, a docstring), read with
+    ast, never run; anything else exits 2 naming the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -179,8 +170,7 @@ def read_config(path, settings):
 
 
 def split_args(argv):
-    """([(name, text)] from --name=value and --name value arguments, [config files]); a config file
-    is any other argument ending in .py; exit 2 on anything else."""
+    """([(name, text)] of --name=value and --name value, [config files: arguments ending in .py])."""
     pairs, files, i = [], [], 0
     while i < len(argv):
         arg = argv[i]
@@ -202,8 +192,7 @@ def split_args(argv):
 
 
 def given_settings(argv, settings=None):
-    """Names of the settings given on a command line, by --name=value or in a config file
-    (a resumed run takes the others from its checkpoint)."""
+    """The settings a command line gives (a resumed run takes the others from its checkpoint)."""
     pairs, files = split_args(argv)
     from_files = {n for f in files for n in read_config(f, settings)} if settings else set()
     return {name for name, _ in pairs} | from_files
