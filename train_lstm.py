@@ -6,25 +6,18 @@
     python train_lstm.py --out_dir=out_lstm --resume=True [--max_steps=10000]  # go on with the run's settings
     torchrun --standalone --nproc_per_node=2 train_lstm.py ...               # DDP: each rank its own streams
 
-Data (data.StreamLoader): each batch row is one contiguous stream through the split; the hidden
-states carry over from batch to batch, detached (truncated BPTT over block_size tokens). Rank r owns
-streams r*B .. r*B + B - 1, so its states never leave its device; when the streams run out they
-restart at their segment starts and the states are zeroed (the text no longer continues).
-Checkpoints hold every rank's states (gathered on rank 0, rows in global stream order), the loader
-position and the slow levels' partially accumulated gradients, so a resumed run continues exactly
-(same losses on CPU). A resumed run takes its settings from its checkpoint: the command line may
-change only those in RESUME_CAN_CHANGE.
-
-nested_lstm: level k has its own optimizer; its gradients are summed into a buffer every step and it
-steps only when (step + 1) % C_k == 0, at LR max_lr / C_k x the schedule's factor. Grad clipping is per level: level 1
-clips each step's gradient at grad_clip; a slow level clips its chunk's summed gradient at
-grad_clip * C_k (= its mean gradient at grad_clip).
+Each batch row is one contiguous stream through the split (data.StreamLoader); the hidden states
+carry over from batch to batch, detached (truncated BPTT over block_size tokens), each rank its own
+streams. Checkpoints hold every rank's states, the loader position and the slow levels' partial
+gradient sums, so a resumed run continues exactly. nested_lstm: level k has its own optimizer; its
+gradients are summed every step and it steps when (step + 1) % C_k == 0, at max_lr / C_k x the
+schedule's factor, its chunk's summed gradient clipped at grad_clip x C_k. The run's folder, resume,
+checkpoints, signals and log are training.Run's.
 """
 import math
 import sys
 
 import torch
-import torch.distributed as dist
 
 import data
 import training
@@ -96,7 +89,7 @@ RESUME_CAN_CHANGE = ("max_steps", "eval_interval", "val_steps", "log_interval",
 
 
 def check_settings():
-    """Ranges and combinations of the settings, before any work: exit 2 naming the setting."""
+    """Before any work: exit 2 naming the setting."""
     for name, low in MINIMUM.items():
         value = globals()[name]
         utils.require(math.isfinite(value) and value >= low,
@@ -112,8 +105,7 @@ def check_settings():
 
 
 def parse_levels():
-    """(chunk_sizes, surprise_weights) as tuples: nested_lstm's levels;
-    one level for the other models."""
+    """(chunk_sizes, surprise_weights) as tuples: one level but for nested_lstm."""
     if model != "nested_lstm":
         return (1,), ()
     try:
@@ -178,27 +170,18 @@ def step_slow_levels(step, levels, chunks, optimizers, sums, lr_factor):
                 a.zero_()
 
 
-def gather_rows(t, world_size):
-    """(L, B, H) on each rank -> (L, B * world, H) on the CPU, rows in global stream order."""
-    if world_size == 1:
-        return t.detach().cpu()
-    parts = [torch.empty_like(t) for _ in range(world_size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts, 1).cpu()
-
-
-def own_state(state, sums, best_val, bad_evals, world_size):
-    """What a checkpoint holds beyond Run's: every rank's hidden states (gathered, every rank takes
-    part), the slow levels' partial chunk sums, early stopping's record."""
-    return dict(state=[gather_rows(s, world_size) for s in state],
+def own_state(state, sums, best_val, bad_evals):
+    """What a checkpoint holds beyond Run's: every rank's hidden states (each (L, B, H) gathered on
+    every rank into (L, B x world, H), rows in global stream order), the slow levels' partial chunk
+    sums, early stopping's record."""
+    return dict(state=[torch.cat(utils.all_gather_objects(s.detach().cpu()), 1) for s in state],
                 slow_grads=[[a.cpu() for a in bufs] for bufs in sums],
                 best_val=best_val, bad_evals=bad_evals)
 
 
 @torch.no_grad()
 def val_metrics(raw_net, loader, device, autocast, reset_token):
-    """(loss, accuracy) over the val split in order, from fresh zero states;
-    every rank its own streams."""
+    """(loss, accuracy) over the val split in order from zero states, every rank its own streams."""
     raw_net.eval()
     loader.reset()
     steps = loader.windows if val_steps == 0 else min(val_steps, loader.windows)
@@ -344,8 +327,8 @@ def main(argv):
             run.log_step(step, loss, grad_norm, max_lr * lr_factor, tokens_per_step,
                          **{k: aux[k] for k in sorted(aux)})
         if checkpoint_interval > 0 and (step + 1) % checkpoint_interval == 0:
-            run.save(step + 1, **own_state(state, sums, best_val, bad_evals, world_size))
-    run.end(step, note, **own_state(state, sums, best_val, bad_evals, world_size))
+            run.save(step + 1, **own_state(state, sums, best_val, bad_evals))
+    run.end(step, note, **own_state(state, sums, best_val, bad_evals))
 
 
 if __name__ == "__main__":
