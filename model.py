@@ -58,9 +58,10 @@ class GPTConfig:
     mlp_hidden: int = 0  # MLP hidden width; 0 = derive (see mlp_hidden_size)
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        lows = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_hidden=0)
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"GPTConfig.{name} must be >= {low}, got {getattr(self, name)}")
         for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS),
                               ("norm_pos", NORM_POSS)):
             if getattr(self, name) not in allowed:
@@ -73,8 +74,6 @@ class GPTConfig:
                              f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden < 0:
-            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
 
     @property
     def mlp_hidden_size(self):
@@ -228,14 +227,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:  # training path: no mask tensor, so SDPA can pick Flash Attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif T == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:
-            # several new tokens after a cached prefix: is_causal would align the mask top-left
+        mask = None  # no cache: is_causal; one new token: it sees all. No mask lets SDPA pick Flash
+        if past and T > 1:  # new tokens after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=past == 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_drop(self.c_proj(y))
 
@@ -412,8 +408,7 @@ class GPT(nn.Module):
         groups = [dict(params=decay, weight_decay=weight_decay, kind="matrices"),
                   dict(params=no_decay, weight_decay=0.0, kind="gains")]
         groups = [g for g in groups if g["params"]]
-        # the LR schedule scales each group's initial_lr (training.set_lr): one can be set per group
-        for group in muon_groups + groups:
+        for group in muon_groups + groups:  # the LR schedule scales each one's (training.set_lr)
             group["initial_lr"] = learning_rate
         # fused AdamW (one kernel for all tensors; CUDA, and CPU since torch 2.4: ~5% faster steps)
         # needs every parameter on that one device type: a partly offloaded model is unfused
