@@ -363,12 +363,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n). Greedy at
+        """Extend idx (B, T) by up to max_new_tokens sampled tokens: (B, T + n). Greedy at
         temperature=0 or top_k=1; generator (on the model's device) makes it reproducible; only ids
-        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has
-        produced it, padding finished rows with it. A KV cache makes each token one position's
-        work; past block_size, each step recomputes the last block_size without one (as a cropping
-        loop would). Call model.eval() first: no dropout."""
+        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has it,
+        padding finished rows with it. Past block_size, each step recomputes the last block_size
+        without the KV cache (as a cropping loop would). Call model.eval() first: no dropout."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -492,12 +491,9 @@ class GPT(nn.Module):
 
 
 def _check_gpt2_compatible(config):
-    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF unties too
-    wanted["qk_norm"] = False
-    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})"
-             for k, v in wanted.items() if getattr(config, k) != v]
-    if config.mlp_hidden_size != 4 * config.n_embd:
-        wrong.append(f"mlp_hidden={config.mlp_hidden} (GPT-2: 0 or {4 * config.n_embd})")
+    gpt2 = dict(STYLES["classic"], qk_norm=False, mlp_hidden_size=4 * config.n_embd)
+    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})" for k, v in gpt2.items()
+             if k != "tie_embeddings" and getattr(config, k) != v]  # HF unties too
     if wrong:
         raise ValueError("the GPT-2 weight layout needs the classic style; config has "
                          + ", ".join(wrong))
@@ -519,15 +515,12 @@ def peak_flops(device_name):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap:
-    the matrices of one shape are orthogonalised by Newton-Schulz (NS) in one batched call, and
-    under DDP each rank does its share and all-gathers the results (as modded-nanogpt).
-    For p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
+    """torch.optim.Muon's update and state, made cheap: the matrices of one shape are orthogonalised
+    by Newton-Schulz (NS) in one batched call; under DDP each rank does a share (as modded-nanogpt).
+    For p (A x B) with gradient g and momentum buffer m:
         m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
-        p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
-    0.2 * sqrt(max(A, B)) gives the update AdamW's RMS, so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v);
-    adjust_lr_fn is torch.optim.Muon's (lr_scale)."""
+        p <- p * (1 - lr * weight_decay) - lr * lr_scale(A, B) * NS(u)
+    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
@@ -598,10 +591,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_scale(group, A, B):
-    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's:
-    "match_rms_adamw" (ours: AdamW's update RMS) or "original"/None (torch's default)."""
+    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's."""
     kind = group["adjust_lr_fn"]
-    if kind == "match_rms_adamw":
+    if kind == "match_rms_adamw":  # ours: the update gets AdamW's RMS, so one LR serves both
         return 0.2 * math.sqrt(max(A, B))
     if kind in (None, "original"):
         return math.sqrt(max(1, A / B))
@@ -616,13 +608,11 @@ def native_bf16(device):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
-    """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
-    into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
-    p(S) = a + b S + c S^2. In bfloat16 on GPUs with native bf16 (as torch.optim.Muon), else in
-    float32 (CPUs, pre-Ampere GPUs: bf16 matmuls far slower), where a wide matrix (m x k, k >= 2m)
-    takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all steps together
-    are one m x m matrix P, and S <- S p(S)^2 (they commute); X is touched twice, not ten times:
-    the same result to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: twice the error)."""
+    """(n, A, B) -> (n, A, B): each matrix to ~U V^T of its SVD (singular values into ~[0.7, 1.2])
+    by torch.optim.Muon's quintic Newton-Schulz X <- p(X X^T) X, p(S) = a + b S + c S^2. In bf16
+    where native, else float32, where a wide X (m x k, k >= 2m) takes the Gram form: all steps are
+    one m x m polynomial P of S = X X^T (S <- S p(S)^2: they commute), so X is touched twice, not
+    ten times: the same to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: 2x error)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
