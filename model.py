@@ -687,8 +687,10 @@ class RecurrentLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def level_params(self):
-        """Parameters grouped by update level; level 1 steps every step. One level unless nested."""
-        return [list(self.parameters())]
+        """Parameters grouped by update level: level 1 (all but the slow levels) steps every step."""
+        slow = {id(p) for level in self.levels for p in level.parameters()}
+        fast = [p for p in self.parameters() if id(p) not in slow]
+        return [fast] + [list(level.parameters()) for level in self.levels]
 
     def head(self, y, targets):
         logits = self.lm_head(self.drop(y))  # (B, T, V)
@@ -719,11 +721,6 @@ class LSTMLM(RecurrentLM):
                             dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
         self.levels = nn.ModuleList()  # between the LSTM and the head: NestedLSTM's slow levels
-
-    def level_params(self):
-        slow = {id(p) for level in self.levels for p in level.parameters()}
-        fast = [p for p in self.parameters() if id(p) not in slow]
-        return [fast] + [list(level.parameters()) for level in self.levels]
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
         """A row's state is zeroed before each position where idx == reset_token: nn.LSTM cannot
@@ -830,6 +827,7 @@ class ContextVectorLM(RecurrentLM):
         widths = [cfg.n_embd] + [cfg.context_dim] * (cfg.n_layer - 1)
         self.h = nn.ModuleList(ContextLayer(w, cfg.n_hidden, cfg.context_dim) for w in widths)
         self.state_widths = (cfg.context_dim,)
+        self.levels = nn.ModuleList()  # one level: every parameter steps every step
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
         (ctx,) = state if state is not None else self.init_state(idx.size(0), idx.device)
@@ -859,8 +857,7 @@ def build_recurrent(cfg):
 # weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
 # it, and then handed over: what the file holds is allocated, never what its config claims.
 
-# what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
-DERIVED_SLACK_BYTES = 64 << 20
+DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to the weights
 
 
 def describe(config):
@@ -871,9 +868,8 @@ def describe(config):
 
 
 def config_from_checkpoint(ckpt):
-    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint.
-    Every field must have its default's type (an int where a float is wanted is fine, numbers
-    finite); lists become tuples. ValueError naming what does not fit."""
+    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint:
+    each field of its default's type, numbers finite. ValueError naming what does not fit."""
     values = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not isinstance(values, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
@@ -886,11 +882,9 @@ def config_from_checkpoint(ckpt):
     typed = {}
     for name, value in values.items():
         kind = kinds[name]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if kind is tuple and type(value) is list:
-            value = tuple(value)
-        numbers = value if kind is tuple and type(value) is tuple else (value,) if kind is float else ()
+        if (kind, type(value)) in ((float, int), (tuple, list)):  # as JSON may have written them
+            value = kind(value)
+        numbers = value if kind is tuple else (value,) if kind is float else ()
         if type(value) is not kind or not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
             wanted = {tuple: "a tuple of finite numbers", float: "a finite number", int: "an integer",
                       str: "a string", bool: "True or False"}.get(kind, kind.__name__)
@@ -911,9 +905,8 @@ def config_from_checkpoint(ckpt):
 
 
 def from_checkpoint(ckpt):
-    """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
-    and train_lstm.py write them), GPT or recurrent, with its weights, in eval mode on the CPU. Tied
-    weights stay tied; floating-point weights become float32. ValueError naming what does not fit."""
+    """The model of a loaded checkpoint of train_gpt2.py or train_lstm.py, in eval mode on the CPU:
+    tied weights stay tied, floating-point ones become float32. ValueError naming what does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
     misfit = f"{what} whose weights do not fit its model_config:"
