@@ -680,7 +680,9 @@ class RecurrentLM(nn.Module):
             if cfg.n_embd != head_width:
                 raise ValueError(f"tie_embeddings needs n_embd ({cfg.n_embd}) "
                                  f"== the head's input width ({head_width})")
-            self.lm_head.weight = self.wte.weight
+            self.lm_head.weight = self.wte.weight  # and again after load_state_dict(assign=True)
+            self.register_load_state_dict_post_hook(
+                lambda m, _keys: setattr(m.lm_head, "weight", m.wte.weight))
         self.aux_weights = {}  # aux name -> weight in the training loss
 
     def num_params(self):
@@ -910,15 +912,10 @@ def from_checkpoint(ckpt):
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
     misfit = f"{what} whose weights do not fit its model_config:"
-    for k, v in weights.items():
-        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
-            raise ValueError(f"{what} whose weights are not a state dict: {k!r:.80} is no named tensor")
     # modules are Python objects even on the meta device (~10 KB a tensor): a layer count no state
     # dict this size could fill (each layer has a tensor at least) is refused before any is built
-    counts = {"n_layer": config.n_layer}
-    if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
-        counts["len(chunk_sizes)"] = len(config.chunk_sizes)
-    for name, count in counts.items():
+    levels = len(config.chunk_sizes) if getattr(config, "model", None) == "nested_lstm" else 0
+    for name, count in (("n_layer", config.n_layer), ("len(chunk_sizes)", levels)):
         if count > len(weights):
             raise ValueError(f"{misfit} {name}={count}, but the weights are {len(weights)} tensors")
     try:
@@ -934,6 +931,8 @@ def from_checkpoint(ckpt):
             raise ValueError(f"{misfit} the state dict {kind} {keys[0]}{more}")
     for key, want in expected.items():
         got = weights[key]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"{misfit} {key!r} is no named tensor")
         if got.shape != want.shape:
             raise ValueError(f"{misfit} {key} is {tuple(got.shape)}, "
                              f"the model_config needs {tuple(want.shape)}")
@@ -949,10 +948,7 @@ def from_checkpoint(ckpt):
                          f"tables would take {rope_bytes >> 20} MiB, its weights are only "
                          f"{weight_bytes >> 20} MiB")
     net.load_state_dict({k: weights[k].to(device="cpu", dtype=want.dtype) for k, want in expected.items()},
-                        assign=True)
-    # assign=True gave lm_head a tensor of its own; GPT re-ties it to wte itself (a load hook)
-    if isinstance(net, RecurrentLM) and config.tie_embeddings:
-        net.lm_head.weight = net.wte.weight
+                        assign=True)  # which unties lm_head: the models' load hooks tie it again
     if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
         net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
                                                  config.rope_base)
