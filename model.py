@@ -1,10 +1,8 @@
 """Every model of the repo in one file: the GPT, the recurrent models, loading a checkpoint.
 
-GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
-(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default: RoPE + SwiGLU +
-RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly GPT-2 and loads its
-weights (GPT.from_pretrained). Module names are nanoGPT's and Hugging Face's (wte, h, ln_f, lm_head).
-"""
+GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches,
+modern by default (RoPE + SwiGLU + RMSNorm + pre-norm + tied embeddings + no biases). The "classic"
+style is exactly GPT-2 and loads its weights (GPT.from_pretrained); module names are nanoGPT's."""
 
 import dataclasses
 import math
@@ -24,8 +22,7 @@ NORMS = ("rmsnorm", "layernorm", "none")
 NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (the original)
 NORM_EPS = 1e-5  # of every norm: GPT-2's LayerNorm epsilon (needed for weight parity)
 
-# model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
-SIZES = {
+SIZES = {  # GPT-2's; combine with a style: GPTConfig.preset("gpt2", style="modern")
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -118,10 +115,9 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none): RMSNorm is
-    LayerNorm with mean 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd is right but for
-    the term of its mean subtraction, -rstd * mean(g * weight), cancelled here. Computed in
-    float32 (as CUDA autocast runs norms; float64 stays float64), returned in x's dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel: RMSNorm is LayerNorm with mean 0, so that
+    backward given mean 0 and RMSNorm's rstd is right but for its mean subtraction's term,
+    -rstd * mean(g * weight), cancelled here. In float32 (as CUDA autocast runs norms)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -186,8 +182,7 @@ class KVCache:
         self.max_len, self.pos = max_len, 0  # pos: positions stored so far (GPT.forward advances it)
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
-    def update(self, layer, k, v):
-        # k, v: (B, nh, T, hs) for the new positions; returns keys/values of all positions so far
+    def update(self, layer, k, v):  # k, v (B, nh, T, hs) of new positions -> those of all so far
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
@@ -215,10 +210,9 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh)  # the heads of q, k and v side by side
         qk, v = qkv.split([2 * nh, nh], dim=2)  # (B, T, 2nh, hs), (B, T, nh, hs)
-        if self.qk_norm:
-            # per-head RMSNorm, each of q and k with its own gain; SDPA needs one dtype
+        if self.qk_norm:  # per-head RMSNorm, each of q and k with its own gain
             q, k = qk.split(nh, dim=2)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)  # SDPA: one dtype
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k in one pass
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) views
@@ -228,7 +222,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         mask = None  # no cache: is_causal; one new token: it sees all. No mask lets SDPA pick Flash
-        if past and T > 1:  # new tokens after a cached prefix: is_causal would align the mask top-left
+        if past and T > 1:  # tokens after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                            is_causal=past == 0)
@@ -305,8 +299,7 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        # post-norm blocks end in a norm: ln_f is then redundant, but keeps the state-dict keys
-        modules["ln_f"] = make_norm(config, config.n_embd)
+        modules["ln_f"] = make_norm(config, config.n_embd)  # post-norm: redundant, kept for the keys
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
@@ -386,10 +379,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
-        """Optimizers covering every parameter once: AdamW, weight decay on 2-D+ tensors only; with
-        muon, Muon (below) for the 2-D matrices inside the blocks and one learning_rate for both.
-        muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt). Each
-        param group has a `kind` and an `initial_lr`."""
+        """Optimizers covering every parameter once: AdamW (weight decay on 2-D+ tensors only), and
+        with muon, Muon for the blocks' 2-D matrices (muon_split_qkv: c_attn as q, k and v apart,
+        as modded-nanogpt). One learning_rate for all; each param group has a `kind`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -419,9 +411,8 @@ class GPT(nn.Module):
         return optimizers
 
     def flops_per_token(self):
-        """Training FLOPs per token, PaLM appendix B as in nanoGPT: 6*N + 12*n_layer*n_embd*block_size,
-        N = the parameters of the blocks, ln_f and lm_head (wte/wpe are lookups; a tied head still
-        runs its matmul). The attention term counts all of T x T."""
+        """Training FLOPs per token as nanoGPT (PaLM appendix B): 6N + 12 n_layer n_embd block_size
+        (attention: all of T x T), N = the parameters of the blocks, ln_f and lm_head (tied too)."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
         n += sum(p.numel() for p in self.transformer.ln_f.parameters())
@@ -464,9 +455,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name, dropout=0.0):
-        """GPT-2's weights: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" from the Hugging Face hub
-        (or its local cache), or a local folder of a GPT2LMHeadModel (save_pretrained's). Needs
-        `transformers`; the vocabulary stays the weights' own (GPT-2: 50257, not padded)."""
+        """GPT-2's weights by `transformers`: a name in SIZES (from the Hugging Face hub or its
+        cache) or a GPT2LMHeadModel's folder. Their vocabulary stays (GPT-2: 50257, unpadded)."""
         if name not in SIZES and not os.path.isdir(name):
             raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: "
                              f"{', '.join(SIZES)}, or a folder of Hugging Face GPT-2 weights")
@@ -637,14 +627,12 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 
 # ==== Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py) ====
-# lstm           embedding -> multi-layer LSTM -> head: the baseline.
-# nested_lstm    §4: the LSTM (level 1) then residual FFN levels 2.. with "surprise" heads, whose
-#                parameters step every C_k optimizer steps (gradients accumulated, LR scaled 1/C_k).
-# context_vector §5: layers that each carry a context vector c from token to token and up.
+# lstm: embedding -> multi-layer LSTM -> head, the baseline. nested_lstm (§4): the LSTM (level 1)
+# then residual FFN levels 2.. with "surprise" heads, stepped every C_k optimizer steps (gradients
+# accumulated, LR scaled 1/C_k). context_vector (§5): layers that carry a context vector c on.
 # forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
-#   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
-#   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
-#   reset_token: an id (EOT) before which a row's state is zeroed, per token (document boundaries);
+#   logits and loss as GPT's; state = tuple of (n_layer, B, width) tensors (None = zeros; the caller
+#   detaches new_state); reset_token: an id (EOT) before which a row's state is zeroed (documents);
 #   aux: extra scalars, all logged; those in model.aux_weights are added to the loss, weighted.
 
 
@@ -689,7 +677,7 @@ class RecurrentLM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def level_params(self):
-        """Parameters grouped by update level: level 1 (all but the slow levels) steps every step."""
+        """Parameters by update level: level 1 (all but the slow levels) steps every step."""
         slow = {id(p) for level in self.levels for p in level.parameters()}
         fast = [p for p in self.parameters() if id(p) not in slow]
         return [fast] + [list(level.parameters()) for level in self.levels]
@@ -704,9 +692,8 @@ class RecurrentLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
-        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them. The prompt
-        runs in one forward from a zero state, then each new token alone with the state carried:
-        one token's work per step, no context limit. Call model.eval() first: no dropout."""
+        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them: the prompt
+        in one forward, then each new token alone with the state carried (no context limit)."""
         logits, _, state, _ = self(idx)
         for k in range(max_new_tokens):
             next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
@@ -757,10 +744,9 @@ class LSTMLM(RecurrentLM):
 
 
 class SlowLevel(nn.Module):
-    """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
-    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
-    predicted from the FFN's hidden activation; the MSE trains the head, the level's c_fc and
-    (through its input) the LSTM to represent how predictable the next token is."""
+    """A residual FFN block on the LSTM output, plus its surprise head, which predicts from the
+    FFN's hidden activation the per-token cross-entropy of level 1 alone (the LSTM output through
+    the head, no gradient); the MSE makes the LSTM represent how predictable the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -859,7 +845,7 @@ def build_recurrent(cfg):
 # weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
 # it, and then handed over: what the file holds is allocated, never what its config claims.
 
-DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to the weights
+DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to weights
 
 
 def describe(config):
@@ -907,8 +893,8 @@ def config_from_checkpoint(ckpt):
 
 
 def from_checkpoint(ckpt):
-    """The model of a loaded checkpoint of train_gpt2.py or train_lstm.py, in eval mode on the CPU:
-    tied weights stay tied, floating-point ones become float32. ValueError naming what does not fit."""
+    """The model of a loaded checkpoint of train_gpt2.py or train_lstm.py, in eval mode on the CPU,
+    floating-point weights in float32, tied ones tied. ValueError naming what does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
     misfit = f"{what} whose weights do not fit its model_config:"
