@@ -299,7 +299,7 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        modules["ln_f"] = make_norm(config, config.n_embd)  # post-norm: redundant, kept for the keys
+        modules["ln_f"] = make_norm(config, config.n_embd)  # post-norm: redundant; kept for keys
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
