@@ -653,6 +653,13 @@ class LSTMConfig:
     # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M params (the §5 log says
     # 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
 
+    def __post_init__(self):
+        if self.model not in RECURRENT_MODELS:
+            raise ValueError(f"model={self.model!r}; known: {', '.join(RECURRENT_MODELS)}")
+        small = [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if type(v) is int and v < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)}: sizes must be >= 1")
+
 
 class RecurrentLM(nn.Module):
     """What the three models share: embedding, head, init, state, parameter levels."""
@@ -833,10 +840,6 @@ RECURRENT_MODELS = {"lstm": LSTMLM, "nested_lstm": NestedLSTM, "context_vector":
 
 
 def build_recurrent(cfg):
-    if cfg.model not in RECURRENT_MODELS:
-        raise ValueError(f"model must be one of {', '.join(RECURRENT_MODELS)}, got {cfg.model!r}")
-    if cfg.n_layer < 1:
-        raise ValueError(f"n_layer must be >= 1, got {cfg.n_layer}")
     return RECURRENT_MODELS[cfg.model](cfg)
 
 
@@ -879,17 +882,9 @@ def config_from_checkpoint(ckpt):
             raise ValueError(f"its model_config has {name}={value!r:.80}, not {wanted}")
         typed[name] = value
     try:
-        config = cls(**typed)
+        return cls(**typed)
     except (TypeError, ValueError) as e:
         raise ValueError(f"its model_config: {e}") from None
-    if cls is LSTMConfig:
-        if config.model not in RECURRENT_MODELS:
-            raise ValueError(f"its model_config has model={config.model!r}; "
-                             f"known: {', '.join(RECURRENT_MODELS)}")
-        small = [f"{k}={v}" for k, v in dataclasses.asdict(config).items() if type(v) is int and v < 1]
-        if small:
-            raise ValueError(f"its model_config has {', '.join(small)}: sizes must be >= 1")
-    return config
 
 
 def from_checkpoint(ckpt):
