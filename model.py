@@ -303,8 +303,9 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
-            self._tie()
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
+            self.lm_head.weight = self.transformer.wte.weight
+            self.register_load_state_dict_post_hook(
+                lambda m, _keys: setattr(m.lm_head, "weight", m.transformer.wte.weight))
         if config.pos_emb == "rope":  # tables derived from the config: non-persistent, not saved
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -313,9 +314,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual outputs: the stream's variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _tie(self):
-        self.lm_head.weight = self.transformer.wte.weight
 
     def _init_weights(self, module):
         if module is self.lm_head and self.config.tie_embeddings:
@@ -334,8 +332,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens "
-                             f"exceeds block_size={self.config.block_size}")
+            raise ValueError(f"{pos0 + T} tokens exceed block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
@@ -356,8 +353,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens: (B, T + n). Greedy at
-        temperature=0 or top_k=1; generator (on the model's device) makes it reproducible; only ids
+        """Extend idx (B, T) by up to max_new_tokens tokens from next_token: (B, T + n). Only ids
         below n_vocab are drawn (padding is no text); with eos_token, stops once every row has it,
         padding finished rows with it. Past block_size, each step recomputes the last block_size
         without the KV cache (as a cropping loop would). Call model.eval() first: no dropout."""
@@ -463,8 +459,7 @@ class GPT(nn.Module):
         try:
             from transformers import GPT2LMHeadModel  # imported here: training never needs it
         except ImportError as e:
-            raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
-                               "pip install transformers") from e
+            raise RuntimeError("GPT.from_pretrained needs it: pip install transformers") from e
         try:
             hf = GPT2LMHeadModel.from_pretrained(name)
         except (OSError, ValueError) as e:
@@ -650,13 +645,12 @@ class LSTMConfig:
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
     # defaults = §4 (1.23M params at vocab 283). §5: context_vector, vocab_size=1000, n_embd=256,
-    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M params (the §5 log says
-    # 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
+    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M (§5's ungated: 2.74M)
 
     def __post_init__(self):
         if self.model not in RECURRENT_MODELS:
             raise ValueError(f"model={self.model!r}; known: {', '.join(RECURRENT_MODELS)}")
-        small = [f"{k}={v}" for k, v in dataclasses.asdict(self).items() if type(v) is int and v < 1]
+        small = [f"{k}={v}" for k, v in vars(self).items() if type(v) is int and v < 1]
         if small:
             raise ValueError(f"{', '.join(small)}: sizes must be >= 1")
 
@@ -719,9 +713,8 @@ class LSTMLM(RecurrentLM):
         self.levels = nn.ModuleList()  # between the LSTM and the head: NestedLSTM's slow levels
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
-        """A row's state is zeroed before each position where idx == reset_token: nn.LSTM cannot
-        mask inside its fused loop, so the window is cut at every column holding a reset token
-        (rare: document boundaries)."""
+        """nn.LSTM cannot zero a row's state inside its fused loop: the window is cut at every
+        column holding a reset_token (rare: document boundaries)."""
         h, c = state if state is not None else self.init_state(idx.size(0), idx.device)
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
         if reset_token is None:
@@ -746,8 +739,7 @@ class LSTMLM(RecurrentLM):
             y, predicted = level(y)
             if targets is not None:
                 aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
-        # carried states stay float32 under autocast
-        return *self.head(y, targets), (h.float(), c.float()), aux
+        return *self.head(y, targets), (h.float(), c.float()), aux  # float32 states under autocast
 
 
 class SlowLevel(nn.Module):
@@ -936,5 +928,4 @@ def from_checkpoint(ckpt):
         if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
             raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
                              f"tables are not finite")
-    # .to() also refreshes nn.LSTM's cached list of its weights (_flat_weights)
-    return net.to("cpu").eval()
+    return net.to("cpu").eval()  # .to() also refreshes nn.LSTM's cached _flat_weights
