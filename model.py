@@ -59,11 +59,10 @@ class GPTConfig:
         for name, low in lows.items():
             if getattr(self, name) < low:
                 raise ValueError(f"GPTConfig.{name} must be >= {low}, got {getattr(self, name)}")
-        for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS),
-                              ("norm_pos", NORM_POSS)):
-            if getattr(self, name) not in allowed:
+        for name, known in dict(pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS).items():
+            if getattr(self, name) not in known:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; "
-                                 f"allowed: {', '.join(allowed)}")
+                                 f"allowed: {', '.join(known)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
@@ -520,8 +519,7 @@ class Muon(torch.optim.Optimizer):
             lr_scale(group, 1, 1)  # an unknown adjust_lr_fn is refused here, not at the first step
 
     def __setstate__(self, state):
-        # a state dict saved by torch.optim.Muon lacks our group options; its adjust_lr_fn (None =
-        # torch's "original" scaling) is kept, so a run it trained keeps its effective LR
+        # torch.optim.Muon's state: our options added, its adjust_lr_fn (None: "original") kept
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -805,9 +803,8 @@ class ContextLayer(nn.Module):
 
 
 class ContextVectorLM(RecurrentLM):
-    """Layers stacked with residual connections: u_{l+1} = u_l + c_l (from the first layer whose
-    input already has width context_dim), so the head and every layer see the embedding directly;
-    without them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
+    """Stacked layers with residual connections, u_{l+1} = u_l + c_l once widths match: without
+    them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
 
     def __init__(self, cfg):
         super().__init__(cfg, cfg.context_dim)
@@ -839,7 +836,6 @@ def build_recurrent(cfg):
 # A checkpoint file is input from anyone: its model_config may describe terabytes while its weights
 # weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
 # it, and then handed over: what the file holds is allocated, never what its config claims.
-
 DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to weights
 
 
@@ -858,12 +854,10 @@ def config_from_checkpoint(ckpt):
         raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
     cls = LSTMConfig if "model" in values else GPTConfig
     kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-    unknown = [name for name in values if name not in kinds]
-    if unknown:
-        raise ValueError(f"its model_config has {', '.join(map(repr, unknown[:5]))}, "
-                         f"which {cls.__name__} does not know")
     typed = {}
     for name, value in values.items():
+        if name not in kinds:
+            raise ValueError(f"its model_config has {name!r}, which {cls.__name__} does not know")
         kind = kinds[name]
         if (kind, type(value)) in ((float, int), (tuple, list)):  # as JSON may have written them
             value = kind(value)
