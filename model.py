@@ -1,10 +1,8 @@
 """Every model of the repo in one file: the GPT, the recurrent models, loading a checkpoint.
 
-GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches
-(positions, MLP, norm, norm placement, QK-norm, tying, biases), modern by default: RoPE + SwiGLU +
-RMSNorm + pre-norm + tied embeddings + no biases. The "classic" style is exactly GPT-2 and loads its
-weights (GPT.from_pretrained). Module names are nanoGPT's and Hugging Face's (wte, h, ln_f, lm_head).
-"""
+GPT: a GPT-2 compatible decoder-only transformer whose architecture is a set of config switches,
+modern by default (RoPE + SwiGLU + RMSNorm + pre-norm + tied embeddings + no biases). The "classic"
+style is exactly GPT-2 and loads its weights (GPT.from_pretrained); module names are nanoGPT's."""
 
 import dataclasses
 import math
@@ -24,8 +22,7 @@ NORMS = ("rmsnorm", "layernorm", "none")
 NORM_POSS = ("pre", "post")  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (the original)
 NORM_EPS = 1e-5  # of every norm: GPT-2's LayerNorm epsilon (needed for weight parity)
 
-# model sizes (GPT-2 family); combine with a style via GPTConfig.preset("gpt2", style="modern")
-SIZES = {
+SIZES = {  # GPT-2's; combine with a style: GPTConfig.preset("gpt2", style="modern")
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -58,14 +55,14 @@ class GPTConfig:
     mlp_hidden: int = 0  # MLP hidden width; 0 = derive (see mlp_hidden_size)
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name, allowed in (("pos_emb", POS_EMBS), ("mlp", MLPS), ("norm", NORMS),
-                              ("norm_pos", NORM_POSS)):
-            if getattr(self, name) not in allowed:
+        lows = dict(block_size=1, vocab_size=1, n_layer=1, n_head=1, n_embd=1, mlp_hidden=0)
+        for name, low in lows.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"GPTConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name, known in dict(pos_emb=POS_EMBS, mlp=MLPS, norm=NORMS, norm_pos=NORM_POSS).items():
+            if getattr(self, name) not in known:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is unknown; "
-                                 f"allowed: {', '.join(allowed)}")
+                                 f"allowed: {', '.join(known)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
@@ -73,8 +70,6 @@ class GPTConfig:
                              f"got {self.n_embd}/{self.n_head}={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden < 0:
-            raise ValueError(f"GPTConfig.mlp_hidden must be >= 0 (0 = derive), got {self.mlp_hidden}")
 
     @property
     def mlp_hidden_size(self):
@@ -119,10 +114,9 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with LayerNorm's fused backward kernel (on CPU, rms_norm has none): RMSNorm is
-    LayerNorm with mean 0, so LayerNorm's backward given mean 0 and RMSNorm's rstd is right but for
-    the term of its mean subtraction, -rstd * mean(g * weight), cancelled here. Computed in
-    float32 (as CUDA autocast runs norms; float64 stays float64), returned in x's dtype."""
+    """RMSNorm with LayerNorm's fused backward kernel: RMSNorm is LayerNorm with mean 0, so that
+    backward given mean 0 and RMSNorm's rstd is right but for its mean subtraction's term,
+    -rstd * mean(g * weight), cancelled here. In float32 (as CUDA autocast runs norms)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -187,8 +181,7 @@ class KVCache:
         self.max_len, self.pos = max_len, 0  # pos: positions stored so far (GPT.forward advances it)
         self.k, self.v = [None] * n_layer, [None] * n_layer
 
-    def update(self, layer, k, v):
-        # k, v: (B, nh, T, hs) for the new positions; returns keys/values of all positions so far
+    def update(self, layer, k, v):  # k, v (B, nh, T, hs) of new positions -> those of all so far
         if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_empty(B, nh, self.max_len, hs)
@@ -216,10 +209,9 @@ class CausalSelfAttention(nn.Module):
         nh = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * nh, C // nh)  # the heads of q, k and v side by side
         qk, v = qkv.split([2 * nh, nh], dim=2)  # (B, T, 2nh, hs), (B, T, nh, hs)
-        if self.qk_norm:
-            # per-head RMSNorm, each of q and k with its own gain; SDPA needs one dtype
+        if self.qk_norm:  # per-head RMSNorm, each of q and k with its own gain
             q, k = qk.split(nh, dim=2)
-            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2).type_as(v)  # SDPA: one dtype
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k in one pass
         q, k = qk.transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) views
@@ -228,14 +220,11 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
-        if past == 0:  # training path: no mask tensor, so SDPA can pick Flash Attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        elif T == 1:  # one new token attends to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:
-            # several new tokens after a cached prefix: is_causal would align the mask top-left
+        mask = None  # no cache: is_causal; one new token: it sees all. No mask lets SDPA pick Flash
+        if past and T > 1:  # tokens after a cached prefix: is_causal would align the mask top-left
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=past == 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_drop(self.c_proj(y))
 
@@ -309,13 +298,13 @@ class GPT(nn.Module):
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules["drop"] = nn.Dropout(config.dropout)
         modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        # post-norm blocks end in a norm: ln_f is then redundant, but keeps the state-dict keys
-        modules["ln_f"] = make_norm(config, config.n_embd)
+        modules["ln_f"] = make_norm(config, config.n_embd)  # post-norm: redundant; kept for keys
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # and again after load_state_dict(assign=True), which unties
-            self._tie()
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._tie())
+            self.lm_head.weight = self.transformer.wte.weight
+            self.register_load_state_dict_post_hook(
+                lambda m, _keys: setattr(m.lm_head, "weight", m.transformer.wte.weight))
         if config.pos_emb == "rope":  # tables derived from the config: non-persistent, not saved
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -324,9 +313,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual outputs: the stream's variance O(1) in depth
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _tie(self):
-        self.lm_head.weight = self.transformer.wte.weight
 
     def _init_weights(self, module):
         if module is self.lm_head and self.config.tie_embeddings:
@@ -345,8 +331,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         pos0 = kv_cache.pos if kv_cache is not None else 0  # absolute position of idx[:, 0]
         if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens "
-                             f"exceeds block_size={self.config.block_size}")
+            raise ValueError(f"{pos0 + T} tokens exceed block_size={self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(pos0, pos0 + T, device=idx.device))
@@ -367,12 +352,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens sampled tokens; returns (B, T + n). Greedy at
-        temperature=0 or top_k=1; generator (on the model's device) makes it reproducible; only ids
-        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has
-        produced it, padding finished rows with it. A KV cache makes each token one position's
-        work; past block_size, each step recomputes the last block_size without one (as a cropping
-        loop would). Call model.eval() first: no dropout."""
+        """Extend idx (B, T) by up to max_new_tokens tokens from next_token: (B, T + n). Only ids
+        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has it,
+        padding finished rows with it. Past block_size, each step recomputes the last block_size
+        without the KV cache (as a cropping loop would). Call model.eval() first: no dropout."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -391,10 +374,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, optimizer="muon", weight_decay=0.1, learning_rate=6e-4,
                              betas=(0.9, 0.95), eps=1e-8, device_type="cpu", muon_split_qkv=False):
-        """Optimizers covering every parameter once: AdamW, weight decay on 2-D+ tensors only; with
-        muon, Muon (below) for the 2-D matrices inside the blocks and one learning_rate for both.
-        muon_split_qkv orthogonalises c_attn's q, k and v as three matrices (modded-nanogpt). Each
-        param group has a `kind` and an `initial_lr`."""
+        """Optimizers covering every parameter once: AdamW (weight decay on 2-D+ tensors only), and
+        with muon, Muon for the blocks' 2-D matrices (muon_split_qkv: c_attn as q, k and v apart,
+        as modded-nanogpt). One learning_rate for all; each param group has a `kind`."""
         if optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: adamw, muon")
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
@@ -412,8 +394,7 @@ class GPT(nn.Module):
         groups = [dict(params=decay, weight_decay=weight_decay, kind="matrices"),
                   dict(params=no_decay, weight_decay=0.0, kind="gains")]
         groups = [g for g in groups if g["params"]]
-        # the LR schedule scales each group's initial_lr (training.set_lr): one can be set per group
-        for group in muon_groups + groups:
+        for group in muon_groups + groups:  # the LR schedule scales each one's (training.set_lr)
             group["initial_lr"] = learning_rate
         # fused AdamW (one kernel for all tensors; CUDA, and CPU since torch 2.4: ~5% faster steps)
         # needs every parameter on that one device type: a partly offloaded model is unfused
@@ -425,9 +406,8 @@ class GPT(nn.Module):
         return optimizers
 
     def flops_per_token(self):
-        """Training FLOPs per token, PaLM appendix B as in nanoGPT: 6*N + 12*n_layer*n_embd*block_size,
-        N = the parameters of the blocks, ln_f and lm_head (wte/wpe are lookups; a tied head still
-        runs its matmul). The attention term counts all of T x T."""
+        """Training FLOPs per token as nanoGPT (PaLM appendix B): 6N + 12 n_layer n_embd block_size
+        (attention: all of T x T), N = the parameters of the blocks, ln_f and lm_head (tied too)."""
         cfg = self.config
         n = sum(p.numel() for p in self.transformer.h.parameters())
         n += sum(p.numel() for p in self.transformer.ln_f.parameters())
@@ -470,17 +450,15 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name, dropout=0.0):
-        """GPT-2's weights: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" from the Hugging Face hub
-        (or its local cache), or a local folder of a GPT2LMHeadModel (save_pretrained's). Needs
-        `transformers`; the vocabulary stays the weights' own (GPT-2: 50257, not padded)."""
+        """GPT-2's weights by `transformers`: a name in SIZES (from the Hugging Face hub or its
+        cache) or a GPT2LMHeadModel's folder. Their vocabulary stays (GPT-2: 50257, unpadded)."""
         if name not in SIZES and not os.path.isdir(name):
             raise ValueError(f"from_pretrained: unknown model {name!r}; allowed: "
                              f"{', '.join(SIZES)}, or a folder of Hugging Face GPT-2 weights")
         try:
             from transformers import GPT2LMHeadModel  # imported here: training never needs it
         except ImportError as e:
-            raise RuntimeError("GPT.from_pretrained needs the 'transformers' package: "
-                               "pip install transformers") from e
+            raise RuntimeError("GPT.from_pretrained needs it: pip install transformers") from e
         try:
             hf = GPT2LMHeadModel.from_pretrained(name)
         except (OSError, ValueError) as e:
@@ -497,12 +475,9 @@ class GPT(nn.Module):
 
 
 def _check_gpt2_compatible(config):
-    wanted = {k: v for k, v in STYLES["classic"].items() if k != "tie_embeddings"}  # HF unties too
-    wanted["qk_norm"] = False
-    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})"
-             for k, v in wanted.items() if getattr(config, k) != v]
-    if config.mlp_hidden_size != 4 * config.n_embd:
-        wrong.append(f"mlp_hidden={config.mlp_hidden} (GPT-2: 0 or {4 * config.n_embd})")
+    gpt2 = dict(STYLES["classic"], qk_norm=False, mlp_hidden_size=4 * config.n_embd)
+    wrong = [f"{k}={getattr(config, k)!r} (GPT-2: {v!r})" for k, v in gpt2.items()
+             if k != "tie_embeddings" and getattr(config, k) != v]  # HF unties too
     if wrong:
         raise ValueError("the GPT-2 weight layout needs the classic style; config has "
                          + ", ".join(wrong))
@@ -524,15 +499,12 @@ def peak_flops(device_name):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D weights: torch.optim.Muon's update (adjust_lr_fn="match_rms_adamw"), made cheap:
-    the matrices of one shape are orthogonalised by Newton-Schulz (NS) in one batched call, and
-    under DDP each rank does its share and all-gathers the results (as modded-nanogpt).
-    For p (A x B) with gradient g and momentum buffer m (the state torch.optim.Muon keeps):
+    """torch.optim.Muon's update and state, made cheap: the matrices of one shape are orthogonalised
+    by Newton-Schulz (NS) in one batched call; under DDP each rank does a share (as modded-nanogpt).
+    For p (A x B) with gradient g and momentum buffer m:
         m <- momentum * m + (1 - momentum) * g;  u = g + momentum * (m - g)  (Nesterov; else u = m)
-        p <- p * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * NS(u)
-    0.2 * sqrt(max(A, B)) gives the update AdamW's RMS, so one LR serves Muon and AdamW.
-    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v);
-    adjust_lr_fn is torch.optim.Muon's (lr_scale)."""
+        p <- p * (1 - lr * weight_decay) - lr * lr_scale(A, B) * NS(u)
+    A group's `pieces` = k treats each (k * A) x B parameter as k A x B matrices (q, k and v)."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5,
                  eps=1e-7, pieces=1, adjust_lr_fn="match_rms_adamw"):
@@ -547,8 +519,7 @@ class Muon(torch.optim.Optimizer):
             lr_scale(group, 1, 1)  # an unknown adjust_lr_fn is refused here, not at the first step
 
     def __setstate__(self, state):
-        # a state dict saved by torch.optim.Muon lacks our group options; its adjust_lr_fn (None =
-        # torch's "original" scaling) is kept, so a run it trained keeps its effective LR
+        # torch.optim.Muon's state: our options added, its adjust_lr_fn (None: "original") kept
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -603,10 +574,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def lr_scale(group, A, B):
-    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's:
-    "match_rms_adamw" (ours: AdamW's update RMS) or "original"/None (torch's default)."""
+    """Muon's LR factor for an A x B matrix by the group's adjust_lr_fn, as torch.optim.Muon's."""
     kind = group["adjust_lr_fn"]
-    if kind == "match_rms_adamw":
+    if kind == "match_rms_adamw":  # ours: the update gets AdamW's RMS, so one LR serves both
         return 0.2 * math.sqrt(max(A, B))
     if kind in (None, "original"):
         return math.sqrt(max(1, A / B))
@@ -621,13 +591,11 @@ def native_bf16(device):
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
-    """(n, A, B) -> (n, A, B), each matrix replaced by ~U V^T of its SVD (singular values pushed
-    into ~[0.7, 1.2]) by torch.optim.Muon's quintic Newton-Schulz iteration X <- p(X X^T) X,
-    p(S) = a + b S + c S^2. In bfloat16 on GPUs with native bf16 (as torch.optim.Muon), else in
-    float32 (CPUs, pre-Ampere GPUs: bf16 matmuls far slower), where a wide matrix (m x k, k >= 2m)
-    takes the Gram form: every step multiplies by a polynomial of S = X X^T, so all steps together
-    are one m x m matrix P, and S <- S p(S)^2 (they commute); X is touched twice, not ten times:
-    the same result to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: twice the error)."""
+    """(n, A, B) -> (n, A, B): each matrix to ~U V^T of its SVD (singular values into ~[0.7, 1.2])
+    by torch.optim.Muon's quintic Newton-Schulz X <- p(X X^T) X, p(S) = a + b S + c S^2. In bf16
+    where native, else float32, where a wide X (m x k, k >= 2m) takes the Gram form: all steps are
+    one m x m polynomial P of S = X X^T (S <- S p(S)^2: they commute), so X is touched twice, not
+    ten times: the same to ~1e-6, 2.2x faster for the MLP's 128 x 768 on a CPU (bf16: 2x error)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(torch.bfloat16 if native_bf16(G.device) else torch.float32)
     tall = G.size(-2) > G.size(-1)
@@ -652,14 +620,12 @@ def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
 
 
 # ==== Part 2: the recurrent models of EXPERIMENTS.md §4 and §5 (trained by train_lstm.py) ====
-# lstm           embedding -> multi-layer LSTM -> head: the baseline.
-# nested_lstm    §4: the LSTM (level 1) then residual FFN levels 2.. with "surprise" heads, whose
-#                parameters step every C_k optimizer steps (gradients accumulated, LR scaled 1/C_k).
-# context_vector §5: layers that each carry a context vector c from token to token and up.
+# lstm: embedding -> multi-layer LSTM -> head, the baseline. nested_lstm (§4): the LSTM (level 1)
+# then residual FFN levels 2.. with "surprise" heads, stepped every C_k optimizer steps (gradients
+# accumulated, LR scaled 1/C_k). context_vector (§5): layers that carry a context vector c on.
 # forward(idx, targets=None, state=None, reset_token=None) -> (logits, loss, new_state, aux):
-#   idx, targets (B, T) int64; logits (B, T, V); loss = mean CE in float32 (None without targets);
-#   state = tuple of (n_layer, B, width) tensors (None = zeros; the caller detaches new_state);
-#   reset_token: an id (EOT) before which a row's state is zeroed, per token (document boundaries);
+#   logits and loss as GPT's; state = tuple of (n_layer, B, width) tensors (None = zeros; the caller
+#   detaches new_state); reset_token: an id (EOT) before which a row's state is zeroed (documents);
 #   aux: extra scalars, all logged; those in model.aux_weights are added to the loss, weighted.
 
 
@@ -677,8 +643,14 @@ class LSTMConfig:
     surprise_weights: tuple = (0.05, 0.01)  # nested_lstm: loss weight of each slow level's surprise head
     context_dim: int = 256             # context_vector: width of the carried context vector
     # defaults = §4 (1.23M params at vocab 283). §5: context_vector, vocab_size=1000, n_embd=256,
-    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M params (the §5 log says
-    # 2.74M for its own, unpublished layer: ours has a gate, see ContextLayer)
+    # n_hidden=512, context_dim=256, n_layer=6, tie_embeddings=True: 3.41M (§5's ungated: 2.74M)
+
+    def __post_init__(self):
+        if self.model not in RECURRENT_MODELS:
+            raise ValueError(f"model={self.model!r}; known: {', '.join(RECURRENT_MODELS)}")
+        small = [f"{k}={v}" for k, v in vars(self).items() if type(v) is int and v < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)}: sizes must be >= 1")
 
 
 class RecurrentLM(nn.Module):
@@ -695,15 +667,19 @@ class RecurrentLM(nn.Module):
             if cfg.n_embd != head_width:
                 raise ValueError(f"tie_embeddings needs n_embd ({cfg.n_embd}) "
                                  f"== the head's input width ({head_width})")
-            self.lm_head.weight = self.wte.weight
+            self.lm_head.weight = self.wte.weight  # and again after load_state_dict(assign=True)
+            self.register_load_state_dict_post_hook(
+                lambda m, _keys: setattr(m.lm_head, "weight", m.wte.weight))
         self.aux_weights = {}  # aux name -> weight in the training loss
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def level_params(self):
-        """Parameters grouped by update level; level 1 steps every step. One level unless nested."""
-        return [list(self.parameters())]
+        """Parameters by update level: level 1 (all but the slow levels) steps every step."""
+        slow = {id(p) for level in self.levels for p in level.parameters()}
+        fast = [p for p in self.parameters() if id(p) not in slow]
+        return [fast] + [list(level.parameters()) for level in self.levels]
 
     def head(self, y, targets):
         logits = self.lm_head(self.drop(y))  # (B, T, V)
@@ -715,9 +691,8 @@ class RecurrentLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, n_vocab=None):
-        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them. The prompt
-        runs in one forward from a zero state, then each new token alone with the state carried:
-        one token's work per step, no context limit. Call model.eval() first: no dropout."""
+        """Extend idx (B, T) by max_new_tokens tokens drawn as GPT.generate draws them: the prompt
+        in one forward, then each new token alone with the state carried (no context limit)."""
         logits, _, state, _ = self(idx)
         for k in range(max_new_tokens):
             next_tok = next_token(logits[:, -1, :n_vocab].float(), temperature, top_k, generator)
@@ -735,15 +710,9 @@ class LSTMLM(RecurrentLM):
         self.state_widths = (cfg.n_hidden, cfg.n_hidden)  # (h, c)
         self.levels = nn.ModuleList()  # between the LSTM and the head: NestedLSTM's slow levels
 
-    def level_params(self):
-        slow = {id(p) for level in self.levels for p in level.parameters()}
-        fast = [p for p in self.parameters() if id(p) not in slow]
-        return [fast] + [list(level.parameters()) for level in self.levels]
-
     def forward(self, idx, targets=None, state=None, reset_token=None):
-        """A row's state is zeroed before each position where idx == reset_token: nn.LSTM cannot
-        mask inside its fused loop, so the window is cut at every column holding a reset token
-        (rare: document boundaries)."""
+        """nn.LSTM cannot zero a row's state inside its fused loop: the window is cut at every
+        column holding a reset_token (rare: document boundaries)."""
         h, c = state if state is not None else self.init_state(idx.size(0), idx.device)
         x = self.drop(self.wte(idx))  # (B, T, n_embd)
         if reset_token is None:
@@ -768,15 +737,13 @@ class LSTMLM(RecurrentLM):
             y, predicted = level(y)
             if targets is not None:
                 aux[f"surprise{k + 2}"] = F.mse_loss(predicted[mask], fast[mask])
-        # carried states stay float32 under autocast
-        return *self.head(y, targets), (h.float(), c.float()), aux
+        return *self.head(y, targets), (h.float(), c.float()), aux  # float32 states under autocast
 
 
 class SlowLevel(nn.Module):
-    """A residual FFN block on the LSTM output, plus its surprise head. Surprise (our definition):
-    the per-token cross-entropy of level 1 alone (the LSTM output through the head, no gradient),
-    predicted from the FFN's hidden activation; the MSE trains the head, the level's c_fc and
-    (through its input) the LSTM to represent how predictable the next token is."""
+    """A residual FFN block on the LSTM output, plus its surprise head, which predicts from the
+    FFN's hidden activation the per-token cross-entropy of level 1 alone (the LSTM output through
+    the head, no gradient); the MSE makes the LSTM represent how predictable the next token is."""
 
     def __init__(self, width, ffn_hidden, vocab_size):
         super().__init__()
@@ -836,15 +803,15 @@ class ContextLayer(nn.Module):
 
 
 class ContextVectorLM(RecurrentLM):
-    """Layers stacked with residual connections: u_{l+1} = u_l + c_l (from the first layer whose
-    input already has width context_dim), so the head and every layer see the embedding directly;
-    without them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
+    """Stacked layers with residual connections, u_{l+1} = u_l + c_l once widths match: without
+    them a 6-layer tanh stack stays at the unigram loss for hundreds of steps."""
 
     def __init__(self, cfg):
         super().__init__(cfg, cfg.context_dim)
         widths = [cfg.n_embd] + [cfg.context_dim] * (cfg.n_layer - 1)
         self.h = nn.ModuleList(ContextLayer(w, cfg.n_hidden, cfg.context_dim) for w in widths)
         self.state_widths = (cfg.context_dim,)
+        self.levels = nn.ModuleList()  # one level: every parameter steps every step
 
     def forward(self, idx, targets=None, state=None, reset_token=None):
         (ctx,) = state if state is not None else self.init_state(idx.size(0), idx.device)
@@ -862,10 +829,6 @@ RECURRENT_MODELS = {"lstm": LSTMLM, "nested_lstm": NestedLSTM, "context_vector":
 
 
 def build_recurrent(cfg):
-    if cfg.model not in RECURRENT_MODELS:
-        raise ValueError(f"model must be one of {', '.join(RECURRENT_MODELS)}, got {cfg.model!r}")
-    if cfg.n_layer < 1:
-        raise ValueError(f"n_layer must be >= 1, got {cfg.n_layer}")
     return RECURRENT_MODELS[cfg.model](cfg)
 
 
@@ -873,9 +836,7 @@ def build_recurrent(cfg):
 # A checkpoint file is input from anyone: its model_config may describe terabytes while its weights
 # weigh kilobytes. So the model is built on the meta device (no storage), the weights checked against
 # it, and then handed over: what the file holds is allocated, never what its config claims.
-
-# what tables computed from the config (RoPE's) may take beyond the size of the weights themselves
-DERIVED_SLACK_BYTES = 64 << 20
+DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to weights
 
 
 def describe(config):
@@ -886,61 +847,42 @@ def describe(config):
 
 
 def config_from_checkpoint(ckpt):
-    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint.
-    Every field must have its default's type (an int where a float is wanted is fine, numbers
-    finite); lists become tuples. ValueError naming what does not fit."""
+    """The GPTConfig, or LSTMConfig (whose model_config names a "model"), of a loaded checkpoint:
+    each field of its default's type, numbers finite. ValueError naming what does not fit."""
     values = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not isinstance(values, dict) or not isinstance(ckpt.get("model"), dict):
         raise ValueError("not a checkpoint of train_gpt2.py or train_lstm.py (no model and model_config)")
     cls = LSTMConfig if "model" in values else GPTConfig
     kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-    unknown = [name for name in values if name not in kinds]
-    if unknown:
-        raise ValueError(f"its model_config has {', '.join(map(repr, unknown[:5]))}, "
-                         f"which {cls.__name__} does not know")
     typed = {}
     for name, value in values.items():
+        if name not in kinds:
+            raise ValueError(f"its model_config has {name!r}, which {cls.__name__} does not know")
         kind = kinds[name]
-        if kind is float and type(value) is int:
-            value = float(value)
-        if kind is tuple and type(value) is list:
-            value = tuple(value)
-        numbers = value if kind is tuple and type(value) is tuple else (value,) if kind is float else ()
+        if (kind, type(value)) in ((float, int), (tuple, list)):  # as JSON may have written them
+            value = kind(value)
+        numbers = value if kind is tuple else (value,) if kind is float else ()
         if type(value) is not kind or not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
             wanted = {tuple: "a tuple of finite numbers", float: "a finite number", int: "an integer",
                       str: "a string", bool: "True or False"}.get(kind, kind.__name__)
             raise ValueError(f"its model_config has {name}={value!r:.80}, not {wanted}")
         typed[name] = value
     try:
-        config = cls(**typed)
+        return cls(**typed)
     except (TypeError, ValueError) as e:
         raise ValueError(f"its model_config: {e}") from None
-    if cls is LSTMConfig:
-        if config.model not in RECURRENT_MODELS:
-            raise ValueError(f"its model_config has model={config.model!r}; "
-                             f"known: {', '.join(RECURRENT_MODELS)}")
-        small = [f"{k}={v}" for k, v in dataclasses.asdict(config).items() if type(v) is int and v < 1]
-        if small:
-            raise ValueError(f"its model_config has {', '.join(small)}: sizes must be >= 1")
-    return config
 
 
 def from_checkpoint(ckpt):
-    """The model a loaded checkpoint holds (a dict with "model_config" and "model", as train_gpt2.py
-    and train_lstm.py write them), GPT or recurrent, with its weights, in eval mode on the CPU. Tied
-    weights stay tied; floating-point weights become float32. ValueError naming what does not fit."""
+    """The model of a loaded checkpoint of train_gpt2.py or train_lstm.py, in eval mode on the CPU,
+    floating-point weights in float32, tied ones tied. ValueError naming what does not fit."""
     config = config_from_checkpoint(ckpt)
     what, weights = describe(config), ckpt["model"]
     misfit = f"{what} whose weights do not fit its model_config:"
-    for k, v in weights.items():
-        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
-            raise ValueError(f"{what} whose weights are not a state dict: {k!r:.80} is no named tensor")
     # modules are Python objects even on the meta device (~10 KB a tensor): a layer count no state
     # dict this size could fill (each layer has a tensor at least) is refused before any is built
-    counts = {"n_layer": config.n_layer}
-    if isinstance(config, LSTMConfig) and config.model == "nested_lstm":
-        counts["len(chunk_sizes)"] = len(config.chunk_sizes)
-    for name, count in counts.items():
+    levels = len(config.chunk_sizes) if getattr(config, "model", None) == "nested_lstm" else 0
+    for name, count in (("n_layer", config.n_layer), ("len(chunk_sizes)", levels)):
         if count > len(weights):
             raise ValueError(f"{misfit} {name}={count}, but the weights are {len(weights)} tensors")
     try:
@@ -956,6 +898,8 @@ def from_checkpoint(ckpt):
             raise ValueError(f"{misfit} the state dict {kind} {keys[0]}{more}")
     for key, want in expected.items():
         got = weights[key]
+        if not isinstance(got, torch.Tensor):
+            raise ValueError(f"{misfit} {key!r} is no named tensor")
         if got.shape != want.shape:
             raise ValueError(f"{misfit} {key} is {tuple(got.shape)}, "
                              f"the model_config needs {tuple(want.shape)}")
@@ -971,15 +915,11 @@ def from_checkpoint(ckpt):
                          f"tables would take {rope_bytes >> 20} MiB, its weights are only "
                          f"{weight_bytes >> 20} MiB")
     net.load_state_dict({k: weights[k].to(device="cpu", dtype=want.dtype) for k, want in expected.items()},
-                        assign=True)
-    # assign=True gave lm_head a tensor of its own; GPT re-ties it to wte itself (a load hook)
-    if isinstance(net, RecurrentLM) and config.tie_embeddings:
-        net.lm_head.weight = net.wte.weight
+                        assign=True)  # which unties lm_head: the models' load hooks tie it again
     if rope_bytes:  # non-persistent buffers are in no checkpoint: computed again, for real
         net.rope_cos, net.rope_sin = rope_tables(config.block_size, config.n_embd // config.n_head,
                                                  config.rope_base)
         if not bool(torch.isfinite(net.rope_sin).all()):  # a negative rope_base: NaN angles
             raise ValueError(f"{what} whose model_config has rope_base={config.rope_base}: its RoPE "
                              f"tables are not finite")
-    # .to() also refreshes nn.LSTM's cached list of its weights (_flat_weights)
-    return net.to("cpu").eval()
+    return net.to("cpu").eval()  # .to() also refreshes nn.LSTM's cached _flat_weights
