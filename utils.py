@@ -339,12 +339,8 @@ def lock_folder(folder, what="run"):
     return handle
 
 
-# -----------------------------------------------------------------------------
-# a run describes itself: versions and device at the top of its log
-
-
 def run_header(device):
-    """Versions, the device's name and the command line (the source: training.provenance)."""
+    """Versions, the device's name and the command line: the top of a run's log."""
     name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else str(device)
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
             "device": name, "argv": sys.argv}
@@ -358,26 +354,20 @@ DTYPES = ("", "float32", "bfloat16", "float16")
 
 def pick_device(device=""):
     """The requested device, or the best available one: cuda, then mps, then cpu."""
-    if device:
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as e:
-            bad_setting(f"--device={device} is not a device torch knows ({e})")
-        available = {"cuda": torch.cuda.is_available,
-                     "mps": lambda: torch.backends.mps.is_available()}
-        if kind in available and not available[kind]():
-            bad_setting(f"--device={device}, but this torch ({torch.__version__}) "
-                        f"sees no {kind} device")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not device:
+        return next((kind for kind, present in available.items() if present), "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        bad_setting(f"--device={device} is not a device torch knows ({e})")
+    require(available.get(kind, True),
+            f"--device={device}, but this torch ({torch.__version__}) sees no {kind} device")
+    return device
 
 
 def pick_dtype(dtype, device_type):
-    """'' = bfloat16 on GPUs that have it natively (Ampere on), float16 + GradScaler on older ones (whose
+    """'' = bfloat16 on GPUs with native bf16 (Ampere on), float16 + GradScaler on older ones (their
     bf16 is emulated, slowly), bfloat16 on MPS, float32 on CPU."""
     if dtype:
         return dtype
@@ -394,19 +384,16 @@ def autocast_context(device_type, dtype):
 
 
 def setup_distributed(device):
-    """Read torchrun's environment. Returns (rank, local_rank, world_size, device).
-
-    Without torchrun this is rank 0 of 1 and nothing is initialised. With it: NCCL on CUDA (one GPU
-    per local rank), gloo elsewhere.
-    """
+    """(rank, local_rank, world_size, device) from torchrun's environment: NCCL on CUDA (one GPU per
+    local rank), gloo elsewhere. Without torchrun: rank 0 of 1, nothing initialised."""
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    gpus, per_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device.startswith("cuda") and per_node > gpus:
-        require(False, f"torchrun --nproc_per_node={per_node}, but this machine has {gpus} "
-                       f"GPU{'s' * (gpus != 1)}: one process per GPU")
+    world_size, per_node = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count()
+    require(not device.startswith("cuda") or per_node <= gpus,
+            f"torchrun --nproc_per_node={per_node}, but this machine has {gpus} "
+            f"GPU{'s' * (gpus != 1)}: one process per GPU")
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
