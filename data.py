@@ -1,5 +1,4 @@
-"""Token shards: the one implementation of the format, and the loaders of train_gpt2.py and
-train_lstm.py.
+"""Token shards and meta.json (the one implementation of both), and the loaders of the trainers.
 
 Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest
 zero), then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids);
@@ -221,8 +220,7 @@ class ShardWriter:
 
     Shard k's split is splits[min(k, len(splits) - 1)]: by default shard 0 is val and the rest
     train, as in llm.c. first_index lets a restarted job continue after its last complete shard;
-    on_shard(path, used) runs after each shard is written, `used` being where in the tokens of the
-    current add() call that shard ended."""
+    on_shard(path, used) runs after each shard is written, `used` = its end in add()'s tokens."""
 
     def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"),
                  first_index=0, on_shard=None):
@@ -264,8 +262,7 @@ class ShardWriter:
 
 
 def printable(text):
-    """Text for a terminal: control characters (but newline and tab) escaped, never sent raw (a
-    model can sample the byte of an escape sequence)."""
+    """Control characters but newline and tab escaped (\\x1b): models can sample escape codes."""
     return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
@@ -311,8 +308,7 @@ def decode(tokens, meta):
     symbols = [itos[i] if 0 <= i < len(itos) else "\ufffd" for i in ids]
     if meta["tokenizer"] == "char":
         return "".join(symbols)
-    # word: words joined by spaces, the end-of-line token back to a newline
-    eos, text, line = meta.get("eos"), [], []
+    eos, text, line = meta.get("eos"), [], []  # word: words joined by spaces, eos back to "\n"
     for i, symbol in zip(ids, symbols):
         if i == eos:
             text.append(" ".join(line) + "\n")
@@ -349,12 +345,10 @@ def read_windows(paths, shard_start, starts, T):
 class WindowLoader:
     """Batches of B windows of T+1 tokens, each rank its own disjoint windows, exactly resumable.
 
-    A window starts at a multiple of T inside one shard and needs T+1 tokens (targets are shifted by
-    one), so a shard of n tokens has (n - 1) // T windows. Each step the global batch is the next
-    B * world_size windows of the epoch's order, rank r taking the r-th slice of B. The order is
-    shard by shard, or with shuffle a permutation of all windows drawn from (seed, epoch), which any
-    rank can compute alone; when less than a global batch is left, the next epoch starts. The state
-    is just (epoch, cursor)."""
+    A window starts at a multiple of T inside one shard: a shard of n tokens has (n - 1) // T. Each
+    step takes the next B * world_size windows of the epoch's order, rank r the r-th B of them. The
+    order is shard by shard, or with shuffle a permutation drawn from (seed, epoch), which any rank
+    computes alone; a remainder short of a global batch is skipped. The state is (epoch, cursor)."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
                  vocab_size=None):
@@ -380,19 +374,16 @@ class WindowLoader:
     def reset(self):
         self.epoch, self.cursor, self.order = 0, 0, None
 
-    def _epoch_order(self):
-        if self.order is None:
-            rng, n = np.random.default_rng([self.seed, self.epoch]), self.n_windows
-            self.order = rng.permutation(n) if self.shuffle else np.arange(n)
-        return self.order
-
     def next_batch(self):
         """(x, y) int64 tensors of shape (B, T) on the CPU."""
         global_batch = self.B * self.world_size
         if self.cursor + global_batch > self.n_windows:  # drop the remainder, start the next epoch
             self.epoch, self.cursor, self.order = self.epoch + 1, 0, None
+        if self.order is None:  # drawn once per epoch, from (seed, epoch) alone
+            rng, n = np.random.default_rng([self.seed, self.epoch]), self.n_windows
+            self.order = rng.permutation(n) if self.shuffle else np.arange(n)
         start = self.cursor + self.rank * self.B
-        window_ids = self._epoch_order()[start:start + self.B]
+        window_ids = self.order[start:start + self.B]
         self.cursor += global_batch
         shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
         starts = self.shard_start[shard_ids] + (window_ids - self.first_window[shard_ids]) * self.T
@@ -402,11 +393,10 @@ class WindowLoader:
 class StreamLoader:
     """B (micro_batch_size) contiguous streams per rank through one split, for stateful models.
 
-    The split's shards are read as one sequence of n tokens, cut into B * world_size equal segments:
-    stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
-    Every stream advances T tokens per batch in lockstep (a window needs T+1 tokens: targets shift
-    by one), across shard boundaries; when the segments are used up all streams restart at their
-    segment starts. The state is one int."""
+    The split's n tokens are cut into B * world_size equal segments: stream s starts at token
+    s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1. Every stream advances T
+    tokens per batch in lockstep, across shard boundaries; when the segments are used up, all
+    streams restart at their segment starts. The state is one int."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
         self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)
@@ -436,8 +426,7 @@ class StreamLoader:
         self.window = 0
 
     def next_batch(self):
-        """(x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the streams just
-        restarted (the caller zeroes its states: the text no longer continues)."""
+        """read_windows' (x, y), and whether the streams restarted: the caller zeroes its states."""
         restarted = self.window == self.windows
         if restarted:
             self.window = 0
