@@ -6,10 +6,8 @@
     python prepare_wikitext.py --tokenizer=char --text_file=\
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
-Sources: a wikitext config on the hub (--source); a local folder of wiki.{train,valid,test}.tokens
-(or .raw, or {train,valid,test}.txt); one text file or http(s) URL (downloaded once into cache_dir),
-whose last val_fraction becomes val (cut at a line end). Train splits: wikitext-2 ~11M characters,
-~2.5M GPT-2 tokens; wikitext-103 ~540M characters, ~125M GPT-2 tokens (2 shards of 100M).
+Train splits: wikitext-2 ~11M characters, ~2.5M GPT-2 tokens; wikitext-103 ~540M characters,
+~125M GPT-2 tokens (2 shards of 100M). A URL --text_file is downloaded once, into cache_dir.
 
 out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
 it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
@@ -197,8 +195,7 @@ def char_tokenizer(train):
     codes = np.array([ord(c) for c in chars], dtype=np.uint32)
     unk = len(chars)
 
-    # vectorized: code points -> positions in the sorted train set, misses -> unk
-    def encode(text):
+    def encode(text):  # vectorized: code points -> positions in the sorted train set, misses -> unk
         out = []
         for i in range(0, len(text), 1 << 24):  # 16M characters at a time bound the temporaries
             points = np.frombuffer(text[i:i + (1 << 24)].encode("utf-32-le"), dtype=np.uint32)
@@ -211,7 +208,7 @@ def char_tokenizer(train):
 
 
 def word_tokenizer(train, k):
-    counts = collections.Counter(w for line in lines(train) for w in line.split())
+    counts = collections.Counter(w for line in train.split("\n") for w in line.split())
     counts.pop("<unk>", None), counts.pop("<eos>", None)  # specials get their own ids below
     words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:k]]
     itos = words + ["<unk>", "<eos>"]
@@ -220,17 +217,12 @@ def word_tokenizer(train, k):
 
     def encode(text):
         ids = array.array("i")  # 4 bytes per word, not a Python int object each
-        for line in lines(text):
+        lines = text.split("\n")  # at "\n" only: str.splitlines also splits at \x1c, \u2028, ...
+        for line in lines[:-1] if lines[-1] == "" else lines:  # no empty last line
             ids.extend([stoi.get(w, unk) for w in line.split()])
             ids.append(eos)
         return np.frombuffer(ids, dtype=np.int32)
     return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None, itos=itos, unk=unk, eos=eos)
-
-
-def lines(text):
-    """Lines split at "\\n" only (str.splitlines splits at \\x1c, \\u2028, ...), no empty last one."""
-    parts = text.split("\n")
-    return parts[:-1] if parts[-1] == "" else parts
 
 
 # -----------------------------------------------------------------------------
@@ -238,9 +230,8 @@ def lines(text):
 
 
 def check_out_dir(folder):
-    """Refuse an out_dir that holds anything but a prepared set: a re-run replaces the whole folder.
-    First, undo what a killed run left beside it: its unfinished set ({folder}.tmp-<pid>) is
-    deleted, the old set it had moved aside ({folder}.old-<pid>) goes back if nothing replaced it."""
+    """Refuse an out_dir holding anything but a prepared set, after undoing what a killed run left:
+    its {folder}.tmp-<pid> is deleted, the {folder}.old-<pid> it moved aside goes back."""
     for kind in ("old", "tmp"):
         for path in glob.glob(f"{glob.escape(folder)}.{kind}-*"):
             pid = path.rsplit("-", 1)[-1]
@@ -262,9 +253,8 @@ def check_out_dir(folder):
 
 @contextlib.contextmanager
 def one_run(folder):
-    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID. The lock
-    is the file .{name}.lock beside the folder (which switch() moves aside), held with flock (the OS
-    releases it when the process ends, kill -9 included) and removed when the run ends."""
+    """One run per out_dir: a second exits 1 naming the first's PID. The lock is .{name}.lock beside
+    the folder (which switch() moves), held with flock (released at any exit, kill -9 included)."""
     path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
     while True:
         try:
