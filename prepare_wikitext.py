@@ -309,46 +309,41 @@ def main(argv):
         raise SystemExit(f"error: the train split of {name} is empty")
     out = os.path.normpath(utils.in_repo(out_dir or os.path.join("data", f"{name}_{tokenizer}")))
     folder = os.path.realpath(out)  # an out_dir that is a symlink: the set goes where it points
+    new, shard_prefix = f"{folder}.tmp-{os.getpid()}", prefix or name  # the set is written in `new`
     with one_run(folder):
-        meta = write_set(folder, prefix or name, texts, name, settings)
+        check_out_dir(folder)
+        if tokenizer == "gpt2":
+            encode, meta = gpt2_tokenizer()
+        elif tokenizer == "char":
+            encode, meta = char_tokenizer(texts["train"])
+        else:
+            encode, meta = word_tokenizer(texts["train"], vocab_words)
+        try:
+            os.makedirs(new)
+        except OSError as e:
+            raise SystemExit(f"error: cannot create {new}: {e.strerror or e}") from None
+        try:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
+            counts = {}
+            for split, text in texts.items():
+                tokens = encode(text)
+                writer = data.ShardWriter(new, shard_prefix, shard_size, meta["vocab_size"],
+                                          splits=(split,))
+                writer.add(tokens)
+                counts[split], shards = len(tokens), len(writer.close())
+                unk = "" if meta["unk"] is None else f", {(tokens == meta['unk']).sum():,} unknown"
+                print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {shards} "
+                      f"shard(s){unk}")
+            settings.pop("out_dir")  # where the folder is says nothing about what it holds
+            meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
+            data.write_meta(new, meta)
+            switch(new, folder)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
     print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
     trainer = "train_gpt2.py" if tokenizer == "gpt2" else "train_lstm.py"
     also = "" if tokenizer == "gpt2" else " (or train_gpt2.py)"
     print(f"train with: python {trainer} --data_dir={utils.repo_relative(out)}{also}")
     return out, meta
-
-
-def write_set(folder, shard_prefix, texts, name, settings):
-    """The set of `texts` written beside `folder` and switched in; returns its meta."""
-    check_out_dir(folder)
-    if tokenizer == "word":
-        encode, meta = word_tokenizer(texts["train"], vocab_words)
-    else:
-        encode, meta = gpt2_tokenizer() if tokenizer == "gpt2" else char_tokenizer(texts["train"])
-    new = f"{folder}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(new)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create {new} (beside --out_dir): {e.strerror or e}") from None
-    try:
-        counts = {}
-        for split, text in texts.items():
-            tokens = encode(text)
-            writer = data.ShardWriter(new, shard_prefix, shard_size, meta["vocab_size"],
-                                      splits=(split,))
-            writer.add(tokens)
-            paths = writer.close()
-            counts[split] = len(tokens)
-            unknown = "" if meta["unk"] is None else f", {(tokens == meta['unk']).sum():,} unknown"
-            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} "
-                  f"shard(s){unknown}")
-        settings.pop("out_dir")  # where the folder is says nothing about what it holds; it may move
-        meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
-        data.write_meta(new, meta)
-        switch(new, folder)
-    finally:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
-        shutil.rmtree(new, ignore_errors=True)
-    return meta
 
 
 if __name__ == "__main__":
