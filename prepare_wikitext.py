@@ -6,12 +6,9 @@
     python prepare_wikitext.py --tokenizer=char --text_file=\
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
-Train splits: wikitext-2 ~11M characters, ~2.5M GPT-2 tokens; wikitext-103 ~540M characters,
-~125M GPT-2 tokens (2 shards of 100M). A URL --text_file is downloaded once, into cache_dir.
-
-out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
-it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
-The last line printed is the --data_dir to train on.
+Train splits: wikitext-2 ~11M characters (~2.5M GPT-2 tokens), wikitext-103 ~540M (~125M tokens).
+out_dir holds one prepared set: a re-run writes the new set beside it and switches it in at the end
+(interrupted, it leaves the old set whole). The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
     gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream; eot 50256)
@@ -162,13 +159,12 @@ def load_splits():
 # -----------------------------------------------------------------------------
 # tokenizers: each returns (encode function, meta dict)
 
-# Cut points for encoding a long text in pieces with exactly the tokens of one whole-text encode:
-# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always starts a new piece.
+# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always starts a new piece
 SAFE_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
 
 
 def gpt2_pieces(text, size=1 << 20):
-    """The text in pieces of about `size` characters, cut only at SAFE_CUT points."""
+    """Pieces of about `size` characters cut at SAFE_CUT: together they encode as the whole text."""
     pieces, start = [], 0
     while start < len(text):
         match = SAFE_CUT.search(text, start + size) if start + size < len(text) else None
@@ -199,8 +195,7 @@ def char_tokenizer(train):
         out = []
         for i in range(0, len(text), 1 << 24):  # 16M characters at a time bound the temporaries
             points = np.frombuffer(text[i:i + (1 << 24)].encode("utf-32-le"), dtype=np.uint32)
-            ids = np.searchsorted(codes, points)
-            ids[ids == len(codes)] = 0  # past the end: a miss, caught by the comparison below
+            ids = np.searchsorted(codes, points).clip(max=len(codes) - 1)  # misses caught below
             out.append(np.where(codes[ids] == points, ids, unk).astype(np.int32))
         return np.concatenate(out or [np.zeros(0, np.int32)])
     itos = chars + ["\ufffd"]  # the unknown id decodes as the replacement character
