@@ -4,11 +4,10 @@
     python prepare_fineweb.py --max_tokens=100000000          # stream only the first 100M tokens
     python prepare_fineweb.py --data_files="corpus/*.jsonl"   # local parquet / jsonl / txt, offline
 
-Every document (a local .txt file is one) becomes <|endoftext|> (50256) and its tokens as tiktoken's
-encode_ordinary gives them; the stream is cut into shards of shard_size tokens: shard 000000 is val,
-the rest train. An interrupted run goes on after its last complete shard (progress.json) given the
-same settings and input files. One run and one job per out_dir: another job's shards or meta.json
-are refused. The last line printed is the --data_dir to train on.
+Every document (a local .txt file is one) becomes <|endoftext|> (50256) and its encode_ordinary
+tokens; the stream is cut into shards of shard_size tokens: shard 000000 is val, the rest train. An
+interrupted run goes on after its last complete shard (progress.json), given the same settings and
+files. One run and one job per out_dir. The last line printed is the --data_dir to train on.
 
 Datasets (--dataset= / --name=) with a "text" column and a "train" split, sizes in GPT-2 tokens:
     HuggingFaceFW/fineweb-edu   sample-10BT (default): ~9.9B, 9.67M documents, 100 shards, ~19 GB;
@@ -87,8 +86,7 @@ def local_files(pattern):
 
 
 def places(path, builder):
-    """Where each document of a local file is, in reading order, to name a bad one: 'file:line'
-    (JSON lines), 'file, record k' (a JSON array, parquet rows), 'file' (a text file)."""
+    """Where each document of a local file is, in order: 'file:line', 'file, record k' or 'file'."""
     if builder == "text":
         yield path
     elif builder == "parquet":
@@ -133,8 +131,7 @@ def documents(skip=0):
     except StopIteration:  # what datasets raises when every local file is empty
         first = None
     except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
-        hint = ("" if data_files
-                else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'")
+        hint = "" if data_files else "\n  offline, use local files: --data_files='corpus/*.parquet'"
         raise SystemExit(f"error: cannot read {source}: {type(e).__name__}: {e}{hint}") from None
     if first is None and skip == 0:
         raise SystemExit(f"error: {source}: no documents (an empty file?)")
@@ -178,12 +175,10 @@ def init_worker(encoding_name):
 def tokenize(texts):
     """A batch of documents -> ([EOT] + tokens of each, concatenated; each one's length). With no
     special tokens, encode_to_numpy gives encode_ordinary's tokens without a list: ~15% faster."""
+    docs = [_encoder.encode_to_numpy(text or "", disallowed_special=()) for text in texts]
     eot = np.array([_encoder.eot_token], dtype=np.uint32)
-    pieces = []
-    for text in texts:
-        pieces += [eot, _encoder.encode_to_numpy(text or "", disallowed_special=())]
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-    lengths = np.array([len(p) for p in pieces[1::2]], dtype=np.int64) + 1
+    tokens = np.concatenate([p for doc in docs for p in (eot, doc)] or [np.zeros(0, np.uint32)])
+    lengths = np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
     return tokens.astype(np.uint16) if _encoder.n_vocab <= 2**16 else tokens, lengths
 
 
@@ -286,8 +281,7 @@ def main(argv):
             with utils.lock_folder(folder, "prepare run"):
                 if resume_point(folder, shard_prefix, wanted, inputs) != progress:
                     raise SystemExit(f"error: another prepare run wrote {folder} while this one "
-                                     f"was starting: run the same command again to go on from "
-                                     f"where it is now")
+                                     f"was starting: run the same command again to go on")
                 write_shards(folder, shard_prefix, progress, batches)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: rerun the same command to continue after the last complete "
