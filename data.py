@@ -1,13 +1,11 @@
-"""Token shards: the one implementation of the format, and the loaders of train_gpt2.py and
-train_lstm.py.
+"""Token shards and meta.json (the one implementation of both), and the loaders of the trainers.
 
 Format (llm.c / modded-nanogpt): a header of 256 int32 (magic 20240520, version, token count, rest
 zero), then the tokens: version 1 = uint16, version 2 = uint32 (vocabularies over 65,535 ids);
 build-nanogpt's .npy uint16 shards are read too. Names: {prefix}_{split}_{k:06d}.bin (train/val/test).
-meta.json beside the shards: tokenizer ("gpt2" or another tiktoken name, "char", "word"),
+meta.json beside the shards: tokenizer (a tiktoken name such as "gpt2", or "char", "word"),
 vocab_size, eot (document separator id or null), itos (id -> string, null for tiktoken), unk
-(unknown id or null), eos (word level: the end-of-line id); decode(tokens, meta) turns ids back
-into text.
+(unknown id or null), eos (word level: the end-of-line id).
 """
 import difflib
 import glob
@@ -57,8 +55,7 @@ def write_shard(path, tokens, vocab_size=None):
 
 def read_shard(path, vocab_size=None):
     """Memory-map a shard after checking its header against the file size. With vocab_size, every
-    token is also checked to be below it (one vectorized pass): the loaders do this once per shard,
-    so an id the model cannot embed stops the run at the start, even one no batch would draw."""
+    token is checked to be below it: an id the model cannot embed stops the run at the start."""
     if not os.path.isfile(path):
         raise ShardError(f"{path}: no such shard")
     if path.endswith(".npy"):  # build-nanogpt's shards: plain uint16 arrays
@@ -99,21 +96,19 @@ def read_shard(path, vocab_size=None):
 
 
 def open_split(data_dir, split, vocab_size, rank, world_size):
-    """A loader's shards: paths, lengths and [[shard name, tokens], ...] (what a position refers to,
-    which resume compares). With vocab_size, every id is checked to be below it, each shard read once
-    among the processes (rank r of world_size reads shards r, r + world_size, ...: start-up does not
-    grow with ranks x data); a bad shard stops every rank with the same message naming it."""
+    """A loader's shards: paths, lengths and [[shard name, tokens], ...] (which resume compares).
+    With vocab_size, rank r of world_size checks the ids of shards r, r + world_size, ... (start-up
+    does not grow with ranks x data); a bad shard stops every rank with the same message."""
     paths = list_shards(data_dir, split)
     lengths = [len(read_shard(p)) for p in paths]  # every header, checked against the file size
     if vocab_size is not None:
         sharded = world_size > 1 and utils.world_size() == world_size
         problem = None
-        for path in paths[rank::world_size] if sharded else paths:
-            try:
+        try:
+            for path in paths[rank::world_size] if sharded else paths:
                 read_shard(path, vocab_size)
-            except ShardError as e:
-                problem = str(e)
-                break
+        except ShardError as e:
+            problem = str(e)
         problems = [p for p in (utils.all_gather_objects(problem) if sharded else [problem]) if p]
         if problems:
             raise ShardError(problems[0])
@@ -159,7 +154,6 @@ def shard_name(data_dir, prefix, split, index):
 
 
 def write_meta(data_dir, meta):
-    """meta.json beside the shards: tokenizer, vocab_size, eot id and the id-to-string table."""
     utils.atomic_write_json(os.path.join(data_dir, "meta.json"), meta)
 
 
@@ -182,9 +176,8 @@ def read_meta(data_dir):
 
 
 def checkpoint_meta(ckpt, path, vocab_size, required=True):
-    """The tokenizer description a checkpoint carries (its data's meta.json), checked as read_meta
-    checks one and against the model's vocabulary; one line naming `path` when it is unusable or
-    (required) missing."""
+    """The checkpoint's copy of its data's meta.json, checked as read_meta checks one and against the
+    model's vocabulary; one line naming `path` when it is unusable or (required) missing."""
     meta = ckpt.get("meta")
     if meta is None and required:
         raise SystemExit(f"error: {path} lacks its tokenizer description (\"meta\", the data's "
@@ -225,12 +218,9 @@ def meta_problem(meta):
 class ShardWriter:
     """Cuts a stream of token arrays into shards of shard_size tokens (the last one may be shorter).
 
-    Shard k is {prefix}_{split}_{k:06d}.bin, split = splits[min(k, len(splits) - 1)]: by default
-    shard 0 is val and the rest train, as in llm.c and build-nanogpt. A document that crosses a
-    boundary is split, nothing is dropped. first_index lets a restarted job continue after its last
-    complete shard; on_shard(path, used), if given, runs after each shard is written, `used` being
-    where in the tokens of the current add() call that shard ended.
-    """
+    Shard k's split is splits[min(k, len(splits) - 1)]: by default shard 0 is val and the rest
+    train, as in llm.c. first_index lets a restarted job continue after its last complete shard;
+    on_shard(path, used) runs after each shard is written, `used` = its end in add()'s tokens."""
 
     def __init__(self, data_dir, prefix, shard_size, vocab_size, splits=("val", "train"),
                  first_index=0, on_shard=None):
@@ -272,8 +262,7 @@ class ShardWriter:
 
 
 def printable(text):
-    """Text for a terminal: control characters (but newline and tab) escaped, never sent raw (a
-    model can sample the byte of an escape sequence)."""
+    """Control characters but newline and tab escaped (\\x1b): models can sample escape codes."""
     return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
@@ -319,8 +308,7 @@ def decode(tokens, meta):
     symbols = [itos[i] if 0 <= i < len(itos) else "\ufffd" for i in ids]
     if meta["tokenizer"] == "char":
         return "".join(symbols)
-    # word: words joined by spaces, the end-of-line token back to a newline
-    eos, text, line = meta.get("eos"), [], []
+    eos, text, line = meta.get("eos"), [], []  # word: words joined by spaces, eos back to "\n"
     for i, symbol in zip(ids, symbols):
         if i == eos:
             text.append(" ".join(line) + "\n")
@@ -331,24 +319,43 @@ def decode(tokens, meta):
 
 
 # -----------------------------------------------------------------------------
-# the window loader of train_gpt2.py
+# the loaders: the window loader of train_gpt2.py and the stream loader of train_lstm.py
+
+
+def read_windows(paths, shard_start, starts, T):
+    """(x, y) int64 (len(starts), T) CPU tensors: inputs and targets from the T+1 tokens at each
+    of `starts`, positions in the split read as one sequence (shard k begins at shard_start[k])."""
+    buf = np.empty((len(starts), T + 1), dtype=np.int64)  # widened before it becomes a tensor
+    shards = {}  # fresh memmaps per batch keep resident memory flat over a long run
+    for row, start in enumerate(starts):
+        col = 0
+        while col <= T:  # a stream's window can run on into the next shard
+            pos = int(start) + col
+            s = int(np.searchsorted(shard_start, pos, side="right")) - 1
+            if s not in shards:
+                shards[s] = read_shard(paths[s])
+            local = pos - int(shard_start[s])
+            piece = shards[s][local:local + T + 1 - col]
+            buf[row, col:col + len(piece)] = piece
+            col += len(piece)
+    batch = torch.from_numpy(buf)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 class WindowLoader:
     """Batches of B windows of T+1 tokens, each rank its own disjoint windows, exactly resumable.
 
-    A window starts at a multiple of T inside one shard and needs T+1 tokens (targets are shifted by
-    one), so a shard of n tokens has (n - 1) // T windows. Each step the global batch is the next
-    B * world_size windows of the epoch's order, rank r taking the r-th slice of B. The order is
-    shard by shard, or with shuffle a permutation of all windows drawn from (seed, epoch), which any
-    rank can compute alone; when less than a global batch is left, the next epoch starts. The state
-    is just (epoch, cursor)."""
+    A window starts at a multiple of T inside one shard: a shard of n tokens has (n - 1) // T. Each
+    step takes the next B * world_size windows of the epoch's order, rank r the r-th B of them. The
+    order is shard by shard, or with shuffle a permutation drawn from (seed, epoch), which any rank
+    computes alone; a remainder short of a global batch is skipped. The state is (epoch, cursor)."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
                  vocab_size=None):
         self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)
         self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
         self.shuffle, self.seed = shuffle, seed
+        self.shard_start = np.cumsum([0] + lengths)  # global position of each shard's first token
         windows = [max(0, (n - 1) // T) for n in lengths]
         self.first_window = np.cumsum([0] + windows)  # global index of each shard's first window
         self.n_windows = int(self.first_window[-1])
@@ -367,44 +374,29 @@ class WindowLoader:
     def reset(self):
         self.epoch, self.cursor, self.order = 0, 0, None
 
-    def _epoch_order(self):
-        if self.order is None:
-            rng, n = np.random.default_rng([self.seed, self.epoch]), self.n_windows
-            self.order = rng.permutation(n) if self.shuffle else np.arange(n)
-        return self.order
-
     def next_batch(self):
         """(x, y) int64 tensors of shape (B, T) on the CPU."""
         global_batch = self.B * self.world_size
         if self.cursor + global_batch > self.n_windows:  # drop the remainder, start the next epoch
             self.epoch, self.cursor, self.order = self.epoch + 1, 0, None
+        if self.order is None:  # drawn once per epoch, from (seed, epoch) alone
+            rng, n = np.random.default_rng([self.seed, self.epoch]), self.n_windows
+            self.order = rng.permutation(n) if self.shuffle else np.arange(n)
         start = self.cursor + self.rank * self.B
-        window_ids = self._epoch_order()[start:start + self.B]
+        window_ids = self.order[start:start + self.B]
         self.cursor += global_batch
         shard_ids = np.searchsorted(self.first_window, window_ids, side="right") - 1
-        buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
-        shards = {}  # fresh memmaps per batch keep resident memory flat over a long run
-        for row, (w, s) in enumerate(zip(window_ids, shard_ids, strict=True)):
-            if s not in shards:
-                shards[s] = read_shard(self.paths[s])
-            pos = (int(w) - int(self.first_window[s])) * self.T
-            buf[row] = shards[s][pos:pos + self.T + 1]
-        batch = torch.from_numpy(buf)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-
-
-# -----------------------------------------------------------------------------
-# the stream loader of train_lstm.py
+        starts = self.shard_start[shard_ids] + (window_ids - self.first_window[shard_ids]) * self.T
+        return read_windows(self.paths, self.shard_start, starts, self.T)
 
 
 class StreamLoader:
     """B (micro_batch_size) contiguous streams per rank through one split, for stateful models.
 
-    The split's shards are read as one sequence of n tokens, cut into B * world_size equal segments:
-    stream s starts at token s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1.
-    Every stream advances T tokens per batch in lockstep (a window needs T+1 tokens: targets shift
-    by one), across shard boundaries; when the segments are used up all streams restart at their
-    segment starts. The state is one int."""
+    The split's n tokens are cut into B * world_size equal segments: stream s starts at token
+    s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1. Every stream advances T
+    tokens per batch in lockstep, across shard boundaries; when the segments are used up, all
+    streams restart at their segment starts. The state is one int."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
         self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)
@@ -433,29 +425,11 @@ class StreamLoader:
     def reset(self):
         self.window = 0
 
-    def _read(self, tokens, pos, length):
-        """length tokens from global position pos, across shard boundaries."""
-        out = []
-        while length > 0:
-            s = int(np.searchsorted(self.shard_start, pos, side="right")) - 1
-            if s not in tokens:  # fresh memmaps per batch keep resident memory flat
-                tokens[s] = read_shard(self.paths[s])
-            local = pos - int(self.shard_start[s])
-            piece = tokens[s][local:local + length]
-            out.append(piece)
-            pos, length = pos + len(piece), length - len(piece)
-        return np.concatenate(out)
-
     def next_batch(self):
-        """(x, y, restarted): int64 (B, T) inputs and targets on the CPU, and whether the streams just
-        restarted (the caller zeroes its states: the text no longer continues)."""
+        """read_windows' (x, y), and whether the streams restarted: the caller zeroes its states."""
         restarted = self.window == self.windows
         if restarted:
             self.window = 0
-        buf = np.empty((self.B, self.T + 1), dtype=np.int64)  # widened before it becomes a tensor
-        tokens = {}
-        for row, start in enumerate(self.starts):
-            buf[row] = self._read(tokens, start + self.window * self.T, self.T + 1)
+        starts = [start + self.window * self.T for start in self.starts]
         self.window += 1
-        batch = torch.from_numpy(buf)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), restarted
+        return *read_windows(self.paths, self.shard_start, starts, self.T), restarted

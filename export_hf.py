@@ -1,5 +1,4 @@
-"""Export a train_gpt2.py checkpoint as a Hugging Face model folder that transformers loads with
-no custom code.
+"""Export a train_gpt2.py checkpoint as a Hugging Face model folder that needs no custom code.
 
     python export_hf.py --checkpoint=out/ckpt_038146.pt --out_dir=hf/my-gpt
     python export_hf.py --checkpoint=out --out_dir=hf/my-gpt --dtype=bfloat16 --force=True  # newest in out/
@@ -12,14 +11,10 @@ The architecture is chosen from the model's switches, and must match exactly:
         x[i + hs/2]: Llama's rotate_half); with qk_norm=True Qwen3ForCausalLM (per-head q/k RMSNorm
         before RoPE); biases only without qk_norm
     classic (learned, gelu, layernorm, pre-norm, biases, 4x MLP)  GPT2LMHeadModel
-Refused in one line: any other combination (naming the switch no Hugging Face architecture has),
-train_lstm.py's recurrent models, weights that are not finite, a GPTConfig field not known here yet.
-Tied or untied embeddings both work; the padded vocabulary rows stay (config.json's vocab_size is
-the model's). The folder holds config.json, model.safetensors, generation_config.json and, for GPT-2
-BPE models, the tokenizer (from tiktoken's GPT-2 files: TIKTOKEN_CACHE_DIR offline); it is written
-beside out_dir and renamed at the end (a symlinked out_dir: the folder it points to is replaced).
---checkpoint is read as given (relative to the current directory); --out_dir, a folder setting, is
-relative to the repo folder.
+Refused in one line: any other combination, train_lstm.py's recurrent models, weights that are not
+finite, a GPTConfig field not known here yet. Tied or untied embeddings both work; the padded
+vocabulary rows stay (config.json's vocab_size is the model's). The folder (config.json,
+model.safetensors, generation_config.json; the tokenizer for GPT-2 BPE) replaces out_dir whole.
 """
 import dataclasses
 import functools
@@ -48,9 +43,8 @@ GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 EOT_TEXT = "<|endoftext|>"
-# the GPTConfig fields hf_architecture and hf_config handle (dropout, training only, is exported
-# as 0). A field missing here (a new switch) is refused unless it has its default value, since the
-# exported model would silently lack it
+# the GPTConfig fields hf_architecture and hf_config handle (dropout is exported as 0); a new switch
+# is refused unless it has its default value: the exported model would silently lack it
 HANDLED_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "pos_emb", "mlp",
                   "norm", "norm_pos", "qk_norm", "tie_embeddings", "bias", "dropout", "rope_base",
                   "mlp_hidden")
@@ -79,8 +73,7 @@ def check_settings(settings):
 
 
 def load_gpt(path):
-    """(GPT, meta, checkpoint path) of a checkpoint file, or of the newest one in a run folder (the
-    path as given); a one-line exit for anything else, a recurrent model's checkpoint included."""
+    """(GPT, meta, checkpoint path) of a checkpoint file or of the newest one in a run folder."""
     if os.path.isdir(path):
         warn = functools.partial(print, file=sys.stderr)
         ckpt_path, ckpt = utils.load_latest_checkpoint(path, warn)
@@ -92,8 +85,7 @@ def load_gpt(path):
         config = config_from_checkpoint(ckpt)
         if not isinstance(config, GPTConfig):
             raise SystemExit(f"error: {ckpt_path} holds {describe(config)}; export_hf.py takes GPT "
-                             f"checkpoints of train_gpt2.py (no Hugging Face architecture computes "
-                             f"the recurrent models)")
+                             f"checkpoints of train_gpt2.py")
         net = from_checkpoint(ckpt)
     except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
         raise SystemExit(f"error: {ckpt_path}: {e}") from None
@@ -175,8 +167,7 @@ def llama_state_dict(model):
 
 
 def gpt2_tokenizer(block_size):
-    """A fast tokenizer that encodes exactly as tiktoken's gpt2: byte-level BPE, no prefix space,
-    <|endoftext|> = 50256 the only special token and the eos token."""
+    """A fast tokenizer that encodes exactly as tiktoken's gpt2; <|endoftext|> is its eos token."""
     import tiktoken.load
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -184,9 +175,8 @@ def gpt2_tokenizer(block_size):
         encoder = tiktoken.load.read_file_cached(GPT2_FILES + "encoder.json", ENCODER_JSON_SHA256)
         bpe = tiktoken.load.read_file_cached(GPT2_FILES + "vocab.bpe", VOCAB_BPE_SHA256).decode()
     except Exception as e:  # offline: requests' ConnectionError deep inside tiktoken
-        raise SystemExit(f"error: cannot load GPT-2's BPE files for the tokenizer "
-                         f"({type(e).__name__}). Offline, point TIKTOKEN_CACHE_DIR at a folder "
-                         f"where tiktoken has cached them") from None
+        raise SystemExit(f"error: cannot load GPT-2's BPE files ({type(e).__name__}). Offline, set "
+                         f"TIKTOKEN_CACHE_DIR to a folder where tiktoken has cached them") from None
     merges = [tuple(line.split()) for line in bpe.split("\n")[1:-1]]  # a version line first, "" last
     tokenizer = Tokenizer(models.BPE(vocab=json.loads(encoder), merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -200,17 +190,15 @@ def gpt2_tokenizer(block_size):
 
 def write_folder(out, write_fn):
     """write_fn(folder) into a temporary folder beside `out`, then renamed to `out`; an old `out` is
-    moved aside first (never half old, half new) and put back if the rename fails (nothing lost). A
-    symlinked `out` is written where it points: the link stays (renaming it over a folder fails).
-    Nothing is left beside it, whatever happens."""
+    moved aside first and put back if the rename fails. A symlinked `out` is written where it points
+    (renaming over the link would fail). Nothing is left beside it, whatever happens."""
     out = os.path.realpath(out)
     parent, tmp, old = os.path.dirname(out), None, None
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp_{os.path.basename(out)}.")
         write_fn(tmp)
-        # the usual permissions of new files: mkdtemp and safetensors make 0600
-        for file in os.listdir(tmp):
+        for file in os.listdir(tmp):  # the usual permissions: mkdtemp and safetensors make 0600
             os.chmod(os.path.join(tmp, file), 0o666 & ~utils.UMASK)
         os.chmod(tmp, 0o777 & ~utils.UMASK)
         if os.path.isdir(out):  # empty, or --force
@@ -226,10 +214,9 @@ def write_folder(out, write_fn):
                 message += f"; its previous content is in {old}"
                 old = None  # kept
         raise SystemExit(message) from None
-    finally:
-        for folder in (tmp, old):  # old: the replaced folder, or still the empty one mkdtemp made
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+    finally:  # old: the replaced folder, or still the empty one mkdtemp made
+        for folder in filter(None, (tmp, old)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv):

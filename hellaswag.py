@@ -3,22 +3,17 @@ or in training (train_gpt2.py calls for_training once, then evaluate on every ra
 
     python hellaswag.py --checkpoint=out/ckpt_005000.pt        # a train_gpt2.py checkpoint
     python hellaswag.py --model=gpt2 --limit=500               # Hugging Face weights via model.py
-    python hellaswag.py --checkpoint=out/ckpt_005000.pt --data_file=hellaswag_val.jsonl --limit=1000 \\
-        --style=harness --json_out=hs.json
+    python hellaswag.py --model=gpt2 --style=harness --data_file=val.jsonl --json_out=hs.json
 
-Exactly one of --checkpoint and --model names the model scored; it must work in GPT-2 BPE tokens
-(HellaSwag is scored in them) and is checked before the data is downloaded. The files you name
-(--checkpoint, --data_file, --json_out) are read and written as given, relative to the current
-directory; cache_dir, a folder setting, is relative to the repo folder.
+The model (--checkpoint or --model) must work in GPT-2 BPE tokens; it is checked before a download.
+Files you name are read and written as given (from the cwd); cache_dir is relative to the repo.
 
 Two conventions (say which one a figure uses; the CLI prints it):
   completion (build-nanogpt, llm.c): context = raw `ctx`, ending = " " + ending; acc = lowest
       summed token loss, acc_norm = lowest mean token loss. GPT-2 124M: acc 0.2859, acc_norm 0.2955.
-  harness (lm-eval-harness): context = preprocess(activity_label + ": " + ctx_a + " "
-      + ctx_b.capitalize()), ending = " " + preprocess(ending); acc = highest summed log-prob,
-      acc_norm = that / len(preprocessed ending). GPT-2 124M: acc 0.2892, acc_norm 0.3114.
-Ties go to the lowest ending index (torch.argmin; lm-eval-harness's np.argmax does the same), and
-token losses are summed in float64, so equal ones tie exactly (k*x/k == x in float64 for float32 x).
+  harness (lm-eval-harness): context and endings cleaned (render_example); acc = highest summed
+      log-prob, acc_norm = that / the ending's characters. GPT-2 124M: acc 0.2892, acc_norm 0.3114.
+Ties go to the lowest ending index, as in lm-eval-harness (token losses are summed in float64).
 """
 import hashlib
 import json
@@ -49,7 +44,6 @@ skip_bad = False  # skip malformed lines (with a count) instead of stopping at t
 batch_size = 16  # examples per forward pass (4 rows each), >= 1
 json_out = None  # also write the figures to this JSON file (atomically)
 
-# fixed facts about the data set
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_LINES = 10042  # non-empty lines of the official validation file
 RETRIES = 3  # download attempts, waiting 1 s, then 2 s, between them
@@ -58,11 +52,10 @@ CHOICES = dict(dtype=utils.DTYPES, style=STYLES)
 
 
 def check_settings():
-    utils.require(checkpoint is not None or model is not None,
-                  "--checkpoint or --model is required, to name the model to score: --checkpoint="
-                  "path/to/ckpt.pt (a train_gpt2.py checkpoint) or --model=gpt2 (GPT-2's weights)")
-    utils.require(checkpoint is None or model is None,
-                  "--checkpoint and --model: give only one of them, the model to score")
+    utils.require((checkpoint is None) != (model is None),
+                  "--checkpoint or --model is required (only one), to name the model to score: "
+                  "--checkpoint=path/to/ckpt.pt (a train_gpt2.py checkpoint) or --model=gpt2 "
+                  "(GPT-2's weights)")
     utils.require(limit >= 0, f"--limit must be >= 0 (0 = all), got {limit}")
     utils.require(batch_size >= 1, f"--batch_size must be >= 1, got {batch_size}")
 
@@ -99,9 +92,8 @@ def download(folder):
             raise SystemExit(f"error: cannot write {path}: {e.strerror or e}") from None
         finally:
             utils.remove_quietly(tmp)
-    raise SystemExit(f"error: could not download HellaSwag from {URL} ({error}). "
-                     f"On an offline machine, fetch that file elsewhere and pass "
-                     f"--data_file=path/to/hellaswag_val.jsonl")
+    raise SystemExit(f"error: could not download HellaSwag from {URL} ({error}). Offline, fetch "
+                     f"that file elsewhere and pass --data_file=path/to/hellaswag_val.jsonl")
 
 
 def verify(path, source):
@@ -115,11 +107,8 @@ def verify(path, source):
 
 
 def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    with open(path, "rb") as f:  # 11 MB
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def record_sha256(path):
@@ -133,8 +122,7 @@ def default_path(cache_dir=cache_dir):
 
 def ensure_data(data_file=None, cache_dir=cache_dir):
     """Path of the validation JSONL: `data_file` as given, else the cached download. Trust on first
-    use: the sha256 of the verified download (or of a file placed there by hand, verified once) is
-    recorded beside it and checked on every later load, so a cache changed since is caught."""
+    use: the sha256 of the verified file is recorded beside it and checked on every later load."""
     if data_file is not None:
         if not os.path.isfile(data_file):
             raise SystemExit(f"error: --data_file={data_file}: no such file")
@@ -142,10 +130,9 @@ def ensure_data(data_file=None, cache_dir=cache_dir):
     path = default_path(cache_dir)
     if not os.path.exists(path):
         return download(os.path.dirname(path))
-    if not os.path.exists(path + ".sha256"):
+    if not os.path.exists(path + ".sha256"):  # placed there by hand: verified once
         verify(path, source=path)
         record_sha256(path)
-        return path
     with open(path + ".sha256") as f:
         if f.read().strip() != sha256_of(path):
             raise SystemExit(f"error: {path} changed since it was downloaded (sha256 differs from "
@@ -213,8 +200,7 @@ def load_examples(path, skip_bad=False, limit=0, style="completion"):
 
 def preprocess(text):
     """lm-eval-harness's cleanup: WikiHow bracket markup out, " [title]" becomes a sentence end."""
-    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
-    return text.replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def render_example(example, enc, style="completion"):
@@ -227,15 +213,13 @@ def render_example(example, enc, style="completion"):
         endings = [preprocess(e) for e in example["endings"]]
     else:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    # the space belongs to the ending
-    ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]
+    ending_tokens = [enc.encode_ordinary(" " + e) for e in endings]  # the space is the ending's
     return enc.encode_ordinary(context), ending_tokens, [len(e) for e in endings]
 
 
 def ending_losses(model, rendered, device, autocast_ctx=None):
-    """Summed loss and token count of every ending of `rendered` examples: two (n, 4) CPU tensors.
-    One forward pass for all 4n rows, right-padded; rows longer than the model's block_size lose
-    tokens from the left (the context's start)."""
+    """Summed loss and token count of every ending of `rendered` examples: two (n, 4) CPU tensors,
+    from one forward pass; rows longer than the model's block_size lose the context's start."""
     block_size = getattr(getattr(model, "config", None), "block_size", None)
     rows, n_ending = [], []
     for context, endings, _ in rendered:
@@ -246,8 +230,7 @@ def ending_losses(model, rendered, device, autocast_ctx=None):
             rows.append(row)
             n_ending.append(min(len(ending), len(row) - 1))
     R, L = len(rows), max(max(len(r) for r in rows) - 1, 1)
-    # pad token 0: never a target, and causal attention keeps it out
-    idx = torch.zeros((R, L), dtype=torch.long)
+    idx = torch.zeros((R, L), dtype=torch.long)  # pad token 0: never a target, causally unseen
     targets = torch.full((R, L), -1, dtype=torch.long)  # -1 = ignored (context and padding)
     for i, (row, n) in enumerate(zip(rows, n_ending, strict=True)):
         idx[i, :len(row) - 1] = torch.tensor(row[:-1])
@@ -281,9 +264,8 @@ def score_examples(model, examples, enc, device, style="completion", autocast_ct
 
 def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None,
              rank=0, world_size=1, batch_size=16):
-    """dict(acc, acc_norm, correct, correct_norm, total, style) over all ranks: each rank scores
-    examples[rank::world_size] with the raw model (not the DDP or compiled wrapper) and the counts
-    are summed over ranks, so every rank returns the same figures."""
+    """dict(acc, acc_norm, correct, correct_norm, total, style), the same on every rank: each scores
+    examples[rank::world_size] with the raw model (not the DDP or compiled wrapper)."""
     shard = examples[rank::world_size]
     preds = score_examples(model, shard, enc, device, style, autocast_ctx, batch_size)
     correct = sum(p == ex["label"] for (p, _), ex in zip(preds, shard, strict=True))
@@ -296,11 +278,9 @@ def evaluate(model, examples, enc, device, style="completion", autocast_ctx=None
 
 def for_training(meta, data_file, limit, local_rank, world_size, device, print0):
     """(examples, GPT-2 encoding) for evaluate in training on GPT-2 BPE data, or None after one line
-    saying why. A file the run names is read as given; else the cache, which local rank 0 of each
-    node downloads while the others wait. Every rank scores or none (evaluate's all-reduce)."""
+    saying why. Local rank 0 of each node fills the cache; all ranks score or none (all-reduce)."""
     if meta.get("tokenizer") != "gpt2":
-        print0(f"HellaSwag: skipped, it needs GPT-2 BPE tokens and the data holds "
-               f"{meta['tokenizer']} tokens")
+        print0(f"HellaSwag: skipped, the data holds {meta['tokenizer']} tokens, not GPT-2 BPE")
         return None
     path, enc = data_file or default_path(), None
     try:
@@ -312,8 +292,7 @@ def for_training(meta, data_file, limit, local_rank, world_size, device, print0)
     utils.barrier()  # the downloads are done (or failed) on every node
     ready = torch.tensor(float(enc is not None and os.path.exists(path)), device=device)
     if utils.all_reduce_sum(ready).item() < world_size:
-        print0(f"HellaSwag: skipped, {path} is not there on every rank "
-               f"(python hellaswag.py downloads it)")
+        print0(f"HellaSwag: skipped, {path} is not on every rank (hellaswag.py downloads it)")
         return None
     return load_examples(path, limit=limit), enc
 
@@ -323,8 +302,7 @@ def for_training(meta, data_file, limit, local_rank, world_size, device, print0)
 
 
 def load_checkpoint(path, device):
-    """The GPT of a train_gpt2.py checkpoint (as given) on `device`; a one-line exit for anything
-    else (model.from_checkpoint's checks), a recurrent model or one not in GPT-2 BPE tokens."""
+    """The GPT of a train_gpt2.py checkpoint on `device`, if it works in GPT-2 BPE tokens."""
     ckpt = utils.load_checkpoint(path)
     try:
         config = config_from_checkpoint(ckpt)
@@ -340,8 +318,7 @@ def load_checkpoint(path, device):
         trained_on = f"{tokens} tokens" if tokens != "gpt2" else \
             f"a vocabulary of {net.config.vocab_size} ids"
         raise SystemExit(f"error: --checkpoint={path}: the model works in {trained_on}; HellaSwag is "
-                         f"scored in GPT-2 BPE tokens, so only a model trained on GPT-2 BPE data "
-                         f"can be scored")
+                         f"scored in GPT-2 BPE tokens")
     return net.to(device)
 
 
@@ -352,10 +329,8 @@ def main(argv):
     device_type = dev.split(":")[0]  # autocast wants "cuda", not "cuda:3"
     precision = utils.pick_dtype(dtype, device_type)
     autocast_ctx = utils.autocast_context(device_type, precision)
-    # cheap checks first: a data file you name (local, read in a second), then the model, and only
-    # then the download, which a model that cannot be scored would have wasted
-    examples = load_examples(ensure_data(data_file), skip_bad, limit, style) \
-        if data_file is not None else None
+    if data_file is not None:  # cheap checks first: a named file, the model, then a download
+        examples = load_examples(ensure_data(data_file), skip_bad, limit, style)
     if checkpoint is not None:
         net, source = load_checkpoint(checkpoint, dev), checkpoint
     else:
@@ -364,7 +339,7 @@ def main(argv):
         except (ValueError, RuntimeError) as e:  # unknown name, no transformers, offline
             first_line = (str(e).strip().splitlines() or [""])[0]
             raise SystemExit(f"error: --model={model}: {first_line}") from None
-    if examples is None:
+    if data_file is None:  # not for a model that cannot be scored
         examples = load_examples(ensure_data(None, cache_dir), skip_bad, limit, style)
     enc = data.tiktoken_encoding("gpt2")
 

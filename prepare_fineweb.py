@@ -4,12 +4,10 @@
     python prepare_fineweb.py --max_tokens=100000000          # stream only the first 100M tokens
     python prepare_fineweb.py --data_files="corpus/*.jsonl"   # local parquet / jsonl / txt, offline
 
-Every document (a local .txt file is one) becomes <|endoftext|> (50256) and its tokens exactly as
-tiktoken's encode_ordinary gives them (a literal "<|endoftext|>" stays plain text); the stream is
-cut into shards of shard_size tokens (data.py's format): shard 000000 is val, the rest train,
-nothing is dropped. An interrupted run goes on after its last complete shard (progress.json) given
-the same settings and input files. One run and one job per out_dir: a folder holding another job's
-shards or meta.json is refused. The last line printed is the --data_dir to train on.
+Every document (a local .txt file is one) becomes <|endoftext|> (50256) and its encode_ordinary
+tokens; the stream is cut into shards of shard_size tokens: shard 000000 is val, the rest train. An
+interrupted run goes on after its last complete shard (progress.json), given the same settings and
+files. One run and one job per out_dir. The last line printed is the --data_dir to train on.
 
 Datasets (--dataset= / --name=) with a "text" column and a "train" split, sizes in GPT-2 tokens:
     HuggingFaceFW/fineweb-edu   sample-10BT (default): ~9.9B, 9.67M documents, 100 shards, ~19 GB;
@@ -88,8 +86,7 @@ def local_files(pattern):
 
 
 def places(path, builder):
-    """Where each document of a local file is, in reading order, to name a bad one: 'file:line'
-    (JSON lines), 'file, record k' (a JSON array, parquet rows), 'file' (a text file)."""
+    """Where each document of a local file is, in order: 'file:line', 'file, record k' or 'file'."""
     if builder == "text":
         yield path
     elif builder == "parquet":
@@ -123,10 +120,9 @@ def documents(skip=0):
         if data_files:
             paths, builder = local_files(data_files)
             source = paths[0] if len(paths) == 1 else data_files
-            # streaming reads local files in place (no Arrow copy in the HF cache)
             extra = {"sample_by": "document"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=paths, split="train",
-                                       streaming=True, **extra)
+                                       streaming=True, **extra)  # in place, no Arrow copy
         else:
             ds = datasets.load_dataset(dataset, name=name, split=split,
                                        streaming=streaming or max_tokens > 0)
@@ -135,8 +131,7 @@ def documents(skip=0):
     except StopIteration:  # what datasets raises when every local file is empty
         first = None
     except Exception as e:  # offline, a wrong dataset name or subset, a file the reader cannot parse
-        hint = ("" if data_files
-                else "\n  offline, pass local files instead: --data_files='corpus/*.parquet'")
+        hint = "" if data_files else "\n  offline, use local files: --data_files='corpus/*.parquet'"
         raise SystemExit(f"error: cannot read {source}: {type(e).__name__}: {e}{hint}") from None
     if first is None and skip == 0:
         raise SystemExit(f"error: {source}: no documents (an empty file?)")
@@ -178,15 +173,12 @@ def init_worker(encoding_name):
 
 
 def tokenize(texts):
-    """A batch of documents -> (their tokens, each as [EOT] + tokens, concatenated; each one's
-    length). encode_to_numpy with no special tokens gives exactly encode_ordinary's tokens (a literal
-    <|endoftext|> stays plain text) without building a Python list: ~15% faster."""
+    """A batch of documents -> ([EOT] + tokens of each, concatenated; each one's length). With no
+    special tokens, encode_to_numpy gives encode_ordinary's tokens without a list: ~15% faster."""
+    docs = [_encoder.encode_to_numpy(text or "", disallowed_special=()) for text in texts]
     eot = np.array([_encoder.eot_token], dtype=np.uint32)
-    pieces = []
-    for text in texts:
-        pieces += [eot, _encoder.encode_to_numpy(text or "", disallowed_special=())]
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint32)
-    lengths = np.array([len(p) for p in pieces[1::2]], dtype=np.int64) + 1
+    tokens = np.concatenate([p for doc in docs for p in (eot, doc)] or [np.zeros(0, np.uint32)])
+    lengths = np.array([len(doc) + 1 for doc in docs], dtype=np.int64)
     return tokens.astype(np.uint16) if _encoder.n_vocab <= 2**16 else tokens, lengths
 
 
@@ -200,21 +192,13 @@ def locate(ends, position):
 # the job
 
 
-def input_files():
-    """[absolute path, size, mtime] of each local file, in reading order; [] for a hub dataset.
-    A resumed run skips the documents the shards hold by count, so it must read the same files."""
-    paths = local_files(data_files)[0] if data_files else []
-    return [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
-
-
 def listed(names):
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def resume_point(folder, shard_prefix, wanted, inputs):
-    """The sidecar of an earlier run (documents to skip, tokens of the next one to drop, shards done,
-    done) checked against the settings, input files and shards on disk, or a fresh one. Another
-    job's shards or meta.json are refused: loaders read every shard, meta.json would be replaced."""
+    """The sidecar of an earlier run checked against the settings, input files and shards on disk,
+    or a fresh one. Another job's shards or meta.json are refused: loaders read every shard."""
     progress_path = os.path.join(folder, "progress.json")
     start_over = f"delete {folder} to start over"
     # the files a loader reads as shards (data.list_shards' patterns)
@@ -254,9 +238,8 @@ def resume_point(folder, shard_prefix, wanted, inputs):
                    + [f"{p} changed" for p in now if p in then and then[p] != now[p]]
                    or ["the files' order"])
         raise SystemExit(f"error: the files of --data_files={data_files} are not those "
-                         f"{progress_path} was written from: {'; '.join(changes[:3])}"
-                         f"{' ...' if len(changes) > 3 else ''}. Rerun with the same files, "
-                         f"or {start_over}")
+                         f"{progress_path} was written from: {listed(changes)}. Rerun with the "
+                         f"same files, or {start_over}")
     # this job's shards: those progress.json counts, and the next one, which a run stopped
     # between writing it and counting it leaves behind (it is written again)
     ours = [os.path.basename(data.shard_name(folder, shard_prefix, "train" if k else "val", k))
@@ -278,15 +261,15 @@ def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings()
     folder = utils.in_repo(out_dir)  # the settings stay as given; what they mean is worked out here
-    if prefix is not None:
-        shard_prefix = prefix
-    elif data_files:
-        shard_prefix = "local"
-    else:  # llm.c's name for FineWeb-Edu shards, else the dataset's
-        shard_prefix = "edufineweb" if "fineweb-edu" in dataset else os.path.basename(dataset).lower()
+    shard_prefix = prefix
+    if shard_prefix is None:  # "local", llm.c's name for FineWeb-Edu shards, or the dataset's
+        shard_prefix = ("local" if data_files else "edufineweb" if "fineweb-edu" in dataset
+                        else os.path.basename(dataset).lower())
     wanted = dict({k: settings[k] for k in OUTPUT_SETTINGS}, prefix=shard_prefix)  # prefix as used
     try:
-        inputs = input_files()
+        # a resumed run skips documents by count: it must read the same files (path, size, mtime)
+        paths = local_files(data_files)[0] if data_files else []
+        inputs = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]
         progress = resume_point(folder, shard_prefix, wanted, inputs)
         if progress.get("done"):
             print(f"{folder} is complete ({progress['shards']} shards, {progress['tokens']:,} tokens): "
@@ -298,8 +281,7 @@ def main(argv):
             with utils.lock_folder(folder, "prepare run"):
                 if resume_point(folder, shard_prefix, wanted, inputs) != progress:
                     raise SystemExit(f"error: another prepare run wrote {folder} while this one "
-                                     f"was starting: run the same command again to go on from "
-                                     f"where it is now")
+                                     f"was starting: run the same command again to go on")
                 write_shards(folder, shard_prefix, progress, batches)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: rerun the same command to continue after the last complete "
@@ -318,8 +300,7 @@ def write_shards(folder, shard_prefix, progress, batches):
     if progress["shards"]:
         print(f"resuming after {progress['shards']} complete shards ({doc_index:,} documents)")
 
-    # the sidecar, after every complete shard: where the next shard starts
-    def on_shard(path, used):
+    def on_shard(path, used):  # the sidecar after every complete shard: where the next one starts
         doc, offset = locate(ends, start + used)
         progress.update(documents=doc_index + doc, skip_tokens=offset, shards=writer.index)
         utils.atomic_write_json(progress_path, progress)
@@ -354,14 +335,13 @@ def write_shards(folder, shard_prefix, progress, batches):
     writer.close()
     data.write_meta(folder, dict(tokenizer=tokenizer, vocab_size=enc.n_vocab, eot=enc.eot_token,
                                  itos=None, unk=None))
-    seconds = time.time() - t0
+    seconds = max(time.time() - t0, 1e-9)
     progress.update(done=True, documents=docs_end, skip_tokens=0, shards=writer.index,
                     tokens=tokens_done)
     utils.atomic_write_json(progress_path, progress)
-    rate = (tokens_done - tokens_start) / max(seconds, 1e-9)
     print(f"done: {docs_end - docs_start:,} documents, {tokens_done - tokens_start:,} tokens "
           f"this run ({tokens_done:,} total) in {writer.index} shards under {folder}, "
-          f"{seconds:.1f} s, {rate:,.0f} tokens/s")
+          f"{seconds:.1f} s, {(tokens_done - tokens_start) / seconds:,.0f} tokens/s")
     if writer.index == 1:
         print("warning: everything fits in one shard, so there is no train split: lower --shard_size")
 

@@ -6,14 +6,9 @@
     python prepare_wikitext.py --tokenizer=char --text_file=\
 https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 
-Sources: a wikitext config on the hub (--source); a local folder of wiki.{train,valid,test}.tokens
-(or .raw, or {train,valid,test}.txt); one text file or http(s) URL (downloaded once into cache_dir),
-whose last val_fraction becomes val (cut at a line end). Train splits: wikitext-2 ~11M characters,
-~2.5M GPT-2 tokens; wikitext-103 ~540M characters, ~125M GPT-2 tokens (2 shards of 100M).
-
-out_dir holds one prepared set and nothing else: a re-run writes the new set beside it and switches
-it in at the end, so an interrupted run leaves the old set whole. One run per out_dir at a time.
-The last line printed is the --data_dir to train on.
+Train splits: wikitext-2 ~11M characters (~2.5M GPT-2 tokens), wikitext-103 ~540M (~125M tokens).
+out_dir holds one prepared set: a re-run writes the new set beside it and switches it in at the end
+(interrupted, it leaves the old set whole). The last line printed is the --data_dir to train on.
 
 Tokenizers, recorded in meta.json beside the shards so any script can decode (data.decode):
     gpt2  tiktoken GPT-2 BPE, vocab 50257 (no EOT is inserted: the text is one stream; eot 50256)
@@ -164,13 +159,12 @@ def load_splits():
 # -----------------------------------------------------------------------------
 # tokenizers: each returns (encode function, meta dict)
 
-# Cut points for encoding a long text in pieces with exactly the tokens of one whole-text encode:
-# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always starts a new piece.
+# between an ASCII letter and " <letter>", GPT-2's pre-tokenizer always starts a new piece
 SAFE_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
 
 
 def gpt2_pieces(text, size=1 << 20):
-    """The text in pieces of about `size` characters, cut only at SAFE_CUT points."""
+    """Pieces of about `size` characters cut at SAFE_CUT: together they encode as the whole text."""
     pieces, start = [], 0
     while start < len(text):
         match = SAFE_CUT.search(text, start + size) if start + size < len(text) else None
@@ -197,13 +191,11 @@ def char_tokenizer(train):
     codes = np.array([ord(c) for c in chars], dtype=np.uint32)
     unk = len(chars)
 
-    # vectorized: code points -> positions in the sorted train set, misses -> unk
-    def encode(text):
+    def encode(text):  # vectorized: code points -> positions in the sorted train set, misses -> unk
         out = []
         for i in range(0, len(text), 1 << 24):  # 16M characters at a time bound the temporaries
             points = np.frombuffer(text[i:i + (1 << 24)].encode("utf-32-le"), dtype=np.uint32)
-            ids = np.searchsorted(codes, points)
-            ids[ids == len(codes)] = 0  # past the end: a miss, caught by the comparison below
+            ids = np.searchsorted(codes, points).clip(max=len(codes) - 1)  # misses caught below
             out.append(np.where(codes[ids] == points, ids, unk).astype(np.int32))
         return np.concatenate(out or [np.zeros(0, np.int32)])
     itos = chars + ["\ufffd"]  # the unknown id decodes as the replacement character
@@ -211,7 +203,7 @@ def char_tokenizer(train):
 
 
 def word_tokenizer(train, k):
-    counts = collections.Counter(w for line in lines(train) for w in line.split())
+    counts = collections.Counter(w for line in train.split("\n") for w in line.split())
     counts.pop("<unk>", None), counts.pop("<eos>", None)  # specials get their own ids below
     words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:k]]
     itos = words + ["<unk>", "<eos>"]
@@ -220,17 +212,12 @@ def word_tokenizer(train, k):
 
     def encode(text):
         ids = array.array("i")  # 4 bytes per word, not a Python int object each
-        for line in lines(text):
+        lines = text.split("\n")  # at "\n" only: str.splitlines also splits at \x1c, \u2028, ...
+        for line in lines[:-1] if lines[-1] == "" else lines:  # no empty last line
             ids.extend([stoi.get(w, unk) for w in line.split()])
             ids.append(eos)
         return np.frombuffer(ids, dtype=np.int32)
     return encode, dict(tokenizer="word", vocab_size=len(itos), eot=None, itos=itos, unk=unk, eos=eos)
-
-
-def lines(text):
-    """Lines split at "\\n" only (str.splitlines splits at \\x1c, \\u2028, ...), no empty last one."""
-    parts = text.split("\n")
-    return parts[:-1] if parts[-1] == "" else parts
 
 
 # -----------------------------------------------------------------------------
@@ -238,9 +225,8 @@ def lines(text):
 
 
 def check_out_dir(folder):
-    """Refuse an out_dir that holds anything but a prepared set: a re-run replaces the whole folder.
-    First, undo what a killed run left beside it: its unfinished set ({folder}.tmp-<pid>) is
-    deleted, the old set it had moved aside ({folder}.old-<pid>) goes back if nothing replaced it."""
+    """Refuse an out_dir holding anything but a prepared set, after undoing what a killed run left:
+    its {folder}.tmp-<pid> is deleted, the {folder}.old-<pid> it moved aside goes back."""
     for kind in ("old", "tmp"):
         for path in glob.glob(f"{glob.escape(folder)}.{kind}-*"):
             pid = path.rsplit("-", 1)[-1]
@@ -262,9 +248,8 @@ def check_out_dir(folder):
 
 @contextlib.contextmanager
 def one_run(folder):
-    """One run per out_dir for the whole job: a second one exits 1 naming the first's PID. The lock
-    is the file .{name}.lock beside the folder (which switch() moves aside), held with flock (the OS
-    releases it when the process ends, kill -9 included) and removed when the run ends."""
+    """One run per out_dir: a second exits 1 naming the first's PID. The lock is .{name}.lock beside
+    the folder (which switch() moves), held with flock (released at any exit, kill -9 included)."""
     path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
     while True:
         try:
@@ -319,46 +304,41 @@ def main(argv):
         raise SystemExit(f"error: the train split of {name} is empty")
     out = os.path.normpath(utils.in_repo(out_dir or os.path.join("data", f"{name}_{tokenizer}")))
     folder = os.path.realpath(out)  # an out_dir that is a symlink: the set goes where it points
+    new, shard_prefix = f"{folder}.tmp-{os.getpid()}", prefix or name  # the set is written in `new`
     with one_run(folder):
-        meta = write_set(folder, prefix or name, texts, name, settings)
+        check_out_dir(folder)
+        if tokenizer == "gpt2":
+            encode, meta = gpt2_tokenizer()
+        elif tokenizer == "char":
+            encode, meta = char_tokenizer(texts["train"])
+        else:
+            encode, meta = word_tokenizer(texts["train"], vocab_words)
+        try:
+            os.makedirs(new)
+        except OSError as e:
+            raise SystemExit(f"error: cannot create {new}: {e.strerror or e}") from None
+        try:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
+            counts = {}
+            for split, text in texts.items():
+                tokens = encode(text)
+                writer = data.ShardWriter(new, shard_prefix, shard_size, meta["vocab_size"],
+                                          splits=(split,))
+                writer.add(tokens)
+                counts[split], shards = len(tokens), len(writer.close())
+                unk = "" if meta["unk"] is None else f", {(tokens == meta['unk']).sum():,} unknown"
+                print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {shards} "
+                      f"shard(s){unk}")
+            settings.pop("out_dir")  # where the folder is says nothing about what it holds
+            meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
+            data.write_meta(new, meta)
+            switch(new, folder)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
     print(f"wrote {out} (tokenizer {tokenizer}, vocab_size {meta['vocab_size']})")
     trainer = "train_gpt2.py" if tokenizer == "gpt2" else "train_lstm.py"
     also = "" if tokenizer == "gpt2" else " (or train_gpt2.py)"
     print(f"train with: python {trainer} --data_dir={utils.repo_relative(out)}{also}")
     return out, meta
-
-
-def write_set(folder, shard_prefix, texts, name, settings):
-    """The set of `texts` written beside `folder` and switched in; returns its meta."""
-    check_out_dir(folder)
-    if tokenizer == "word":
-        encode, meta = word_tokenizer(texts["train"], vocab_words)
-    else:
-        encode, meta = gpt2_tokenizer() if tokenizer == "gpt2" else char_tokenizer(texts["train"])
-    new = f"{folder}.tmp-{os.getpid()}"
-    try:
-        os.makedirs(new)
-    except OSError as e:
-        raise SystemExit(f"error: cannot create {new} (beside --out_dir): {e.strerror or e}") from None
-    try:
-        counts = {}
-        for split, text in texts.items():
-            tokens = encode(text)
-            writer = data.ShardWriter(new, shard_prefix, shard_size, meta["vocab_size"],
-                                      splits=(split,))
-            writer.add(tokens)
-            paths = writer.close()
-            counts[split] = len(tokens)
-            unknown = "" if meta["unk"] is None else f", {(tokens == meta['unk']).sum():,} unknown"
-            print(f"{split}: {len(text):,} characters -> {len(tokens):,} tokens in {len(paths)} "
-                  f"shard(s){unknown}")
-        settings.pop("out_dir")  # where the folder is says nothing about what it holds; it may move
-        meta.update(source=name, tokens=counts, settings=dict(settings, prefix=shard_prefix))
-        data.write_meta(new, meta)
-        switch(new, folder)
-    finally:  # an error or Ctrl-C leaves nothing half-written; kill -9 leaves `new` to the next run
-        shutil.rmtree(new, ignore_errors=True)
-    return meta
 
 
 if __name__ == "__main__":

@@ -116,12 +116,6 @@ def encode_prompt(text, meta):
     return ids
 
 
-def printable(text):
-    """text with control characters other than newline and tab (data.CONTROL) escaped (\\x1b for
-    ESC): byte-level BPE has a token for every byte, and a terminal acts on escape sequences."""
-    return data.CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-
-
 def main(argv):
     settings = utils.apply_overrides(globals(), argv, CHOICES)
     check_settings(settings)
@@ -142,7 +136,7 @@ def main(argv):
                                      temperature=temperature, top_k=top_k or None,
                                      generator=generator, n_vocab=meta.get("vocab_size"))
     for row in out.tolist():
-        print(printable(data.decode(row, meta)))
+        print(data.printable(data.decode(row, meta)))
         print(RULE)
 
 
