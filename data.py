@@ -96,9 +96,8 @@ def read_shard(path, vocab_size=None):
 
 
 def open_split(data_dir, split, vocab_size, rank, world_size):
-    """A loader's shards: paths, lengths and [[shard name, tokens], ...] (which resume compares).
-    With vocab_size, rank r of world_size checks the ids of shards r, r + world_size, ... (start-up
-    does not grow with ranks x data); a bad shard stops every rank with the same message."""
+    """A loader's shards: paths, lengths, [[name, tokens], ...] (resume compares it). Rank r checks
+    the ids of shards r, r + world, ... (not ranks x data); a bad one stops every rank alike."""
     paths = list_shards(data_dir, split)
     lengths = [len(read_shard(p)) for p in paths]  # every header, checked against the file size
     if vocab_size is not None:
@@ -343,12 +342,10 @@ def read_windows(paths, shard_start, starts, T):
 
 
 class WindowLoader:
-    """Batches of B windows of T+1 tokens, each rank its own disjoint windows, exactly resumable.
-
-    A window starts at a multiple of T inside one shard: a shard of n tokens has (n - 1) // T. Each
-    step takes the next B * world_size windows of the epoch's order, rank r the r-th B of them. The
-    order is shard by shard, or with shuffle a permutation drawn from (seed, epoch), which any rank
-    computes alone; a remainder short of a global batch is skipped. The state is (epoch, cursor)."""
+    """Batches of B windows of T+1 tokens (each at a multiple of T inside one shard), exactly
+    resumable: each step the next B * world_size windows of the epoch's order, rank r the r-th B.
+    The order is shard by shard, or (shuffle) a permutation of (seed, epoch) that any rank computes
+    alone; a remainder short of a global batch is skipped. The state is (epoch, cursor)."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, shuffle=False, seed=1337,
                  vocab_size=None):
@@ -391,12 +388,9 @@ class WindowLoader:
 
 
 class StreamLoader:
-    """B (micro_batch_size) contiguous streams per rank through one split, for stateful models.
-
-    The split's n tokens are cut into B * world_size equal segments: stream s starts at token
-    s * (n // (B * world_size)) and rank r owns streams r*B .. r*B + B-1. Every stream advances T
-    tokens per batch in lockstep, across shard boundaries; when the segments are used up, all
-    streams restart at their segment starts. The state is one int."""
+    """B contiguous streams per rank through one split, for stateful models: the split's n tokens
+    cut into B * world_size equal segments, rank r owning streams r*B .. r*B + B-1, each advancing T
+    tokens per batch across shards, all restarting at their segment starts when used up."""
 
     def __init__(self, data_dir, split, B, T, rank=0, world_size=1, vocab_size=None):
         self.paths, lengths, self.shards = open_split(data_dir, split, vocab_size, rank, world_size)

@@ -189,9 +189,8 @@ def gpt2_tokenizer(block_size):
 
 
 def write_folder(out, write_fn):
-    """write_fn(folder) into a temporary folder beside `out`, then renamed to `out`; an old `out` is
-    moved aside first and put back if the rename fails. A symlinked `out` is written where it points
-    (renaming over the link would fail). Nothing is left beside it, whatever happens."""
+    """write_fn(folder) into a temporary folder beside `out` (where a symlinked `out` points), then
+    renamed to `out`, an old `out` moved aside first and back if that fails; nothing left beside."""
     out = os.path.realpath(out)
     parent, tmp, old = os.path.dirname(out), None, None
     try:

@@ -352,10 +352,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_token=None,
                  generator=None, n_vocab=None):
-        """Extend idx (B, T) by up to max_new_tokens tokens from next_token: (B, T + n). Only ids
-        below n_vocab are drawn (padding is no text); with eos_token, stops once every row has it,
-        padding finished rows with it. Past block_size, each step recomputes the last block_size
-        without the KV cache (as a cropping loop would). Call model.eval() first: no dropout."""
+        """Extend idx (B, T) by up to max_new_tokens tokens from next_token, ids below n_vocab only;
+        with eos_token, stop once every row has it. Past block_size, each step recomputes the last
+        block_size without the KV cache (as a cropping loop would). Call model.eval() first."""
         cache = KVCache(self.config.n_layer, self.config.block_size)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):

@@ -111,8 +111,7 @@ def check_settings():
 
 
 def evaluate(model, val_loader, autocast, dev):
-    """Mean val loss over val_steps batches from the start of the val split, every rank its own
-    batches, averaged over ranks."""
+    """Mean val loss over val_steps batches from the split's start, averaged over ranks."""
     model.eval()
     val_loader.reset()
     total = torch.zeros((), device=dev)
@@ -139,8 +138,7 @@ def sample(raw_model, meta, autocast, dev):
 
 
 def can_sample(meta, print0):
-    """Whether samples can be decoded: a tiktoken vocabulary needs its BPE files (offline, without
-    a cache, the run trains on without samples)."""
+    """Whether samples can be decoded (a tiktoken vocabulary needs its BPE files)."""
     if not sample_tokens or meta.get("itos") is not None:
         return bool(sample_tokens)
     try:
@@ -272,10 +270,8 @@ def main(argv):
 
 
 def initial_weights(meta):
-    """(the weights' GPTConfig, their state dict) of init_from: GPT-2's weights by name (on GPT-2 BPE
-    data) or from a Hugging Face GPT-2 folder, or a checkpoint's weights (never its step, optimizer
-    or data position). The model must be theirs (fits_weights): its vocabulary is theirs, not padded
-    (rows the weights never trained would take probability from every prediction)."""
+    """(GPTConfig, state dict) of init_from: GPT-2's weights (by name or a folder) or a checkpoint's.
+    The vocabulary stays theirs: untrained padding rows would take probability from every token."""
     if init_from.endswith(".pt"):
         ckpt = utils.load_checkpoint(init_from)
         return GPTConfig(**ckpt["model_config"]), ckpt["model"]
@@ -291,8 +287,7 @@ def initial_weights(meta):
 
 
 def fits_weights(config, theirs, state_dict):
-    """state_dict for `config`, which must be the model of the weights but for dropout and a shorter
-    context (the position table is cut); refused otherwise, naming each setting that differs."""
+    """state_dict for `config`, the weights' model but for dropout and a shorter context; else exit 2."""
     wrong = [f"--{k}={getattr(config, k)!r} (the weights: {v!r})" for k, v in
              dataclasses.asdict(theirs).items() if k not in ("block_size", "dropout")
              and getattr(config, k) != v]

@@ -139,10 +139,8 @@ def make_optimizer(params, lr):
 
 
 def add_to_chunk_sums(slow_levels, sums, fast_norm, skip_overflow):
-    """Add this step's gradients of the slow levels to their chunk sums, then clear them. Returns
-    fast_norm (level 1's) + the slow levels' norm: finite exactly when every gradient is, on the
-    device (no host sync). skip_overflow (float16): a step whose gradients overflowed, which
-    GradScaler skips for level 1, adds nothing to the sums either."""
+    """Add the slow levels' gradients to their chunk sums and clear them; returns fast_norm plus their
+    norm, on the device. skip_overflow (float16): a step GradScaler skips adds nothing either."""
     grads = [p.grad for params in slow_levels for p in params if p.grad is not None]
     norm = (fast_norm + torch.nn.utils.get_total_norm(grads)) if grads else fast_norm
     keep = torch.isfinite(norm) if skip_overflow else None
@@ -155,8 +153,7 @@ def add_to_chunk_sums(slow_levels, sums, fast_norm, skip_overflow):
 
 
 def step_slow_levels(step, levels, chunks, optimizers, sums, lr_factor):
-    """Level k >= 2 steps at the end of each chunk of C_k steps, on its chunk's summed gradient
-    (clipped at grad_clip x C_k), then its sum starts again."""
+    """Level k >= 2 steps after each chunk of C_k steps on its summed gradient (clip: grad_clip C_k)."""
     for k in range(1, len(levels)):
         if (step + 1) % chunks[k] == 0:
             for p, a in zip(levels[k], sums[k - 1], strict=True):
@@ -171,9 +168,8 @@ def step_slow_levels(step, levels, chunks, optimizers, sums, lr_factor):
 
 
 def own_state(state, sums, best_val, bad_evals):
-    """What a checkpoint holds beyond Run's: every rank's hidden states (each (L, B, H) gathered on
-    every rank into (L, B x world, H), rows in global stream order), the slow levels' partial chunk
-    sums, early stopping's record."""
+    """A checkpoint's own state: every rank's hidden states ((L, B x world, H), rows in stream
+    order), the slow levels' partial sums, early stopping's record. Every rank takes part."""
     return dict(state=[torch.cat(utils.all_gather_objects(s.detach().cpu()), 1) for s in state],
                 slow_grads=[[a.cpu() for a in bufs] for bufs in sums],
                 best_val=best_val, bad_evals=bad_evals)

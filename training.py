@@ -30,20 +30,16 @@ import utils
 
 # a resumed run takes its settings from its checkpoint, but for these, which belong to each command
 PER_RUN = ("out_dir", "resume", "stop_step", "plot_only", "allow_data_change", "init_from")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
 
 # -----------------------------------------------------------------------------
 # LR schedules: a factor of the step; each param group trains at its initial_lr x the factor
 
-LR_SCHEDULES = ("cosine", "wsd", "constant")
-
 
 def lr_factor(step, s):
-    """The LR at `step` (0-based) as a fraction of max_lr, from the settings s. Warmup reaches 1 at
-    step warmup_steps - 1, then
-    cosine: min + (cos(pi * (t - a) / (b - a)) + 1) * (1 - min) / 2, a = warmup_steps,
-            b = max_steps - 1 (the last step trains at exactly min_lr / max_lr)
-    wsd:    1 until the last decay_steps steps, then a linear decay to min at the last step
-    """
+    """The LR at `step` (0-based) as a fraction of max_lr, from the settings s: warmup to 1 at step
+    warmup_steps - 1, then cosine: min + (cos(pi (t - a) / (b - a)) + 1) (1 - min) / 2 with
+    a = warmup_steps, b = max_steps - 1; wsd: 1, then a linear decay over the last decay_steps."""
     low, warmup, last = s["min_lr"] / s["max_lr"], s["warmup_steps"], s["max_steps"] - 1
     if step < warmup:
         return (step + 1) / warmup
@@ -61,8 +57,7 @@ def lr_factor(step, s):
 
 
 def set_lr(optimizers, factor):
-    """Every param group trains at its own initial_lr (set where the optimizer is made: a group may
-    have its own LR scale) x the schedule's factor."""
+    """Each param group trains at its own initial_lr (its own LR scale) x the schedule's factor."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -74,17 +69,12 @@ def set_lr(optimizers, factor):
 
 def train_step(model, optimizers, next_batch, factor, *, accum_steps, scaler, autocast, device,
                grad_clip):
-    """One optimizer step of accum_steps micro-steps at the schedule's `factor`. Returns (loss,
-    grad_norm), device tensors: no host sync here. The loss is the mean over micro-steps; the norm
-    is computed with clipping off too: the NaN watch reads it."""
+    """One optimizer step of accum_steps micro-steps at the schedule's `factor`: (mean loss, grad
+    norm) as device tensors, no host sync (the NaN watch reads the norm, clipping off too)."""
     step_loss = torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        x, y = next_batch()
-        if device.startswith("cuda"):
-            x = x.pin_memory().to(device, non_blocking=True)
-            y = y.pin_memory().to(device, non_blocking=True)
-        else:
-            x, y = x.to(device), y.to(device)
+        x, y = [t.pin_memory().to(device, non_blocking=True) if device.startswith("cuda")
+                else t.to(device) for t in next_batch()]
         # no_sync around forward *and* backward: DDP decides in the forward whether to reduce, and
         # only the last micro-step's gradients are synced across processes
         last = micro_step == accum_steps - 1
@@ -101,15 +91,13 @@ def train_step(model, optimizers, next_batch, factor, *, accum_steps, scaler, au
     set_lr(optimizers, factor)
     for opt in optimizers:
         scaler.step(opt)
-    scaler.update()
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    scaler.update()
     return step_loss, grad_norm
 
 
 def clip_grads(params, clip):
-    """The global norm of the gradients of `params`, which are scaled down to at most `clip` when
-    clip > 0 (with clipping off, no pass multiplies every gradient by 1)."""
+    """The gradients' global norm; with clip > 0 they are scaled down to at most clip."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if clip > 0:
@@ -118,9 +106,8 @@ def clip_grads(params, clip):
 
 
 def wrap(raw_model, compile_model, world_size, device):
-    """The model the loop trains: compiled and/or DDP-wrapped. Save, sample and evaluate HellaSwag
-    with raw_model. DDP does not broadcast buffers: the RoPE tables are derived from the config on
-    every rank, and nothing else is a buffer."""
+    """The model the loop trains, compiled and/or DDP-wrapped (raw_model is saved and sampled).
+    DDP does not broadcast buffers: the RoPE tables, the only ones, are the config's on every rank."""
     model = torch.compile(raw_model) if compile_model else raw_model
     if world_size > 1:
         ids = [int(device.split(":")[1])] if device.startswith("cuda") else None
@@ -138,9 +125,8 @@ DDP_SWITCHES = inspect.signature(DDP).parameters
 
 
 def provenance(out, print0):
-    """{"commit", "dirty", "diff"} of the repo's git checkout: an edited tree's diff of tracked files
-    is also saved in `out` (and goes into every checkpoint), so a run of a fork can be traced to the
-    edit that made it. Outside a git checkout the run says so and goes on."""
+    """{"commit", "dirty", "diff"} of the repo: an edited tree's diff is also saved in `out` (and in
+    every checkpoint), so a run of a fork can be traced to its edit. Outside git it says so."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=utils.REPO, capture_output=True, text=True,
                               timeout=30, check=True).stdout
@@ -163,12 +149,9 @@ def provenance(out, print0):
 
 
 class Run:
-    """One training run in out_dir, from the command line to the exit status (module docstring).
-
-    Run(globals(), argv, can_change, check_settings) runs on every rank before the process group
-    exists: rank 0 takes the folder's lock, and every rank makes the same read-only decision (the
-    folder is written only after begin's barrier), so all refuse or resume alike. A resumed run's
-    settings go into the script's namespace and are checked again."""
+    """One training run in out_dir (module docstring). Run() runs on every rank before the process
+    group exists: rank 0 takes the lock, and every rank decides alike from a folder that is written
+    only after begin's barrier. A resumed run's settings go into the script's namespace, checked."""
 
     def __init__(self, namespace, argv, can_change, check_settings):
         self.s, self.rank = namespace, int(os.environ.get("RANK", "0"))
@@ -212,8 +195,7 @@ class Run:
         self.log = utils.JsonlLog(self.log_path, enabled=self.master)
 
     def merge_settings(self, argv, can_change):
-        """The checkpoint's settings, but for PER_RUN and what the command line may change
-        (can_change): any other change is refused, naming it."""
+        """The checkpoint's settings, but for PER_RUN and what the command line may change."""
         saved = {k: v for k, v in self.ckpt["settings"].items() if k not in PER_RUN}
         current = utils.settings_of(self.s)
         given = utils.given_settings(argv, current)
@@ -228,21 +210,17 @@ class Run:
         model = {k: v for k, v in refused.items() if k in self.ckpt["model_config"]}
         utils.require(not model, f"{self.ckpt_path} was trained with a different model config "
                                  f"(field: checkpoint, now): {model}; a resumed run keeps its model")
-        utils.require(not refused, f"a resumed run keeps the settings its checkpoint was trained "
-                                   f"with; these differ (name: checkpoint, now): {refused}. Drop "
-                                   f"them from the command line, or start a new run in another "
-                                   f"--out_dir")
+        utils.require(not refused, f"a resumed run keeps its checkpoint's settings; these differ "
+                                   f"(name: checkpoint, now): {refused}. Drop them from the "
+                                   f"command line, or start a new run in another --out_dir")
         self.s.update(current)
 
     # ---- begin: restore, say what runs ---------------------------------------------------------
 
     def begin(self, settings, *, model, model_config, optimizers, scaler, loader, meta, device,
               compiled, header, details=None):
-        """Every rank, once its model, optimizers and loader exist: restores them from the
-        checkpoint (returned for the trainer's own state; None on a fresh start), then rank 0 starts
-        the log. `settings`: as run (derived values filled in), for the log and every checkpoint;
-        `header`: lines that say what runs; `details`: more for the start event; `compiled`: the
-        first step compiles."""
+        """On every rank: restore the checkpoint (returned, for the trainer's own state; None on a
+        fresh start), then rank 0 starts the log. `settings`: as run, derived values filled in."""
         self.settings, self.model, self.model_config = settings, model, model_config
         self.optimizers, self.scaler, self.loader, self.meta = optimizers, scaler, loader, meta
         self.device, self.world_size, self.compiled = device, utils.world_size(), compiled
@@ -288,8 +266,7 @@ class Run:
         return ckpt
 
     def restore(self, ckpt):
-        """Model, optimizers, GradScaler, loader and this rank's RNG from a checkpoint, after
-        checking that the model and the data are the ones it was trained on."""
+        """Model, optimizers, scaler, loader, this rank's RNG, once model and data are checked."""
         saved_meta = {k: ckpt["meta"].get(k) for k in ("tokenizer", "vocab_size", "itos")}
         wrong = [k for k in saved_meta if saved_meta[k] != self.meta.get(k)]
         if wrong:
@@ -307,10 +284,9 @@ class Run:
             gone = sorted({tuple(x) for x in shards} - {tuple(x) for x in now_shards})
             new = sorted({tuple(x) for x in now_shards} - {tuple(x) for x in shards})
             raise SystemExit(f"error: the train shards in --data_dir={self.s['data_dir']} are not "
-                             f"the ones {self.ckpt_path} was trained on (name, tokens): "
-                             f"{len(gone)} gone {gone[:2]}, {len(new)} new {new[:2]}; the loader's "
-                             f"position would mean other tokens. Point --data_dir at the run's "
-                             f"data, or pass --allow_data_change=True to go on with these")
+                             f"{self.ckpt_path}'s (name, tokens): {len(gone)} gone {gone[:2]}, "
+                             f"{len(new)} new {new[:2]}. Point --data_dir at the run's data, or "
+                             f"pass --allow_data_change=True to go on with these")
         self.model.load_state_dict(ckpt["model"])
         for opt, state in zip(self.optimizers, ckpt["optimizers"], strict=True):
             initial = [g["initial_lr"] for g in opt.param_groups]
@@ -344,8 +320,7 @@ class Run:
 
     @contextlib.contextmanager
     def paused(self):
-        """Time that is not training time (evaluation, checkpoints): left out of ms/step, tokens/s
-        and MFU. Training work still queued on the GPU is waited for first: it is training time."""
+        """Time left out of ms/step (evaluation, checkpoints); queued GPU work is training time."""
         self.sync()
         t0 = time.perf_counter()
         yield
@@ -353,10 +328,8 @@ class Run:
         self.t_last += time.perf_counter() - t0
 
     def after_step(self, step, *watched):
-        """Once per training step. The NaN watch: the first step with a non-finite value among
-        `watched` is kept on the device (no host sync; a log line or a checkpoint reads it). After
-        the first step of a compiled run its time is reported apart (compilation is no training),
-        then one early estimate of the run's time."""
+        """Per step: the NaN watch (the first non-finite step, kept on the device: no host sync),
+        the first compiled step's time apart (compilation), one early estimate of the run's time."""
         values = torch.stack([v.detach().float() for v in watched])
         bad = (self.first_bad_step < 0) & ~torch.isfinite(values).all()
         self.first_bad_step = torch.where(bad, torch.full_like(self.first_bad_step, step),
@@ -375,9 +348,8 @@ class Run:
                         f"for the remaining {left} steps (evaluations not counted)")
 
     def log_step(self, step, loss, grad_norm, lr, tokens_per_step, mfu=None, **extra):
-        """A train log line (rank 0) and its log.jsonl event: the loss and `extra` (device scalars)
-        averaged over ranks, LR, grad norm, ms/step, tokens/s and MFU (mfu(tokens_per_sec) or None)
-        since the last line. Stops the run (exit 3) if a step so far was not finite."""
+        """A log line and event: loss and `extra` averaged over ranks, LR, norm, ms/step, tokens/s,
+        MFU (mfu(tokens/s)) since the last line; exit 3 if a step so far was not finite."""
         self.check_finite(step)
         names = list(extra)
         values = torch.stack([loss.detach().float()] + [extra[k].detach().float() for k in names])
@@ -422,11 +394,8 @@ class Run:
                     flush=True)
 
     def save(self, step, **extra):
-        """A checkpoint taken before `step` runs (resuming starts there), on every rank together:
-        model, optimizers, GradScaler, loader, each rank's RNG, settings, the data's meta, the
-        source, and `extra` (the trainer's own state). Never of weights that are not finite: the run
-        stops instead (exit 3), so the newest checkpoint is always a good one. Written atomically,
-        then the checkpoints beyond keep_checkpoints pruned by step."""
+        """The checkpoint before `step`, every rank taking part (with `extra`, the trainer's own
+        state): never of weights that are not finite (exit 3), so the newest is always good."""
         if step == self.saved_step:
             return  # written already (a checkpoint interval ended where the run stops)
         with self.paused():
@@ -451,8 +420,8 @@ class Run:
         self.saved_step, self.last_good = step, os.path.join(self.out, f"ckpt_{step:06d}.pt")
 
     def prune(self, written):
-        """Keep the newest keep_checkpoints by step, the one just written always among them. A
-        checkpoint of a later step is of another timeline (a run this one cannot be): set aside."""
+        """Keep the newest keep_checkpoints by step, the one just written among them; set aside a
+        later step's (another timeline)."""
         step, keep = utils.checkpoint_step(written), self.s["keep_checkpoints"]
         paths = utils.checkpoint_paths(self.out)
         for path in paths:
@@ -464,8 +433,8 @@ class Run:
             utils.remove_quietly(path)
 
     def check_finite(self, step, weights=False):
-        """Exit 3 if a loss or gradient norm so far was NaN/inf on any rank, or (weights) a weight
-        is now: one host sync and one all-reduce, where a log line or a checkpoint needs them."""
+        """Exit 3 if a loss or grad norm so far, or (weights) a weight now, is NaN/inf on any rank:
+        one host sync and one all-reduce."""
         flags = torch.stack([(self.first_bad_step >= 0).float(),
                              torch.zeros((), device=self.device)])
         if weights:
@@ -490,8 +459,8 @@ class Run:
     # ---- the end ---------------------------------------------------------------------------------
 
     def end(self, step, note=None, **extra):
-        """After the loop, on every rank: the checkpoint of `step` (with `extra`), one line saying
-        why the run stopped, loss.png; exits 130/143 after SIGINT/SIGTERM, else returns."""
+        """After the loop: the checkpoint of `step`, why the run stopped, loss.png; 130/143 after a
+        signal."""
         self.save(step, **extra)
         if isinstance(self.stop_reason, int):
             name = signal.Signals(self.stop_reason).name
@@ -511,8 +480,7 @@ class Run:
             sys.exit(128 + self.stop_reason)
 
     def finish(self):
-        """Close the run: wandb, the process group, the signal handlers and the folder's lock (a
-        script run in-process, as the tests do, leaves nothing held)."""
+        """wandb, the process group, the signal handlers, the lock: nothing held after a run."""
         if self.log.wandb_run is not None:
             self.log.wandb_run.finish()
         utils.finish_distributed()

@@ -33,8 +33,7 @@ def in_repo(folder):
 
 
 def repo_relative(folder):
-    """A folder as a setting takes it (the --data_dir a prepare script prints): shell-quoted,
-    relative to the repo folder when inside it."""
+    """A folder as a setting takes it (shell-quoted; relative to the repo folder when inside it)."""
     relative = os.path.relpath(folder, REPO)
     return shlex.quote(folder if relative.split(os.sep)[0] == ".." else relative)
 
@@ -215,16 +214,10 @@ def usage(namespace, settings, choices):
 
 
 def apply_overrides(namespace, argv, choices=None):
-    """Apply config files, then --name=value (or --name value), to the settings in `namespace` (a
-    script's globals()), and return them all (for logs and checkpoints).
-
-    python train_gpt2.py config/shakespeare_char.py --max_steps=500: each config file (an argument
-    ending in .py, read_config) in order, then the command line, which wins. Values take the type
-    of the constant; a setting in `choices` ({name: allowed values}) must take one of them; an
-    unknown name (with a "did you mean"), a value that does not parse or is not allowed exits 2.
-    --help prints the docstring and every setting; --help=json the settings (after the files and
-    overrides given with it) and the choices as JSON: sweep.py reads a trainer's this way.
-    """
+    """Config files (arguments ending in .py), then --name=value, into the settings in `namespace` (a
+    script's globals()); returns them all. Values take the constant's type and `choices`
+    ({name: allowed}); anything else exits 2 naming it. --help prints every setting; --help=json the
+    settings and choices as JSON (sweep.py reads a trainer's so)."""
     settings, choices = settings_of(namespace), choices or {}
     as_json = "--help=json" in argv
     argv = [arg for arg in argv if arg != "--help=json"]
@@ -259,9 +252,8 @@ os.umask(UMASK)
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """write_fn(file) on a temporary file in the same folder, fsync, rename over `path`. A full disk
-    or a folder that cannot be written: one line naming path and cause (exit 1), the temporary file
-    removed, the file at `path` as it was. Temporaries of `path` of killed writers go first."""
+    """write_fn(file) on a temporary file beside `path`, fsync, rename. A failed write (full disk, ...)
+    exits 1 naming path and cause, and leaves the file at `path` as it was."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         os.makedirs(folder, exist_ok=True)
@@ -469,8 +461,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_latest_checkpoint(out_dir, print_fn=print, skipped=None):
-    """(path, checkpoint) of the newest checkpoint in out_dir that loads, or (None, None). A newer
-    one that does not (truncated by a full disk, say) is skipped, named, and added to `skipped`."""
+    """(path, checkpoint) of the newest checkpoint that loads, or (None, None); newer ones are named
+    and added to `skipped`."""
     for path in reversed(checkpoint_paths(out_dir)):
         try:
             return path, load_checkpoint(path)
@@ -510,8 +502,7 @@ class JsonlLog:
 
 
 def read_log(path):
-    """The events of a log.jsonl. A torn last line (the run died while writing it) is dropped with
-    a warning; a bad line elsewhere is an error naming the file and line."""
+    """A log.jsonl's events; a torn last line (a killed run) is dropped with a warning."""
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().split("\n")
     events = []
@@ -530,9 +521,8 @@ def read_log(path):
 
 
 def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_norm"), title=None):
-    """Train loss (raw, faint, and smoothed), val loss and HellaSwag (on a second axis) against
-    step, the loss on a log axis labelled where the curves are (1.5, 2, 2.5, ... not only 2, 3, 4).
-    Needs matplotlib; returns png_path, or None when matplotlib is not installed."""
+    """Train loss (raw and smoothed), val loss and HellaSwag against step, the loss on a log axis
+    labelled where the curves are; returns png_path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")

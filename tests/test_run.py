@@ -229,7 +229,7 @@ def test_resume_refuses_data_that_changed(char_shards, tmp_path):
     tokens = np.asarray(data.read_shard(data.shard_name(str(more), "play", "train", 0)))
     data.write_shard(data.shard_name(str(more), "play", "train", 1), tokens[:5000], meta["vocab_size"])
     result = train(more, out, "--resume=True", check=False)
-    assert result.returncode == 1 and "not the ones" in result.stderr and "1 new" in result.stderr
+    assert result.returncode == 1 and "are not" in result.stderr and "1 new" in result.stderr
     assert "--allow_data_change=True" in result.stderr and "Traceback" not in result.stderr
     other = tmp_path / "other"
     shutil.copytree(char_shards, other)
