@@ -28,7 +28,7 @@ import torch
 
 import data
 import utils
-from model import NORM_EPS, GPTConfig, config_from_checkpoint, describe, from_checkpoint
+from model import NORM_EPS, gpt_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (all overridable with --name=value)
@@ -82,11 +82,7 @@ def load_gpt(path):
     else:
         ckpt_path, ckpt = path, utils.load_checkpoint(path)
     try:
-        config = config_from_checkpoint(ckpt)
-        if not isinstance(config, GPTConfig):
-            raise SystemExit(f"error: {ckpt_path} holds {describe(config)}; export_hf.py takes GPT "
-                             f"checkpoints of train_gpt2.py")
-        net = from_checkpoint(ckpt)
+        net = gpt_from_checkpoint(ckpt, "export_hf.py takes GPT checkpoints of train_gpt2.py")
     except ValueError as e:  # a hostile or damaged file, a NaN weight: named, nothing exported
         raise SystemExit(f"error: {ckpt_path}: {e}") from None
     return net, data.checkpoint_meta(ckpt, ckpt_path, net.config.vocab_size), ckpt_path

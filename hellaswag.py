@@ -28,7 +28,7 @@ import torch
 
 import data
 import utils
-from model import GPT, GPTConfig, config_from_checkpoint, describe, from_checkpoint
+from model import GPT, gpt_from_checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (override with --name=value)
@@ -305,11 +305,7 @@ def load_checkpoint(path, device):
     """The GPT of a train_gpt2.py checkpoint on `device`, if it works in GPT-2 BPE tokens."""
     ckpt = utils.load_checkpoint(path)
     try:
-        config = config_from_checkpoint(ckpt)
-        if not isinstance(config, GPTConfig):
-            raise SystemExit(f"error: {path} holds {describe(config)}; hellaswag.py scores GPT "
-                             f"checkpoints of train_gpt2.py")
-        net = from_checkpoint(ckpt)
+        net = gpt_from_checkpoint(ckpt, "hellaswag.py scores GPT checkpoints of train_gpt2.py")
     except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
     meta = data.checkpoint_meta(ckpt, path, net.config.vocab_size, required=False)

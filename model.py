@@ -838,6 +838,14 @@ def build_recurrent(cfg):
 DERIVED_SLACK_BYTES = 64 << 20  # what tables computed from the config (RoPE's) may add to weights
 
 
+def gpt_from_checkpoint(ckpt, refusal):
+    """from_checkpoint for a script of GPTs only: ValueError "holds <what>; <refusal>" otherwise."""
+    config = config_from_checkpoint(ckpt)
+    if not isinstance(config, GPTConfig):
+        raise ValueError(f"holds {describe(config)}; {refusal}")
+    return from_checkpoint(ckpt)
+
+
 def describe(config):
     """What a checkpoint of this config holds, in words for messages."""
     if isinstance(config, LSTMConfig):

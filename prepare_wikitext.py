@@ -20,7 +20,6 @@ Tokenizers, recorded in meta.json beside the shards so any script can decode (da
 import array
 import collections
 import contextlib
-import fcntl
 import glob
 import hashlib
 import os
@@ -259,15 +258,9 @@ def one_run(folder):
         except OSError as e:
             raise SystemExit(f"error: cannot write {path}, the lock of --out_dir={folder}: "
                              f"{e.strerror or e}") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise SystemExit(f"error: --out_dir={folder} is in use by another prepare run "
-                             f"(PID {holder}): one run per folder. Wait for it, stop it, or choose "
-                             f"another --out_dir") from None
+        utils.take_lock(handle, lambda pid: f"--out_dir={folder} is in use by another prepare run "
+                                            f"(PID {pid}): one run per folder. Wait for it, stop "
+                                            f"it, or choose another --out_dir")
         with contextlib.suppress(OSError):  # locked, unless the holder removed the file: retry
             if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
                 break

@@ -316,19 +316,24 @@ def lock_folder(folder, what="run"):
         handle = open(path, "a+")
     except OSError as e:
         raise SystemExit(f"error: cannot write {folder}: {e.strerror or e}") from None
+    take_lock(handle, lambda pid: f"{folder} is in use by another {what} (PID {pid}): one {what} "
+                                  f"per folder. Wait for it, stop it, or choose another folder")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def take_lock(handle, in_use):
+    """flock the open lock file, or exit 1 with in_use(the PID the file names)."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise SystemExit(f"error: {folder} is in use by another {what} (PID {holder}): one {what} "
-                         f"per folder. Wait for it, stop it, or choose another folder") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+        raise SystemExit(f"error: {in_use(holder)}") from None
 
 
 def run_header(device):
