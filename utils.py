@@ -546,9 +546,10 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
             ax2 = ax2 or ax.twinx()
             ax2.plot(steps, values, "g.-", label=key)
             ax2.set_ylabel("HellaSwag acc_norm")
-        elif key == "train_loss" and len(values) >= 20:  # noisy: the smoothed curve carries it
+        elif key == "train_loss" and len(values) >= 100:  # noisy: a smoothed curve over ~2% of it
             line, = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, smoothed(values), color=line.get_color(), label=f"{key} (smoothed)")
+            ax.plot(steps, smoothed(values, 1 - 50 / len(values)), color=line.get_color(),
+                    label=f"{key} (smoothed)")
         else:
             ax.plot(steps, values, label=key, marker="." if len(steps) < 50 else None)
     # the first steps' loss would squash the rest of the curve on a linear axis
@@ -572,7 +573,7 @@ def plot_log(log_path, png_path, keys=("train_loss", "val_loss", "hellaswag_acc_
     return png_path
 
 
-def smoothed(values, beta=0.9):
+def smoothed(values, beta):
     """Exponential moving average with bias correction (TensorBoard's smoothing)."""
     out, average = [], 0.0
     for k, value in enumerate(values, 1):
