@@ -120,21 +120,26 @@ def test_fineweb_max_tokens(pf, docs_jsonl, tmp_path, gpt2_enc):
     np.testing.assert_array_equal(tokens, expected_stream(gpt2_enc, DOCS)[:250])
 
 
+def interrupt_at_the_third_shard(pf, monkeypatch, args):
+    """prepare_fineweb.py run with `args`, Ctrl-C'd as it writes its third shard: one line, then exit."""
+    real_write, calls = data.write_shard, []
+
+    def dies_on_third_shard(*a, **kw):
+        calls.append(a[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write(*a, **kw)
+    monkeypatch.setattr(data, "write_shard", dies_on_third_shard)
+    with pytest.raises(SystemExit, match="interrupted: rerun the same command"):
+        pf.main(args)
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("batch", [5, 256])  # several batches per shard, or one batch for everything
 def test_fineweb_restart_after_interruption_is_byte_identical(pf, docs_jsonl, tmp_path, monkeypatch, batch,
                                                               gpt2_enc):
     pf.main(fineweb_args(docs_jsonl, tmp_path / "whole"))
-    real_write, calls = data.write_shard, []
-
-    def dies_on_third_shard(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_write(*args, **kwargs)
-    monkeypatch.setattr(data, "write_shard", dies_on_third_shard)
-    with pytest.raises(SystemExit, match="interrupted: rerun the same command"):
-        pf.main(fineweb_args(docs_jsonl, tmp_path / "cut", batch_size=batch))
-    monkeypatch.undo()
+    interrupt_at_the_third_shard(pf, monkeypatch, fineweb_args(docs_jsonl, tmp_path / "cut", batch_size=batch))
     progress = json.loads((tmp_path / "cut" / "progress.json").read_text())
     assert progress["shards"] == 2 and not progress.get("done")
     assert progress["skip_tokens"] > 0  # the resume point is inside a document
@@ -155,17 +160,7 @@ def test_fineweb_resume_refuses_changed_input_files(pf, tmp_path, monkeypatch, g
     for name, docs in (("a", DOCS[:30]), ("c", DOCS[30:])):
         (corpus / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     args = fineweb_args(f"{corpus}/*.jsonl", out)
-    real_write, calls = data.write_shard, []
-
-    def dies_on_third_shard(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_write(*args, **kwargs)
-    monkeypatch.setattr(data, "write_shard", dies_on_third_shard)
-    with pytest.raises(SystemExit, match="interrupted"):
-        pf.main(args)
-    monkeypatch.undo()
+    interrupt_at_the_third_shard(pf, monkeypatch, args)
     cut = snapshot(out)
 
     def refused(change):
